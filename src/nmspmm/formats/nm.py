@@ -1,0 +1,213 @@
+"""Vector-wise N:M sparse weights: in every run of m input features n are kept, and V consecutive
+output features (one V-group) share the choice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .pattern import SUPPORTED_DTYPES, check_vector, check_weight_matrix, parse_pattern
+
+OFFSET_DTYPE = torch.uint8
+
+
+class NMSparseWeight:
+    """A pruned ``[N, K]`` weight in vector-wise N:M form.
+
+    Storage, chosen so that ``nbytes`` is below the dense bytes for every pattern and dtype:
+
+    * ``values``: ``[N, K // m * n]``, each row's kept weights in ascending input-feature order;
+    * ``offsets``: uint8 ``[N // V, K // m, min(n, m - n)]``, positions within each group of m shared by
+      a V-group: the kept positions when ``n <= m - n``, otherwise the dropped ones (fewer bytes).
+
+    Kernels read :meth:`kept_offsets`, which is ``offsets`` itself in the first case and is derived once
+    (then cached on the object) in the second.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        pattern: str,
+        vector: int,
+        shape: tuple[int, int] | torch.Size,
+    ) -> None:
+        self.n, self.m = parse_pattern(pattern)
+        self.vector = check_vector(vector)
+        self.shape = torch.Size(shape)
+        self.values = values
+        self.offsets = offsets
+        self._kept_offsets_cache: torch.Tensor | None = None
+        self.validate()
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def stores_dropped(self) -> bool:
+        """True when ``offsets`` lists the dropped positions (n > m - n), False when it lists the kept ones."""
+        return self.n > self.m - self.n
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values + offsets + metadata (pattern, vector and shape as five int64)."""
+        metadata = 5 * 8
+        return self.values.numel() * self.values.element_size() + self.offsets.numel() + metadata
+
+    @property
+    def kept_per_row(self) -> int:
+        """Kept input features per output feature: K * n / m."""
+        return self.shape[1] // self.m * self.n
+
+    def validate(self) -> None:
+        """Check that the tensors are consistent with pattern, vector and shape; raise ValueError if not."""
+        rows, cols = self.shape if len(self.shape) == 2 else (None, None)
+        if rows is None or rows <= 0 or cols <= 0:
+            raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
+        if cols % self.m:
+            raise ValueError(f"shape: K={cols} must be divisible by m={self.m} of the pattern {self.pattern}")
+        if rows % self.vector:
+            raise ValueError(f"vector: V={self.vector} must divide N={rows}")
+        if not isinstance(self.values, torch.Tensor) or self.values.dtype not in SUPPORTED_DTYPES:
+            got = self.values.dtype if isinstance(self.values, torch.Tensor) else type(self.values).__name__
+            raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
+        expected_values = (rows, self.kept_per_row)
+        if tuple(self.values.shape) != expected_values:
+            raise ValueError(f"values: expected shape {expected_values}, got {tuple(self.values.shape)}")
+        if not isinstance(self.offsets, torch.Tensor) or self.offsets.dtype != OFFSET_DTYPE:
+            got = self.offsets.dtype if isinstance(self.offsets, torch.Tensor) else type(self.offsets).__name__
+            raise TypeError(f"offsets: expected a uint8 tensor, got {got}")
+        stored = min(self.n, self.m - self.n)
+        expected_offsets = (rows // self.vector, cols // self.m, stored)
+        if tuple(self.offsets.shape) != expected_offsets:
+            raise ValueError(f"offsets: expected shape {expected_offsets}, got {tuple(self.offsets.shape)}")
+        if self.offsets.device != self.values.device:
+            raise ValueError(f"offsets: on {self.offsets.device}, but values are on {self.values.device}")
+        offsets = self.offsets.long()
+        if bool((offsets >= self.m).any()):
+            raise ValueError(f"offsets: every offset must be < m={self.m}, got max {int(offsets.max())}")
+        if stored > 1 and bool((offsets[..., 1:] <= offsets[..., :-1]).any()):
+            bad = (offsets[..., 1:] <= offsets[..., :-1]).nonzero()[0].tolist()
+            raise ValueError(
+                f"offsets: must be strictly ascending within each group of m={self.m}; "
+                f"V-group {bad[0]}, input group {bad[1]} is not"
+            )
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, mask: torch.Tensor, pattern: str, vector: int = 1
+    ) -> "NMSparseWeight":
+        """Compress ``weight`` keeping the entries where ``mask`` is True; the mask must already be N:M
+        vector-wise (exactly n kept in each group of m, the same choice across each V-group)."""
+        n, m = parse_pattern(pattern)
+        check_vector(vector)
+        check_weight_matrix(weight, n, m, vector)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
+        if mask.device != weight.device:
+            raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
+            mask = mask.bool()
+        rows, cols = weight.shape
+        groups = mask.view(rows // vector, vector, cols // m, m)
+        differs = groups != groups[:, :1]
+        if bool(differs.any()):
+            g, r, j, _ = differs.nonzero()[0].tolist()
+            raise ValueError(
+                f"mask: not vector-wise with V={vector}: row {g * vector + r} differs from row {g * vector} "
+                f"in input features {j * m}..{j * m + m - 1}"
+            )
+        counts = groups[:, 0].sum(-1)
+        if bool((counts != n).any()):
+            g, j = (counts != n).nonzero()[0].tolist()
+            raise ValueError(
+                f"mask: not {n}:{m}: rows {g * vector}..{g * vector + vector - 1}, input features "
+                f"{j * m}..{j * m + m - 1} keep {int(counts[g, j])}, expected {n}"
+            )
+        group_mask = groups[:, 0]
+        kept = _positions(group_mask, n)
+        kept_values = weight.gather(1, _columns(kept, m).repeat_interleave(vector, 0))
+        if not bool(torch.isfinite(kept_values).all()):
+            raise ValueError("weight: kept entries must be finite, found NaN or Inf")
+        stored = kept if n <= m - n else _positions(~group_mask, m - n)
+        return cls(kept_values.contiguous(), stored.to(OFFSET_DTYPE), pattern, vector, weight.shape)
+
+    def kept_offsets(self) -> torch.Tensor:
+        """uint8 ``[N // V, K // m * n]``: kept positions within each group of m, ascending."""
+        if not self.stores_dropped:
+            return self.offsets.view(self.offsets.shape[0], -1)
+        if self._kept_offsets_cache is None:
+            dropped = torch.zeros(*self.offsets.shape[:2], self.m, dtype=torch.bool, device=self.device)
+            dropped.scatter_(2, self.offsets.long(), True)
+            self._kept_offsets_cache = _positions(~dropped, self.n).to(OFFSET_DTYPE).view(self.offsets.shape[0], -1)
+        return self._kept_offsets_cache
+
+    def kept_columns(self) -> torch.Tensor:
+        """int64 ``[N // V, K // m * n]``: the input features each V-group keeps, ascending."""
+        return _columns(self.kept_offsets().view(self.offsets.shape[0], -1, self.n).long(), self.m)
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[N, K]``: True where the weight is kept."""
+        out = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        return out.scatter_(1, self.kept_columns().repeat_interleave(self.vector, 0), True)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[N, K]`` weight, zeros where pruned."""
+        out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return out.scatter_(1, self.kept_columns().repeat_interleave(self.vector, 0), self.values)
+
+    def to(self, *args: Any, **kwargs: Any) -> "NMSparseWeight":
+        """Move to a device and/or cast the values to a float dtype (offsets stay uint8), like Tensor.to."""
+        values = self.values.to(*args, **kwargs)
+        offsets = self.offsets.to(device=values.device)
+        return NMSparseWeight(values, offsets, self.pattern, self.vector, self.shape)
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "NMSparseWeight":
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> "NMSparseWeight":
+        return self.to("cpu")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "values": self.values,
+            "offsets": self.offsets,
+            "pattern": self.pattern,
+            "vector": self.vector,
+            "shape": tuple(self.shape),
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["values"], state["offsets"], state["pattern"], state["vector"], state["shape"])
+
+    def __repr__(self) -> str:
+        return (
+            f"NMSparseWeight(shape={tuple(self.shape)}, pattern='{self.pattern}', vector={self.vector}, "
+            f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
+        )
+
+
+def _positions(group_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Ascending positions of the True entries in each last-dimension group (exactly ``count`` each)."""
+    positions = torch.arange(group_mask.shape[-1], device=group_mask.device).expand_as(group_mask)
+    return positions[group_mask].view(*group_mask.shape[:-1], count)
+
+
+def _columns(offsets: torch.Tensor, m: int) -> torch.Tensor:
+    """Absolute input features from ``[G, K // m, c]`` offsets within groups, flattened to ``[G, K // m * c]``."""
+    group_start = torch.arange(offsets.shape[1], device=offsets.device).view(1, -1, 1) * m
+    return (offsets.long() + group_start).view(offsets.shape[0], -1)

@@ -1,0 +1,50 @@
+"""N:M pattern parsing and the argument checks every format shares."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_M = (4, 8, 16, 32, 64)
+SUPPORTED_VECTORS = (1, 16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """Split an ``"n:m"`` pattern into ``(n, m)``, checking 1 <= n < m and m in SUPPORTED_M."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern: expected a string like '8:32', got {type(pattern).__name__} {pattern!r}")
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pattern: expected 'n:m' with two positive integers, like '8:32', got {pattern!r}")
+    n, m = (int(p) for p in parts)
+    if m not in SUPPORTED_M:
+        raise ValueError(f"pattern: m must be one of {SUPPORTED_M}, got m={m} in {pattern!r}")
+    if not 1 <= n < m:
+        raise ValueError(f"pattern: n must satisfy 1 <= n < m, got n={n}, m={m} in {pattern!r}")
+    return n, m
+
+
+def check_vector(vector: int) -> int:
+    """Validate a vector length V (how many consecutive output features share one choice)."""
+    if isinstance(vector, bool) or not isinstance(vector, int):
+        raise TypeError(f"vector: expected an int in {SUPPORTED_VECTORS}, got {type(vector).__name__} {vector!r}")
+    if vector not in SUPPORTED_VECTORS:
+        raise ValueError(f"vector: expected one of {SUPPORTED_VECTORS}, got {vector}")
+    return vector
+
+
+def check_weight_matrix(weight: torch.Tensor, n: int, m: int, vector: int, name: str = "weight") -> None:
+    """Check that ``weight`` is a non-empty 2-D float matrix whose shape fits the pattern and vector."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [out_features, in_features] matrix, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if rows == 0 or cols == 0:
+        raise ValueError(f"{name}: expected a non-empty matrix, got shape {tuple(weight.shape)}")
+    if cols % m:
+        raise ValueError(f"{name}: in_features K={cols} must be divisible by m={m} of the pattern {n}:{m}")
+    if rows % vector:
+        raise ValueError(f"vector: V={vector} must divide out_features N={rows} of {name}")
