@@ -1,0 +1,81 @@
+"""The Triton kernels against a float64 reference, outputs poisoned first (interpreter on CPU, native on GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nmspmm
+from nmspmm.kernels import nm_element_matmul, nm_vector_matmul, transpose
+from conftest import DEVICE, TOLERANCE, relative_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _case(tokens: int, rows: int, cols: int, pattern: str, vector: int, dtype: torch.dtype):
+    weight = nmspmm.prune(torch.randn(rows, cols, device=DEVICE).to(dtype), pattern, vector)
+    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
+    bias = torch.randn(rows, device=DEVICE).to(dtype)
+    expected = x.double() @ weight.to_dense().double().t() + bias.double()
+    return weight, x, bias, expected
+
+
+def _poisoned(tokens: int, rows: int, dtype: torch.dtype, feature_major: bool) -> torch.Tensor:
+    if feature_major:
+        return torch.full((rows, tokens), float("nan"), dtype=dtype, device=DEVICE).t()
+    return torch.full((tokens, rows), float("nan"), dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,rows,cols,pattern,vector",
+    [
+        (1, 64, 64, "2:4", 16),
+        (7, 128, 128, "8:32", 64),
+        (33, 96, 96, "3:8", 32),
+        (20, 128, 128, "4:64", 128),
+        (5, 32, 48, "13:16", 16),
+    ],
+)
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_vector_kernel(tokens, rows, cols, pattern, vector, dtype, feature_major):
+    weight, x, bias, expected = _case(tokens, rows, cols, pattern, vector, dtype)
+    out = _poisoned(tokens, rows, dtype, feature_major)
+    nm_vector_matmul(
+        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, bias
+    )
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+def test_vector_kernel_tf32():
+    weight, x, _, expected = _case(19, 64, 128, "8:32", 32, torch.float32)
+    expected = x.double() @ weight.to_dense().double().t()
+    out = _poisoned(19, 64, torch.float32, False)
+    nm_vector_matmul(
+        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, 32, out,
+        input_precision="tf32",
+    )
+    assert relative_error(out, expected) < TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,rows,cols,pattern",
+    [(1, 8, 16, "2:4"), (7, 24, 64, "3:4"), (9, 33, 64, "5:32"), (3, 5, 64, "60:64")],
+)
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_element_kernel(tokens, rows, cols, pattern, dtype, feature_major):
+    weight, x, bias, expected = _case(tokens, rows, cols, pattern, 1, dtype)
+    out = _poisoned(tokens, rows, dtype, feature_major)
+    nm_element_matmul(x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 5), (37, 70), (64, 16)])
+def test_transpose(shape, dtype):
+    base = torch.randn(shape[0], shape[1] * 2, device=DEVICE).to(dtype)
+    x = base[:, ::2]
+    out = torch.full((shape[1], shape[0]), float("nan"), dtype=dtype, device=DEVICE)
+    transpose(x, out)
+    assert torch.equal(out, x.t())
