@@ -1,5 +1,15 @@
 """nmspmm: sparse matrix products for pruned neural networks, as Triton kernels in PyTorch."""
 
-from .formats import NMSparseWeight
+from .formats import NMSparseWeight, load_safetensors, save_safetensors
+from .ops import linear, linear_feature_major
+from .prune import magnitude_mask, prune
 
-__all__ = ["NMSparseWeight"]
+__all__ = [
+    "NMSparseWeight",
+    "linear",
+    "linear_feature_major",
+    "load_safetensors",
+    "magnitude_mask",
+    "prune",
+    "save_safetensors",
+]

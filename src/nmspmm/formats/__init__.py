@@ -2,5 +2,14 @@
 
 from .nm import NMSparseWeight
 from .pattern import SUPPORTED_DTYPES, SUPPORTED_M, SUPPORTED_VECTORS, parse_pattern
+from .serialization import load_safetensors, save_safetensors
 
-__all__ = ["NMSparseWeight", "parse_pattern", "SUPPORTED_DTYPES", "SUPPORTED_M", "SUPPORTED_VECTORS"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_M",
+    "SUPPORTED_VECTORS",
+    "NMSparseWeight",
+    "load_safetensors",
+    "parse_pattern",
+    "save_safetensors",
+]

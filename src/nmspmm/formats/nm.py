@@ -3,6 +3,7 @@ output features (one V-group) share the choice."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -123,7 +124,7 @@ class NMSparseWeight:
                 raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
             mask = mask.bool()
         rows, cols = weight.shape
-        groups = mask.view(rows // vector, vector, cols // m, m)
+        groups = mask.reshape(rows // vector, vector, cols // m, m)
         differs = groups != groups[:, :1]
         if bool(differs.any()):
             g, r, j, _ = differs.nonzero()[0].tolist()
@@ -182,17 +183,11 @@ class NMSparseWeight:
     def cpu(self) -> "NMSparseWeight":
         return self.to("cpu")
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "values": self.values,
-            "offsets": self.offsets,
-            "pattern": self.pattern,
-            "vector": self.vector,
-            "shape": tuple(self.shape),
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["values"], state["offsets"], state["pattern"], state["vector"], state["shape"])
+    def __reduce__(self) -> tuple[Callable[..., NMSparseWeight], tuple[Any, ...]]:
+        """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
+        mode) always goes through :meth:`validate`."""
+        args = (self.values, self.offsets, self.pattern, self.vector, tuple(self.shape))
+        return _rebuild_nm_sparse_weight, args
 
     def __repr__(self) -> str:
         return (
@@ -211,3 +206,15 @@ def _columns(offsets: torch.Tensor, m: int) -> torch.Tensor:
     """Absolute input features from ``[G, K // m, c]`` offsets within groups, flattened to ``[G, K // m * c]``."""
     group_start = torch.arange(offsets.shape[1], device=offsets.device).view(1, -1, 1) * m
     return (offsets.long() + group_start).view(offsets.shape[0], -1)
+
+
+def _rebuild_nm_sparse_weight(
+    values: torch.Tensor, offsets: torch.Tensor, pattern: str, vector: int, shape: tuple[int, int]
+) -> NMSparseWeight:
+    """Unpickling entry point: the constructor, which validates everything a file may have tampered with."""
+    return NMSparseWeight(values, offsets, pattern, vector, shape)
+
+
+# torch.load(weights_only=True) may call only allowlisted functions. The class itself is deliberately not
+# allowlisted: that would let a crafted file build an instance through __new__ alone, skipping validation.
+torch.serialization.add_safe_globals([_rebuild_nm_sparse_weight])

@@ -1,0 +1,137 @@
+"""Save and load :class:`NMSparseWeight` objects as safetensors files.
+
+A file holds, per weight ``<name>``, the tensors ``<name>.values`` and ``<name>.offsets``, and one metadata
+entry, ``"nmspmm"``, a JSON object::
+
+    {"format": "nmspmm.NMSparseWeight", "version": 1,
+     "weights": {"<name>": {"pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}, ...}}
+
+Loading rebuilds every weight through the :class:`NMSparseWeight` constructor, so a file whose offsets or
+shapes were tampered with is refused with a ValueError rather than producing wrong products.
+(Plain ``torch.save`` / ``torch.load`` also work, with the default ``weights_only=True``; see ``nm.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .nm import NMSparseWeight
+
+FORMAT_NAME = "nmspmm.NMSparseWeight"
+FORMAT_VERSION = 1
+METADATA_KEY = "nmspmm"
+DEFAULT_NAME = "weight"
+_TENSOR_FIELDS = ("values", "offsets")
+_WEIGHT_FIELDS = {"pattern", "vector", "shape", "dtype"}
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def save_safetensors(weights: Mapping[str, NMSparseWeight] | NMSparseWeight, path: str | os.PathLike[str]) -> None:
+    """Write named sparse weights (a single weight is stored as ``"weight"``) to a safetensors file at ``path``,
+    tensors moved to the CPU, with the metadata :func:`load_safetensors` needs to rebuild and check them."""
+    if isinstance(weights, NMSparseWeight):
+        weights = {DEFAULT_NAME: weights}
+    if not isinstance(weights, Mapping):
+        raise TypeError(
+            f"weights: expected an NMSparseWeight or a mapping of names to them, got {type(weights).__name__}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    described: dict[str, dict[str, Any]] = {}
+    storages: set[int] = set()
+    for name, weight in weights.items():
+        if not isinstance(name, str):
+            raise TypeError(f"weights: expected string names, got {type(name).__name__} {name!r}")
+        if not name:
+            raise ValueError("weights: expected non-empty names, got ''")
+        if not isinstance(weight, NMSparseWeight):
+            raise TypeError(f"weights: expected NMSparseWeight values, got {type(weight).__name__} for {name!r}")
+        tensors[f"{name}.values"] = _unshared_cpu(weight.values, storages)
+        tensors[f"{name}.offsets"] = _unshared_cpu(weight.offsets, storages)
+        described[name] = {
+            "pattern": weight.pattern,
+            "vector": weight.vector,
+            "shape": list(weight.shape),
+            "dtype": str(weight.dtype).removeprefix("torch."),
+        }
+    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": described}
+    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+
+
+def _unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
+    """``tensor`` on the CPU, copied if its storage was already taken (safetensors refuses shared memory, which
+    arises when one weight is saved under two names or with its ``.to(same dtype)`` twin)."""
+    tensor = tensor.detach().cpu().contiguous()
+    storage = tensor.untyped_storage().data_ptr()
+    if storage in storages:
+        return tensor.clone()
+    storages.add(storage)
+    return tensor
+
+
+def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, NMSparseWeight]:
+    """Read the sparse weights that :func:`save_safetensors` wrote to ``path``, validate each on the CPU and
+    move it to ``device``; raise ValueError for a file that nmspmm did not write or that is corrupted."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            header = _read_header(file.metadata(), path)
+            expected = {f"{name}.{field}" for name in header["weights"] for field in _TENSOR_FIELDS}
+            stored = set(file.keys())
+            if stored != expected:
+                missing, extra = sorted(expected - stored), sorted(stored - expected)
+                raise ValueError(
+                    f"path: {path!r} does not hold the tensors its metadata describes "
+                    f"(missing {missing}, unexpected {extra})"
+                )
+            tensors = {key: file.get_tensor(key) for key in sorted(stored)}
+    except SafetensorError as error:
+        raise ValueError(f"path: {path!r} is not a readable safetensors file ({error})") from error
+    return {name: _rebuild(name, fields, tensors, path).to(device) for name, fields in header["weights"].items()}
+
+
+def _read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
+    """Parse and check the ``"nmspmm"`` metadata entry; raise ValueError naming ``path`` if it is wrong."""
+    if not metadata or METADATA_KEY not in metadata:
+        raise ValueError(f"path: {path!r} was not written by nmspmm (no {METADATA_KEY!r} metadata entry)")
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"path: {path!r} has malformed {METADATA_KEY!r} metadata ({error})") from error
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        got = header.get("format") if isinstance(header, dict) else header
+        raise ValueError(f"path: {path!r} metadata: expected format {FORMAT_NAME!r}, got {got!r}")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"path: {path!r} metadata: expected format version {FORMAT_VERSION}, got {header.get('version')!r}"
+        )
+    weights = header.get("weights")
+    if not isinstance(weights, dict):
+        raise ValueError(f"path: {path!r} metadata: expected a 'weights' object, got {weights!r}")
+    for name, fields in weights.items():
+        if not isinstance(fields, dict) or set(fields) != _WEIGHT_FIELDS:
+            raise ValueError(
+                f"path: {path!r} metadata of weight {name!r}: expected the fields {sorted(_WEIGHT_FIELDS)}, "
+                f"got {fields!r}"
+            )
+    return header
+
+
+def _rebuild(name: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> NMSparseWeight:
+    """Construct (and so validate) one weight from its metadata and tensors; raise ValueError naming it."""
+    values, offsets = tensors[f"{name}.values"], tensors[f"{name}.offsets"]
+    if _DTYPES.get(fields["dtype"]) != values.dtype:
+        raise ValueError(
+            f"path: {path!r} weight {name!r}: metadata says dtype {fields['dtype']!r}, "
+            f"but {name}.values is {values.dtype}"
+        )
+    try:
+        return NMSparseWeight(values, offsets, fields["pattern"], fields["vector"], fields["shape"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"path: {path!r} weight {name!r} is inconsistent: {error}") from error

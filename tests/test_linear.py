@@ -1,0 +1,167 @@
+"""nmspmm.linear and linear_feature_major: dispatch, shapes, strides, bias, and every bad-input error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nmspmm
+from conftest import DEVICE, TOLERANCE, relative_error
+
+# On the CPU "triton" runs the kernels through the interpreter; "auto" there is the dense reference.
+BACKENDS = ["auto", "triton"] if DEVICE == "cpu" else ["auto"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _weight(rows: int, cols: int, pattern: str, vector: int, dtype: torch.dtype) -> nmspmm.NMSparseWeight:
+    return nmspmm.prune(torch.randn(rows, cols, device=DEVICE).to(dtype), pattern, vector)
+
+
+def _reference(x: torch.Tensor, weight: nmspmm.NMSparseWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ weight.to_dense().double().t()
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead,rows,cols,pattern,vector",
+    [
+        ((1,), 64, 64, "2:4", 16),
+        ((7,), 96, 128, "8:32", 32),
+        ((2, 3, 5), 128, 64, "1:4", 64),
+        ((11,), 128, 128, "4:64", 128),
+        ((3, 3), 20, 32, "3:8", 1),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_reference(lead, rows, cols, pattern, vector, dtype, backend, with_bias):
+    weight = _weight(rows, cols, pattern, vector, dtype)
+    x = torch.randn(*lead, cols, device=DEVICE).to(dtype)
+    bias = torch.randn(rows, device=DEVICE).to(dtype) if with_bias else None
+    y = nmspmm.linear(x, weight, bias, backend=backend)
+    assert y.shape == (*lead, rows) and y.dtype == dtype and y.is_contiguous()
+    assert relative_error(y, _reference(x, weight, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_strided_input(backend):
+    weight = _weight(64, 64, "8:32", 32, torch.float32)
+    wide = torch.randn(9, 128, device=DEVICE)
+    x = wide[:, 1::2]
+    assert not x.is_contiguous()
+    y = nmspmm.linear(x, weight, backend=backend)
+    assert relative_error(y, _reference(x, weight, None)) < TOLERANCE[torch.float32]
+    transposed = torch.randn(64, 5, device=DEVICE).t()
+    y = nmspmm.linear(transposed, weight, backend=backend)
+    assert relative_error(y, _reference(transposed, weight, None)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_feature_major(dtype, backend):
+    weight = _weight(64, 128, "4:32", 64, dtype)
+    x = torch.randn(13, 128, device=DEVICE).to(dtype)
+    bias = torch.randn(64, device=DEVICE).to(dtype)
+    y_t = nmspmm.linear_feature_major(x.t().contiguous(), weight, bias, backend=backend)
+    assert y_t.shape == (64, 13) and y_t.is_contiguous()
+    assert relative_error(y_t.t(), _reference(x, weight, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="tf32 rounding only shows on tensor cores")
+def test_tf32_follows_matmul_precision():
+    weight = _weight(64, 64, "8:32", 32, torch.float32)
+    x = torch.randn(5, 64)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        y = nmspmm.linear(x, weight, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert relative_error(y, _reference(x, weight, None)) < TOLERANCE["tf32"]
+
+
+@pytest.mark.gpu
+def test_tf32_on_gpu():
+    weight = _weight(256, 512, "8:32", 64, torch.float32)
+    x = torch.randn(333, 512, device=DEVICE)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        loose = relative_error(nmspmm.linear(x, weight), _reference(x, weight, None))
+        torch.set_float32_matmul_precision("highest")
+        exact = relative_error(nmspmm.linear(x, weight), _reference(x, weight, None))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert 1e-5 < loose < TOLERANCE["tf32"]
+    assert exact < TOLERANCE[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7, 333, 4096])
+@pytest.mark.parametrize("rows", [64, 192, 4096, 11008])
+@pytest.mark.parametrize("pattern,vector", [("8:32", 64), ("2:4", 16), ("4:32", 32), ("16:32", 128), ("2:8", 1)])
+def test_linear_large_shapes(tokens, rows, pattern, vector, dtype):
+    if rows % vector:
+        pytest.skip(f"V={vector} does not divide N={rows}")
+    cols = 4096 if vector > 1 else 512
+    weight = _weight(rows, cols, pattern, vector, dtype)
+    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
+    bias = torch.randn(rows, device=DEVICE).to(dtype)
+    y = nmspmm.linear(x, weight, bias)
+    assert relative_error(y, _reference(x, weight, bias)) < TOLERANCE[dtype]
+
+
+def test_cpu_triton_needs_interpreter(monkeypatch):
+    weight = _weight(32, 32, "2:4", 16, torch.float32).cpu()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend: 'triton' on the CPU needs TRITON_INTERPRET=1"):
+        nmspmm.linear(torch.randn(2, 32), weight, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda w: (torch.randn(4, 64, dtype=torch.float64), w, None), TypeError, r"x: dtype torch.float64"),
+        (lambda w: (torch.randn(4, 64).half(), w, None), TypeError, r"x: dtype torch.float16 does not match"),
+        (lambda w: (torch.randn(4, 48), w, None), ValueError, r"x: expected last dimension K=64"),
+        (lambda w: (torch.randn(0, 64), w, None), ValueError, r"x: expected a non-empty tensor"),
+        (lambda w: (torch.tensor(1.0), w, None), ValueError, r"x: expected last dimension K=64"),
+        (lambda w: ([[1.0] * 64], w, None), TypeError, r"x: expected a torch.Tensor"),
+        (lambda w: (torch.randn(4, 64), w.to_dense(), None), TypeError, r"weight: expected an nmspmm.NMSparseWeight"),
+        (lambda w: (torch.randn(4, 64), w, torch.randn(31)), ValueError, r"bias: expected shape \(32,\)"),
+        (lambda w: (torch.randn(4, 64), w, torch.randn(32).half()), TypeError, r"bias: dtype torch.float16"),
+        (lambda w: (torch.randn(4, 64), w, [0.0] * 32), TypeError, r"bias: expected a torch.Tensor"),
+        (lambda w: (torch.randn(4, 64, device="meta"), w, None), ValueError, r"x: on meta, but weight is on cpu"),
+        (lambda w: (torch.randn(4, 64), w, torch.randn(32, device="meta")), ValueError, r"bias: on meta, but"),
+    ],
+)
+def test_linear_rejects_bad_input(make_args, error, match):
+    weight = _weight(32, 64, "2:4", 16, torch.float32).cpu()
+    x, w, bias = make_args(weight)
+    with pytest.raises(error, match=match):
+        nmspmm.linear(x, w, bias)
+
+
+def test_linear_rejects_unknown_backend():
+    weight = _weight(32, 64, "2:4", 16, torch.float32)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        nmspmm.linear(torch.randn(2, 64, device=DEVICE), weight, backend="cublas")
+
+
+def test_feature_major_rejects_row_major_shape():
+    weight = _weight(32, 64, "2:4", 16, torch.float32)
+    with pytest.raises(ValueError, match=r"x_t: expected first dimension K=64"):
+        nmspmm.linear_feature_major(torch.randn(5, 64, device=DEVICE), weight)
+    with pytest.raises(ValueError, match=r"x_t: expected a 2-D \[K, M\]"):
+        nmspmm.linear_feature_major(torch.randn(64, 2, 2, device=DEVICE), weight)
+
+
+@pytest.mark.gpu
+def test_mixed_devices_rejected():
+    weight = _weight(32, 64, "2:4", 16, torch.float32)
+    with pytest.raises(ValueError, match="x: on cpu, but weight is on cuda"):
+        nmspmm.linear(torch.randn(2, 64), weight)
+    with pytest.raises(ValueError, match="bias: on cpu, but weight is on cuda"):
+        nmspmm.linear(torch.randn(2, 64, device="cuda"), weight, torch.randn(32))
