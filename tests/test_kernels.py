@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nmspmm
-from nmspmm.kernels import nm_element_matmul, nm_vector_matmul, transpose
+from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, transpose
+from nmspmm.perf import choose_vector_config
 from conftest import DEVICE, TOLERANCE, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -38,11 +39,17 @@ def _poisoned(tokens: int, rows: int, dtype: torch.dtype, feature_major: bool) -
     ],
 )
 @pytest.mark.parametrize("feature_major", [False, True])
-def test_vector_kernel(tokens, rows, cols, pattern, vector, dtype, feature_major):
+@pytest.mark.parametrize("variant", ["chosen", "weight_first", "split_k"])
+def test_vector_kernel(tokens, rows, cols, pattern, vector, dtype, feature_major, variant):
     weight, x, bias, expected = _case(tokens, rows, cols, pattern, vector, dtype)
     out = _poisoned(tokens, rows, dtype, feature_major)
+    config = choose_vector_config(tokens, rows, weight.kept_per_row, vector, dtype, x.device)
+    if variant == "weight_first":
+        config = VectorConfig(32, min(vector, 32), 16, 4, 2, weight_first=True)
+    elif variant == "split_k":
+        config = VectorConfig(16, 16, 16, 4, 2, split_k=3, weight_first=tokens % 2 == 0)
     nm_vector_matmul(
-        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, bias
+        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config, bias
     )
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
@@ -51,8 +58,9 @@ def test_vector_kernel_tf32():
     weight, x, _, expected = _case(19, 64, 128, "8:32", 32, torch.float32)
     expected = x.double() @ weight.to_dense().double().t()
     out = _poisoned(19, 64, torch.float32, False)
+    config = choose_vector_config(19, 64, weight.kept_per_row, 32, torch.float32, x.device)
     nm_vector_matmul(
-        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, 32, out,
+        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, 32, out, config,
         input_precision="tf32",
     )
     assert relative_error(out, expected) < TOLERANCE["tf32"]

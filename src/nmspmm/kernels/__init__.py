@@ -1,7 +1,7 @@
 """Triton kernels and their launchers; they take plain tensors and know nothing of formats or modules."""
 
 from .nm_element import nm_element_matmul
-from .nm_vector import VectorConfig, default_vector_config, nm_vector_matmul
+from .nm_vector import VectorConfig, interpreter_config, nm_vector_matmul
 from .transpose import transpose
 
-__all__ = ["nm_element_matmul", "nm_vector_matmul", "VectorConfig", "default_vector_config", "transpose"]
+__all__ = ["nm_element_matmul", "nm_vector_matmul", "VectorConfig", "interpreter_config", "transpose"]

@@ -18,9 +18,10 @@ from .launch import interpreter_active
 def _nm_vector_kernel(
     xt_ptr, values_ptr, offsets_ptr, bias_ptr, y_ptr,
     M, N, KEPT,
-    stride_xk, stride_xm, stride_ym, stride_yn,
+    stride_xk, stride_xm, stride_ys, stride_ym, stride_yn,
     N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    SPLIT_K: tl.constexpr, WEIGHT_FIRST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -34,34 +35,79 @@ def _nm_vector_kernel(
     pid_m = first_m + (pid % pids_per_band) % band_m
     pid_n = (pid % pids_per_band) // band_m
 
+    # Split-K: program pid_k sums its own share of the kept inputs into its own fp32 slice of y.
+    pid_k = tl.program_id(1)
+    k_share = tl.cdiv(tl.cdiv(KEPT, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_share
+    k_end = min(KEPT, k_begin + k_share)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_valid = offs_m < M
     offsets_row = offsets_ptr + (pid_n * BLOCK_N // VECTOR) * KEPT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KEPT, BLOCK_K):
+    # WEIGHT_FIRST computes the transposed tile W @ X_kept (output features on the MMA's M side).
+    if WEIGHT_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        k_valid = kk < KEPT
+        k_valid = kk < k_end
         offset = tl.load(offsets_row + kk, mask=k_valid, other=0).to(tl.int32)
         column = (kk // N_KEEP) * GROUP + offset
-        x = tl.load(
-            xt_ptr + column[None, :] * stride_xk + offs_m[:, None] * stride_xm,
-            mask=m_valid[:, None] & k_valid[None, :], other=0.0,
-        )
-        w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        if WEIGHT_FIRST:
+            w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
+            x = tl.load(
+                xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+                mask=k_valid[:, None] & m_valid[None, :], other=0.0,
+            )
+            if UPCAST:
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
+        else:
+            x = tl.load(
+                xt_ptr + column[None, :] * stride_xk + offs_m[:, None] * stride_xm,
+                mask=m_valid[:, None] & k_valid[None, :], other=0.0,
+            )
+            w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    y_base = y_ptr + pid_k * stride_ys
+    if WEIGHT_FIRST:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
+        y_ptrs = y_base + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+        y_ptrs = y_base + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None])
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    partial_ptr, bias_ptr, y_ptr, M, N,
+    stride_ps, stride_pm, stride_ym, stride_yn,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(partial_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], mask=valid)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None])
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 @dataclass(frozen=True)
 class VectorConfig:
-    """Tile shape and pipelining of one launch of the vector-wise kernel."""
+    """Tile shape, pipelining, split-K and operand order of one launch of the vector-wise kernel."""
 
     block_m: int
     block_n: int
@@ -69,17 +115,13 @@ class VectorConfig:
     num_warps: int
     num_stages: int
     group_size_m: int = 8
+    split_k: int = 1
+    weight_first: bool = False
 
 
-def default_vector_config(tokens: int, vector: int, dtype: torch.dtype) -> VectorConfig:
-    """A tile shape from a small table: BLOCK_N may not exceed V (a tile shares one index set)."""
-    block_n = min(vector, 128)
-    if interpreter_active():
-        return VectorConfig(block_m=16, block_n=block_n, block_k=16, num_warps=4, num_stages=1)
-    block_m = 128 if tokens > 64 else max(16, triton.next_power_of_2(tokens))
-    block_k = 32 if dtype == torch.float32 else 64
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return VectorConfig(block_m, block_n, block_k, num_warps, num_stages=3)
+def interpreter_config(vector: int) -> VectorConfig:
+    """Small tiles that keep Triton's CPU interpreter quick."""
+    return VectorConfig(block_m=16, block_n=min(vector, 32), block_k=16, num_warps=4, num_stages=1)
 
 
 def nm_vector_matmul(
@@ -90,31 +132,41 @@ def nm_vector_matmul(
     m: int,
     vector: int,
     out: torch.Tensor,
+    config: VectorConfig,
     bias: torch.Tensor | None = None,
     input_precision: str = "ieee",
-    config: VectorConfig | None = None,
 ) -> torch.Tensor:
     """Write ``xt.T @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for a vector-wise N:M ``W`` given
-    as ``values`` [N, K*n/m] and uint8 ``kept_offsets`` [N/V, K*n/m]; ``xt`` is [K, M] with unit token stride.
+    as ``values`` [N, K*n/m] and uint8 ``kept_offsets`` [N/V, K*n/m]; ``xt`` is [K, M].
 
     ``input_precision`` is ``"ieee"`` (exact fp32 FMA for fp32 inputs) or ``"tf32"``; fp16/bf16 use tensor
-    cores either way. Shapes are trusted: ``nmspmm.ops`` validates them.
+    cores either way. Shapes are trusted: ``nmspmm.ops`` validates them and ``nmspmm.perf`` picks ``config``.
     """
     tokens = xt.shape[1]
     rows, kept = values.shape
-    config = config or default_vector_config(tokens, vector, values.dtype)
     if vector % config.block_n or rows % config.block_n:
         raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
     upcast = interpreter_active() and values.dtype == torch.bfloat16
-    grid = (triton.cdiv(tokens, config.block_m) * (rows // config.block_n),)
+    split_k = max(1, min(config.split_k, triton.cdiv(kept, config.block_k)))
+    target = out
+    if split_k > 1:
+        target = torch.empty((split_k, tokens, rows), dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(tokens, config.block_m) * (rows // config.block_n), split_k)
     _nm_vector_kernel[grid](
-        xt, values, kept_offsets, bias if bias is not None else values, out,
+        xt, values, kept_offsets, bias if bias is not None and split_k == 1 else values, target,
         tokens, rows, kept,
-        xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
-        N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
+        xt.stride(0), xt.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2), target.stride(-1),
+        N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None and split_k == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_SIZE_M=config.group_size_m,
+        GROUP_SIZE_M=config.group_size_m, SPLIT_K=split_k, WEIGHT_FIRST=config.weight_first,
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if split_k > 1:
+        block = 32
+        _split_k_sum_kernel[(triton.cdiv(tokens, block), triton.cdiv(rows, block))](
+            target, bias if bias is not None else target, out, tokens, rows,
+            target.stride(0), target.stride(1), out.stride(0), out.stride(1),
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK_M=block, BLOCK_N=block, num_warps=4,
+        )
     return out

@@ -1,0 +1,144 @@
+"""The performance model: FLOPs and the fewest bytes a product must move, the device's measured ceilings,
+the bound times of the dense and the sparse products, the ideal speedup, and the kernel config chosen
+from the model and a small table (no tuning on sample inputs at run time)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from .kernels import VectorConfig, interpreter_config
+from .kernels.launch import interpreter_active
+
+PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
+
+
+@dataclass(frozen=True)
+class DeviceCeilings:
+    """Measured rates of one device: dense matmul TFLOP/s per precision and copy bandwidth (read + write)."""
+
+    device: str
+    matmul_tflops: dict[str, float]
+    copy_tbps: float
+    torch_version: str
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The arithmetic a product in ``dtype`` runs at: fp32 is tf32 when torch's matmul precision allows it."""
+    if dtype == torch.float32:
+        return "float32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return str(dtype).removeprefix("torch.")
+
+
+def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
+    """Time a large matmul per precision and a large device copy (median of ``triton.testing.do_bench``)."""
+    import triton.testing
+
+    device = torch.device(device)
+    rates = {}
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for precision in PRECISIONS:
+            dtype = torch.float32 if precision in ("float32", "tf32") else getattr(torch, precision)
+            torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+            size = 8192 if precision in ("bfloat16", "float16") else 4096
+            a = torch.randn(size, size, device=device, dtype=dtype)
+            b = torch.randn(size, size, device=device, dtype=dtype)
+            ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+            rates[precision] = 2 * size**3 / ms / 1e9
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    source = torch.randn(256 * 2**20, device=device)
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
+    copy_tbps = 2 * source.numel() * 4 / ms / 1e9
+    return DeviceCeilings(torch.cuda.get_device_name(device), rates, copy_tbps, torch.__version__)
+
+
+def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) -> DeviceCeilings:
+    """The device's ceilings, measured once and cached in ``$NMSPMM_CACHE`` (default ``~/.cache/nmspmm``)."""
+    name = torch.cuda.get_device_name(torch.device(device))
+    cache = Path(os.environ.get("NMSPMM_CACHE", Path.home() / ".cache" / "nmspmm")) / "ceilings.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    key = f"{name}|torch {torch.__version__}"
+    if key in known and not refresh:
+        return DeviceCeilings(**known[key])
+    ceilings = measure_ceilings(device)
+    known[key] = asdict(ceilings)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(known, indent=1))
+    return ceilings
+
+
+@dataclass(frozen=True)
+class CaseModel:
+    """Counts and bound times of one case ``Y[M, N] = X[M, K] @ W[N, K].T`` with W n:m sparse along K."""
+
+    dense_flops: float
+    sparse_flops: float
+    dense_bytes: float
+    kernel_bytes: float
+    op_bytes: float
+    dense_ms: float
+    kernel_ms: float
+    op_ms: float
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Dense bound over the sparse kernel's bound: m/n when both are arithmetic-bound."""
+        return self.dense_ms / self.kernel_ms
+
+    @property
+    def ideal_op_speedup(self) -> float:
+        """Dense bound over the op's bound (the op also transposes x: two more passes over it)."""
+        return self.dense_ms / self.op_ms
+
+
+def model_case(
+    tokens: int, rows: int, cols: int, n: int, m: int, vector: int, dtype: torch.dtype, precision: str,
+    ceilings: DeviceCeilings,
+) -> CaseModel:
+    """FLOPs and fewest bytes (x, values, offsets, y; the op adds x's transpose) and the time bounds they
+    give at the device's measured matmul rate and copy bandwidth."""
+    size = torch.finfo(dtype).bits // 8
+    kept = cols // m * n
+    dense_flops = 2.0 * tokens * rows * cols
+    sparse_flops = dense_flops * n / m
+    activations = tokens * cols * size + tokens * rows * size
+    dense_bytes = activations + rows * cols * size
+    offsets = rows // vector * kept if vector > 1 else rows * kept
+    kernel_bytes = activations + rows * kept * size + offsets
+    op_bytes = kernel_bytes + 2 * tokens * cols * size
+    rate = ceilings.matmul_tflops[precision] * 1e9
+    bandwidth = ceilings.copy_tbps * 1e9
+
+    def bound(flops: float, moved: float) -> float:
+        return max(flops / rate, moved / bandwidth)
+
+    return CaseModel(
+        dense_flops, sparse_flops, dense_bytes, kernel_bytes, op_bytes,
+        bound(dense_flops, dense_bytes), bound(sparse_flops, kernel_bytes), bound(sparse_flops, op_bytes),
+    )
+
+
+def choose_vector_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device) -> VectorConfig:
+    """The vector-wise kernel's config for a case: tiles from a small table, split-K from the wave count."""
+    if interpreter_active():
+        return interpreter_config(vector)
+    block_n = min(vector, 128)
+    if tokens <= 64:
+        block_m = max(16, triton.next_power_of_2(tokens))
+        block_k = 64 if dtype == torch.float32 else 128
+        tiles = rows // block_n
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split_k = 1
+        while tiles * split_k < 2 * sms and kept // (block_k * split_k * 2) >= 2:
+            split_k *= 2
+        return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, False)
+    block_k = 32 if dtype == torch.float32 else 64
+    return VectorConfig(128, block_n, block_k, 8 if block_n >= 64 else 4, 3)
