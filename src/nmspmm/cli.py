@@ -1,8 +1,16 @@
-"""The ``nmspmm`` command line."""
+"""The ``nmspmm`` command line: ``nmspmm demo`` and ``nmspmm bench``."""
 
 from __future__ import annotations
 
 import argparse
+
+
+def _layer(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer as NxK, like 4096x11008, got {text!r}") from None
+    return rows, cols
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,11 +21,29 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--vector", type=int, default=64)
     demo.add_argument("--tokens", type=int, default=2048)
     demo.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("N", "K"))
+    bench = commands.add_parser("bench", help="check and time nmspmm beside cuBLAS on the paper's suite")
+    bench.add_argument("--quick", action="store_true", help="the quick set (a few minutes on an H100)")
+    bench.add_argument("--tokens", type=int, nargs="+", help="token counts M (default: the suite's)")
+    bench.add_argument("--layers", type=_layer, nargs="+", help="layers as NxK (default: the suite's 20)")
+    bench.add_argument("--patterns", nargs="+", help="n:m patterns (default: the suite's 8)")
+    bench.add_argument("--vectors", type=int, nargs="+", help="vector lengths V (default: 32 64 128)")
+    bench.add_argument("--dtypes", nargs="+", help="bfloat16 float16 float32 tf32 (default: bfloat16)")
+    bench.add_argument("--decode", action="store_true", help="add the decode token counts 1, 8, 16, 64")
+    bench.add_argument("--out-dir", default="benchmarks/results", help="where <device>.csv and .png go")
+    bench.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(args.shape[0], args.shape[1], args.tokens, args.pattern, args.vector)
+    elif args.command == "bench":
+        from .bench import quick_cases, run, suite_cases
+
+        if args.quick:
+            cases = quick_cases()
+        else:
+            cases = suite_cases(args.tokens, args.layers, args.patterns, args.vectors, args.dtypes, args.decode)
+        run(cases, args.out_dir, make_plot=not args.no_plot)
 
 
 if __name__ == "__main__":

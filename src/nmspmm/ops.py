@@ -61,7 +61,9 @@ def _launch(x_t: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None
     precision = "ieee"
     if weight.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         precision = "tf32"
-    config = choose_vector_config(x_t.shape[1], weight.shape[0], weight.kept_per_row, weight.vector, weight.dtype, x_t.device)
+    config = choose_vector_config(
+        x_t.shape[1], weight.shape[0], weight.kept_per_row, weight.vector, weight.dtype, x_t.device
+    )
     nm_vector_matmul(
         x_t, weight.values, weight.kept_offsets(), weight.n, weight.m, weight.vector, out, config, bias, precision
     )

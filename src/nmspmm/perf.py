@@ -126,8 +126,26 @@ def model_case(
     )
 
 
-def choose_vector_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device) -> VectorConfig:
-    """The vector-wise kernel's config for a case: tiles from a small table, split-K from the wave count."""
+# Tiles for more than 64 tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
+# (vector, tokens <= 512) -> (block_m, block_k, num_warps, num_stages, weight_first).
+_HALF_TABLE = {
+    (16, True): (128, 128, 4, 3, False),
+    (16, False): (128, 64, 4, 3, False),
+    (32, True): (256, 128, 8, 3, False),
+    (32, False): (256, 64, 8, 3, False),
+    (64, True): (64, 128, 8, 3, True),
+    (64, False): (128, 64, 4, 3, True),
+    (128, True): (64, 128, 8, 3, True),
+    (128, False): (128, 64, 8, 3, True),
+}
+
+
+def choose_vector_config(
+    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device
+) -> VectorConfig:
+    """The vector-wise kernel's config for a case. Few tokens (<= 64) are bound by weight bytes: small
+    token tiles, and split-K until the grid covers the multiprocessors twice. More tokens take tiles from
+    a small table tuned offline; fp32 uses narrower K steps (its tiles take twice the shared memory)."""
     if interpreter_active():
         return interpreter_config(vector)
     block_n = min(vector, 128)
@@ -139,6 +157,8 @@ def choose_vector_config(tokens: int, rows: int, kept: int, vector: int, dtype: 
         split_k = 1
         while tiles * split_k < 2 * sms and kept // (block_k * split_k * 2) >= 2:
             split_k *= 2
-        return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, False)
-    block_k = 32 if dtype == torch.float32 else 64
-    return VectorConfig(128, block_n, block_k, 8 if block_n >= 64 else 4, 3)
+        return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, vector >= 64)
+    if dtype == torch.float32:
+        return VectorConfig(128, block_n, 32, 8 if block_n >= 64 else 4, 3)
+    block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
+    return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)

@@ -1,0 +1,144 @@
+"""Run benchmark cases: check nmspmm against the dense reference, then time it at the op level (row-major
+x in, row-major y out) and the kernel level (feature-major in and out) beside torch.matmul in the same
+process, with inputs rotated so that none stays in L2."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import NMSparseWeight
+from ..ops import linear, linear_feature_major
+from ..perf import DeviceCeilings, choose_vector_config, model_case
+from ..prune import prune
+from .cases import Case
+
+TOLERANCE = {"float32": 1e-5, "tf32": 2e-3, "float16": 2e-3, "bfloat16": 1.5e-2}
+
+
+@contextlib.contextmanager
+def matmul_precision(dtype_name: str) -> Iterator[None]:
+    """Run fp32 cases exactly ("float32") or in tf32 ("tf32"), for nmspmm and torch.matmul alike."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dtype_name == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def median_ms(functions: list[Callable[[], object]]) -> float:
+    """Median time of one call, cycling through ``functions`` (one per rotated input set)."""
+    import triton.testing
+
+    state = {"next": 0}
+
+    def call() -> None:
+        functions[state["next"]]()
+        state["next"] = (state["next"] + 1) % len(functions)
+
+    return float(triton.testing.do_bench(call, warmup=10, rep=60, return_mode="median"))
+
+
+def environment() -> dict[str, str]:
+    """Device and versions stamped on every result row."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> list[dict]:
+    """Check and time one case; return its op-level and kernel-level result rows."""
+    with matmul_precision(case.dtype):
+        return _run_case(case, ceilings, stamp)
+
+
+def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> list[dict]:
+    dtype = torch.float32 if case.dtype in ("float32", "tf32") else getattr(torch, case.dtype)
+    scale = case.cols**-0.5
+    dense_weight = torch.randn(case.rows, case.cols, device="cuda", dtype=dtype) * scale
+    weight = prune(dense_weight, case.pattern, case.vector)
+    element = torch.finfo(dtype).bits // 8
+    set_bytes = (case.tokens * case.cols + case.rows * case.cols) * element + weight.nbytes
+    l2 = torch.cuda.get_device_properties().L2_cache_size
+    sets = min(32, max(2, math.ceil(2 * l2 / set_bytes) + 1))
+    xs = [torch.randn(case.tokens, case.cols, device="cuda", dtype=dtype) for _ in range(sets)]
+    x_ts = [x.t().contiguous() for x in xs]
+    weights = [weight] + [
+        NMSparseWeight(weight.values.clone(), weight.offsets.clone(), weight.pattern, weight.vector, weight.shape)
+        for _ in range(sets - 1)
+    ]
+    dense_weights = [dense_weight] + [torch.randn_like(dense_weight) * scale for _ in range(sets - 1)]
+
+    reference = xs[0].double() @ weight.to_dense().double().t()
+    errors = {
+        "op": _relative_error(linear(xs[0], weight), reference),
+        "kernel": _relative_error(linear_feature_major(x_ts[0], weight).t(), reference),
+    }
+    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)])
+    extra = {"semi_structured_ms": math.nan, "dense_tf32_ms": math.nan}
+    if case.pattern == "2:4" and dtype != torch.float32:
+        extra["semi_structured_ms"] = _semi_structured_ms(xs, weights)
+    if case.dtype == "float32":
+        with matmul_precision("tf32"):
+            extra["dense_tf32_ms"] = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)])
+    timed = {
+        "op": [lambda x=x, w=w: linear(x, w) for x, w in zip(xs, weights)],
+        "kernel": [lambda x=x, w=w: linear_feature_major(x, w) for x, w in zip(x_ts, weights)],
+    }
+    precision = case.dtype
+    model = model_case(
+        case.tokens, case.rows, case.cols, weight.n, weight.m, case.vector, dtype, precision, ceilings
+    )
+    config = choose_vector_config(case.tokens, case.rows, weight.kept_per_row, case.vector, dtype, xs[0].device)
+    rows = []
+    for level, functions in timed.items():
+        correct = errors[level] < TOLERANCE[case.dtype]
+        ms = median_ms(functions) if correct else math.nan
+        bound_ms = model.op_ms if level == "op" else model.kernel_ms
+        rows.append({
+            **stamp,
+            "M": case.tokens, "N": case.rows, "K": case.cols, "pattern": case.pattern, "vector": case.vector,
+            "dtype": case.dtype, "level": level, "ms": ms, "dense_ms": dense_ms,
+            "speedup": dense_ms / ms, "ideal_speedup": model.dense_ms / bound_ms,
+            "fraction_of_bound": bound_ms / ms, "rel_error": errors[level], "correct": correct,
+            "tflops": model.dense_flops / ms / 1e9, "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms,
+            **extra, "config": _describe(config) if case.vector > 1 else "element-wise",
+        })
+    return rows
+
+
+def _semi_structured_ms(xs: list[torch.Tensor], weights: list[NMSparseWeight]) -> float:
+    """PyTorch's own 2:4 path (cuSPARSELt/CUTLASS) on the same masked weights; NaN where it is unavailable."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        packed = [to_sparse_semi_structured(w.to_dense()) for w in weights]
+        return median_ms([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, packed)])
+    except (RuntimeError, ValueError, NotImplementedError):
+        return math.nan
+
+
+def _relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    actual = actual.double()
+    if not bool(torch.isfinite(actual).all()):
+        return math.inf
+    return float((actual - reference).norm() / reference.norm())
+
+
+def _describe(config) -> str:
+    return (
+        f"bm{config.block_m} bn{config.block_n} bk{config.block_k} w{config.num_warps} s{config.num_stages} "
+        f"sk{config.split_k}{' wf' if config.weight_first else ''}"
+    )

@@ -1,0 +1,84 @@
+"""The benchmark's CPU-side parts: case selection, result files, summary and plot (timing needs a GPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from nmspmm.bench import Case, quick_cases, suite_cases
+from nmspmm.bench.report import device_slug, merge_csv, plot, summary_markdown
+from nmspmm.cli import main
+
+
+def test_suite_matches_the_paper_definition():
+    cases = suite_cases()
+    assert len({(c.rows, c.cols) for c in cases}) == 20
+    assert {c.tokens for c in cases} == {256, 512, 1024, 2048, 4096}
+    assert {c.pattern for c in cases} == {"16:32", "12:32", "8:32", "4:32", "2:4", "1:4", "2:8", "1:8"}
+    assert all(c.rows % c.vector == 0 for c in cases)
+    decode = suite_cases(tokens=[256], decode=True)
+    assert {c.tokens for c in decode} == {256, 1, 8, 16, 64}
+
+
+def test_suite_filters_and_rejects_unknown_dtype():
+    cases = suite_cases([512], [(4096, 4096)], ["8:32"], [64], ["float32", "tf32"])
+    assert cases == [Case(512, 4096, 4096, "8:32", 64, "float32"), Case(512, 4096, 4096, "8:32", 64, "tf32")]
+    with pytest.raises(ValueError, match="dtypes: expected names from"):
+        suite_cases(dtypes=["int8"])
+
+
+def test_quick_set_is_small():
+    cases = quick_cases()
+    assert 20 <= len(cases) <= 60
+    assert {c.dtype for c in cases} == {"bfloat16", "float32"}
+
+
+def _row(m: int, pattern: str, level: str, speedup: float) -> dict:
+    return {
+        "device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "M": m, "N": 4096, "K": 4096,
+        "pattern": pattern, "vector": 64, "dtype": "bfloat16", "level": level, "ms": 1.0 / speedup,
+        "dense_ms": 1.0, "speedup": speedup, "ideal_speedup": 4.0, "fraction_of_bound": speedup / 4.0,
+        "semi_structured_ms": math.nan,
+    }
+
+
+def test_results_merge_replaces_same_case(tmp_path):
+    path = tmp_path / "dev.csv"
+    merge_csv([_row(256, "8:32", "op", 2.0), _row(256, "8:32", "kernel", 3.0)], path)
+    merged = merge_csv([_row(256, "8:32", "op", 2.5), _row(512, "8:32", "op", 1.5)], path)
+    assert len(merged) == 3
+    with path.open() as handle:
+        stored = {(r["M"], r["level"]): float(r["speedup"]) for r in csv.DictReader(handle)}
+    assert stored == {("256", "op"): 2.5, ("256", "kernel"): 3.0, ("512", "op"): 1.5}
+
+
+def test_summary_is_a_geomean():
+    rows = [_row(256, "8:32", "op", 2.0), _row(512, "8:32", "op", 8.0), _row(256, "4:32", "op", 3.0)]
+    table = summary_markdown(rows)
+    assert "| cases | 8:32 | 4:32 |" in table
+    assert "| bfloat16 | 64 | op | 3 | 4.00x (100%) | 3.00x (75%) |" in table
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plot.png"
+    plot([_row(256, "8:32", "op", 2.0), _row(256, "4:32", "op", 3.0)], path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_device_slug():
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_without_gpu_says_so():
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        main(["bench", "--quick"])
+
+
+def test_cli_rejects_bad_layer():
+    with pytest.raises(SystemExit):
+        main(["bench", "--layers", "4096by4096"])
