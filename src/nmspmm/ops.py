@@ -28,7 +28,8 @@ def linear(
         y = _reference(rows_in, weight, bias)
     else:
         y = torch.empty((rows_in.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-        _launch(transpose(rows_in), weight, bias, y)
+        # One token is already feature-major: the [1, K] row read as a [K, 1] column needs no copy.
+        _launch(rows_in.t() if rows_in.shape[0] == 1 else transpose(rows_in), weight, bias, y)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -4,6 +4,7 @@ from the model and a small table (no tuning on sample inputs at run time)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -153,7 +154,7 @@ def choose_vector_config(
         block_m = max(16, triton.next_power_of_2(tokens))
         block_k = 64 if dtype == torch.float32 else 128
         tiles = rows // block_n
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _multiprocessors(device)
         split_k = 1
         while tiles * split_k < 2 * sms and kept // (block_k * split_k * 2) >= 2:
             split_k *= 2
@@ -162,3 +163,8 @@ def choose_vector_config(
         return VectorConfig(128, block_n, 32, 8 if block_n >= 64 else 4, 3)
     block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
     return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

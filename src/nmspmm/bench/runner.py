@@ -18,6 +18,7 @@ from ..perf import DeviceCeilings, choose_vector_config, model_case
 from ..prune import prune
 from .cases import Case
 
+GRAPH_TOKENS = 64  # up to this many tokens, also time from a CUDA graph (launch overhead excluded)
 TOLERANCE = {"float32": 1e-5, "tf32": 2e-3, "float16": 2e-3, "bfloat16": 1.5e-2}
 
 
@@ -32,17 +33,30 @@ def matmul_precision(dtype_name: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def median_ms(functions: list[Callable[[], object]]) -> float:
-    """Median time of one call, cycling through ``functions`` (one per rotated input set)."""
-    import triton.testing
-
+def _rotating(functions: list[Callable[[], object]]) -> Callable[[], None]:
+    """One callable that runs the next of ``functions`` (one per rotated input set) on each call."""
     state = {"next": 0}
 
     def call() -> None:
         functions[state["next"]]()
         state["next"] = (state["next"] + 1) % len(functions)
 
-    return float(triton.testing.do_bench(call, warmup=10, rep=60, return_mode="median"))
+    return call
+
+
+def median_ms(functions: list[Callable[[], object]]) -> float:
+    """Median time of one call, cycling through ``functions``."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(_rotating(functions), warmup=10, rep=60, return_mode="median"))
+
+
+def graph_median_ms(functions: list[Callable[[], object]]) -> float:
+    """Like :func:`median_ms`, but replaying the calls from a CUDA graph: the GPU time without the host's
+    launch overhead, which dominates when there are few tokens."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(_rotating(functions), rep=60, return_mode="median"))
 
 
 def environment() -> dict[str, str]:
@@ -86,7 +100,9 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> li
         "op": _relative_error(linear(xs[0], weight), reference),
         "kernel": _relative_error(linear_feature_major(x_ts[0], weight).t(), reference),
     }
-    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)])
+    dense = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)]
+    dense_ms = median_ms(dense)
+    dense_graph_ms = graph_median_ms(dense) if case.tokens <= GRAPH_TOKENS else math.nan
     extra = {"semi_structured_ms": math.nan, "dense_tf32_ms": math.nan}
     if case.pattern == "2:4" and dtype != torch.float32:
         extra["semi_structured_ms"] = _semi_structured_ms(xs, weights)
@@ -106,6 +122,7 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> li
     for level, functions in timed.items():
         correct = errors[level] < TOLERANCE[case.dtype]
         ms = median_ms(functions) if correct else math.nan
+        graph_ms = graph_median_ms(functions) if correct and case.tokens <= GRAPH_TOKENS else math.nan
         bound_ms = model.op_ms if level == "op" else model.kernel_ms
         rows.append({
             **stamp,
@@ -113,7 +130,7 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> li
             "dtype": case.dtype, "level": level, "ms": ms, "dense_ms": dense_ms,
             "speedup": dense_ms / ms, "ideal_speedup": model.dense_ms / bound_ms,
             "fraction_of_bound": bound_ms / ms, "rel_error": errors[level], "correct": correct,
-            "tflops": model.dense_flops / ms / 1e9, "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms,
+            "graph_ms": graph_ms, "dense_graph_ms": dense_graph_ms, "tflops": model.dense_flops / ms / 1e9, "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms,
             **extra, "config": _describe(config) if case.vector > 1 else "element-wise",
         })
     return rows
