@@ -6,11 +6,18 @@ from __future__ import annotations
 import torch
 
 from .formats import NMSparseWeight
-from .kernels import nm_element_matmul, nm_vector_matmul, transpose
+from .formats.nm import dense_from_kept, kept_row_columns
+from .kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
 from .kernels.launch import interpreter_active
 from .perf import choose_vector_config
 
 BACKENDS = ("auto", "triton", "reference")
+
+# The products are torch.library custom ops, opaque to torch.compile (traced through their fake
+# implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
+_OP_SCHEMA = (
+    "(Tensor x, Tensor values, Tensor kept_offsets, Tensor? bias, int n, int m, int vector, str backend) -> Tensor"
+)
 
 
 def linear(
@@ -22,14 +29,9 @@ def linear(
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
     _check_operands(x, weight, bias, feature_axis=-1)
-    use_triton = _use_triton(backend, x.device)
+    check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
-    if not use_triton:
-        y = _reference(rows_in, weight, bias)
-    else:
-        y = torch.empty((rows_in.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-        # One token is already feature-major: the [1, K] row read as a [K, 1] column needs no copy.
-        _launch(rows_in.t() if rows_in.shape[0] == 1 else transpose(rows_in), weight, bias, y)
+    y = nm_linear(rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -43,45 +45,194 @@ def linear_feature_major(
     _check_operands(x_t, weight, bias, feature_axis=0)
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
-    if not _use_triton(backend, x_t.device):
-        return _reference(x_t.t(), weight, bias).t().contiguous()
-    if x_t.stride(1) != 1:
-        x_t = x_t.contiguous()
-    y_t = torch.empty((weight.shape[0], x_t.shape[1]), dtype=x_t.dtype, device=x_t.device)
-    _launch(x_t, weight, bias, y_t.t())
+    check_backend(backend)
+    return nm_linear_feature_major(
+        x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend
+    )
+
+
+@torch.library.custom_op("nmspmm::nm_linear", mutates_args=(), schema=_OP_SCHEMA)
+def nm_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+    backend: str,
+) -> torch.Tensor:
+    """``[M, N]`` = ``x`` ``[M, K]`` times the N:M weight given by ``values`` and ``kept_offsets`` (as
+    :meth:`NMSparseWeight.kept_offsets`), plus ``bias``; operands are trusted (:func:`linear` checks them)."""
+    if not _use_triton(backend, x.device):
+        return _reference(x, values, kept_offsets, bias, n, m, vector)
+    y = torch.empty((x.shape[0], values.shape[0]), dtype=x.dtype, device=x.device)
+    # One token is already feature-major: the [1, K] row read as a [K, 1] column needs no copy.
+    _launch(x.t() if x.shape[0] == 1 else transpose(x), values, kept_offsets, bias, n, m, vector, y)
+    return y
+
+
+@nm_linear.register_fake
+def _nm_linear_fake(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+    backend: str,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+@torch.library.custom_op("nmspmm::nm_linear_feature_major", mutates_args=(), schema=_OP_SCHEMA)
+def nm_linear_feature_major(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`nm_linear` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``, contiguous."""
+    if not _use_triton(backend, x.device):
+        return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y_t = torch.empty((values.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    _launch(x, values, kept_offsets, bias, n, m, vector, y_t.t())
     return y_t
 
 
-def _launch(x_t: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """Run the kernel for ``weight``'s layout, writing ``[M, N]`` results into ``out`` (any strides)."""
+@nm_linear_feature_major.register_fake
+def _nm_linear_feature_major_fake(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+    backend: str,
+) -> torch.Tensor:
+    return x.new_empty((values.shape[0], x.shape[1]))
+
+
+def _setup_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, values, kept_offsets, bias, n, m, vector, backend = inputs
+    ctx.save_for_backward(x, values, kept_offsets)
+    ctx.pattern = (n, m, vector, backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx, x_rows: torch.Tensor, grad_rows: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for the activations (``dY @ W``, the transposed sparse structure) and for the kept
+    weights only (the sampled product of ``dY.T`` and ``x`` at the kept positions), both ``[M, ...]`` rows."""
+    _, values, kept_offsets = ctx.saved_tensors
+    n, m, vector, backend = ctx.pattern
+    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x = grad_values = None
+    if _use_triton(backend, grad_rows.device):
+        values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
+        precision = _input_precision(values.dtype)
+        if need_x:
+            grad_x = nm_grad_input(
+                grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1], input_precision=precision
+            )
+        if need_values:
+            grad_values = nm_grad_values(
+                transpose(x_rows), grad_rows, kept_offsets, n, m, vector, input_precision=precision
+            )
+        return grad_x, grad_values
+    compute = torch.promote_types(grad_rows.dtype, torch.float32)
+    if need_x:
+        dense = dense_from_kept(values, kept_offsets, n, m, vector).to(compute)
+        grad_x = (grad_rows.to(compute) @ dense).to(grad_rows.dtype)
+    if need_values:
+        full = grad_rows.to(compute).t() @ x_rows.to(compute)
+        grad_values = full.gather(1, kept_row_columns(kept_offsets, n, m, vector)).to(values.dtype)
+    return grad_x, grad_values
+
+
+def _nm_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+    x = ctx.saved_tensors[0]
+    grad_x, grad_values = _backward(ctx, x, grad_y)
+    grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return grad_x, grad_values, None, grad_bias, None, None, None, None
+
+
+def _nm_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, grad_y_t: torch.Tensor) -> tuple:
+    x_t = ctx.saved_tensors[0]
+    grad_x, grad_values = _backward(ctx, x_t.t(), grad_y_t.t())
+    grad_bias = grad_y_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return None if grad_x is None else grad_x.t(), grad_values, None, grad_bias, None, None, None, None
+
+
+nm_linear.register_autograd(_nm_linear_backward, setup_context=_setup_backward)
+nm_linear_feature_major.register_autograd(_nm_linear_feature_major_backward, setup_context=_setup_backward)
+
+
+def _launch(
+    x_t: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+    out: torch.Tensor,
+) -> None:
+    """Run the kernel for the layout, writing ``[M, N]`` results into ``out`` (any strides)."""
+    # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
+    values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    if weight.vector == 1:
-        nm_element_matmul(x_t, weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias)
+    if vector == 1:
+        nm_element_matmul(x_t, values, kept_offsets, n, m, out, bias)
         return
-    precision = "ieee"
-    if weight.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        precision = "tf32"
-    config = choose_vector_config(
-        x_t.shape[1], weight.shape[0], weight.kept_per_row, weight.vector, weight.dtype, x_t.device
-    )
-    nm_vector_matmul(
-        x_t, weight.values, weight.kept_offsets(), weight.n, weight.m, weight.vector, out, config, bias, precision
-    )
+    precision = _input_precision(values.dtype)
+    config = choose_vector_config(x_t.shape[1], values.shape[0], values.shape[1], vector, values.dtype, x_t.device)
+    nm_vector_matmul(x_t, values, kept_offsets, n, m, vector, out, config, bias, precision)
 
 
-def _reference(rows_in: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None) -> torch.Tensor:
+def _input_precision(dtype: torch.dtype) -> str:
+    """tf32 for fp32 operands when torch's matmul precision allows it (as torch.matmul does), else exact."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _reference(
+    rows_in: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+) -> torch.Tensor:
     """Dense reference: the product over the densified weight, accumulated in at least fp32."""
-    compute = torch.float32 if rows_in.dtype != torch.float32 else rows_in.dtype
-    y = rows_in.to(compute) @ weight.to_dense().to(compute).t()
+    compute = torch.promote_types(rows_in.dtype, torch.float32)
+    dense = dense_from_kept(values, kept_offsets, n, m, vector)
+    y = rows_in.to(compute) @ dense.to(compute).t()
     if bias is not None:
         y += bias.to(compute)
     return y.to(rows_in.dtype)
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
+def check_backend(backend: str) -> None:
+    """Reject a backend name not in :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    check_backend(backend)
     if backend == "reference":
         return False
     if device.type == "cuda":
@@ -113,12 +264,18 @@ def _check_operands(
         )
     if x.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
-        if bias.device != weight.device:
-            raise ValueError(f"bias: on {bias.device}, but weight is on {weight.device}")
+    check_bias(bias, weight)
+
+
+def check_bias(bias: torch.Tensor | None, weight: NMSparseWeight) -> None:
+    """Reject a bias that is not None or an ``[N]`` tensor of the weight's dtype and device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias: on {bias.device}, but weight is on {weight.device}")

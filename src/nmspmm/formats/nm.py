@@ -34,13 +34,41 @@ class NMSparseWeight:
         vector: int,
         shape: tuple[int, int] | torch.Size,
     ) -> None:
+        self._assign(values, offsets, pattern, vector, shape)
+        self.validate()
+
+    @classmethod
+    def _trusted(
+        cls,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        pattern: str,
+        vector: int,
+        shape: tuple[int, int] | torch.Size,
+        kept_offsets: torch.Tensor | None = None,
+    ) -> "NMSparseWeight":
+        """Wrap tensors that were already validated together, skipping :meth:`validate` (which synchronizes a
+        GPU); ``kept_offsets``, if given, must be what :meth:`kept_offsets` would derive. For modules only."""
+        weight = cls.__new__(cls)
+        weight._assign(values, offsets, pattern, vector, shape, kept_offsets)
+        return weight
+
+    def _assign(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        pattern: str,
+        vector: int,
+        shape: tuple[int, int] | torch.Size,
+        kept_offsets: torch.Tensor | None = None,
+    ) -> None:
+        """Set the fields; pattern and vector are parsed, the tensors are not checked."""
         self.n, self.m = parse_pattern(pattern)
         self.vector = check_vector(vector)
         self.shape = torch.Size(shape)
         self.values = values
         self.offsets = offsets
-        self._kept_offsets_cache: torch.Tensor | None = None
-        self.validate()
+        self._kept_offsets_cache = kept_offsets
 
     @property
     def pattern(self) -> str:
@@ -168,8 +196,7 @@ class NMSparseWeight:
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[N, K]`` weight, zeros where pruned."""
-        out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        return out.scatter_(1, self.kept_columns().repeat_interleave(self.vector, 0), self.values)
+        return dense_from_kept(self.values, self.kept_offsets(), self.n, self.m, self.vector)
 
     def to(self, *args: Any, **kwargs: Any) -> "NMSparseWeight":
         """Move to a device and/or cast the values to a float dtype (offsets stay uint8), like Tensor.to."""
@@ -194,6 +221,19 @@ class NMSparseWeight:
             f"NMSparseWeight(shape={tuple(self.shape)}, pattern='{self.pattern}', vector={self.vector}, "
             f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
         )
+
+
+def dense_from_kept(values: torch.Tensor, kept_offsets: torch.Tensor, n: int, m: int, vector: int) -> torch.Tensor:
+    """The dense ``[N, K]`` weight from ``values`` ``[N, K // m * n]`` and their uint8 ``kept_offsets``
+    ``[N // V, K // m * n]`` (as :meth:`NMSparseWeight.kept_offsets` gives them), zeros where pruned; unchecked."""
+    out = values.new_zeros((values.shape[0], kept_offsets.shape[1] // n * m))
+    return out.scatter_(1, kept_row_columns(kept_offsets, n, m, vector), values)
+
+
+def kept_row_columns(kept_offsets: torch.Tensor, n: int, m: int, vector: int) -> torch.Tensor:
+    """int64 ``[N, K // m * n]``: the input feature of every kept value, from uint8 ``kept_offsets``."""
+    groups = kept_offsets.shape[0]
+    return _columns(kept_offsets.view(groups, -1, n), m).repeat_interleave(vector, 0)
 
 
 def _positions(group_mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,0 +1,402 @@
+"""nmspmm.SparseLinear and nmspmm.sparsify: products, construction errors, moves, model swaps and their report,
+fine-tuning, and state-dict round trips (also through safetensors)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import nmspmm
+from conftest import DEVICE, TOLERANCE, relative_error
+
+# On the CPU "triton" runs the kernels through the interpreter; "auto" there is the dense reference.
+BACKENDS = ["auto", "triton"] if DEVICE == "cpu" else ["auto"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The package, not the function nmspmm.prune that shadows it as an attribute of nmspmm.
+PRUNE = importlib.import_module("nmspmm.prune")
+
+
+def _dense(rows: int, cols: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    return nn.Linear(cols, rows, bias=bias, device=DEVICE, dtype=dtype)
+
+
+def _masked_reference(layer: nn.Linear, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x @ (W * mask).T + b`` from the dense layer."""
+    y = x.double() @ (layer.weight.detach().double() * mask).t()
+    return y + layer.bias.detach().double() if layer.bias is not None else y
+
+
+class Block(nn.Module):
+    """A transformer-like block: attention projections and an MLP, nested two levels deep."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, device=DEVICE)
+        self.attn = nn.ModuleDict({name: _dense(width, width) for name in ("q", "k", "v", "o")})
+        self.mlp = nn.Sequential(_dense(2 * width, width), nn.GELU(), _dense(width, 2 * width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        q, k, v = (self.attn[name](h) for name in "qkv")
+        scores = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.attn["o"](scores @ v)
+        return x + self.mlp(self.norm(x))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, width: int = 32, depth: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = _dense(classes, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "lead,rows,cols,pattern,vector",
+    [((5,), 32, 64, "2:4", 16), ((2, 3), 64, 32, "6:8", 32), ((3,), 24, 32, "3:8", 1)],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sparse_linear_matches_masked_dense(lead, rows, cols, pattern, vector, dtype, backend, with_bias):
+    layer = _dense(rows, cols, with_bias, dtype)
+    module = nmspmm.SparseLinear.from_dense(layer, pattern, vector, backend=backend)
+    mask = nmspmm.magnitude_mask(layer.weight, pattern, vector)
+    assert torch.equal(module.weight.mask(), mask)
+    assert torch.equal(module.to_dense(), layer.weight.detach() * mask)
+    x = torch.randn(*lead, cols, device=DEVICE).to(dtype)
+    y = module(x).detach()
+    assert y.shape == (*lead, rows) and y.dtype == dtype
+    assert relative_error(y, _masked_reference(layer, mask, x)) < TOLERANCE[dtype]
+
+
+def test_sparse_linear_from_explicit_mask():
+    layer = _dense(32, 64)
+    mask = nmspmm.magnitude_mask(-layer.weight.detach().abs(), "1:4", 16)  # the smallest, unlike magnitude
+    module = nmspmm.SparseLinear.from_dense(layer, "1:4", 16, mask=mask)
+    assert torch.equal(module.weight.mask(), mask)
+    x = torch.randn(7, 64, device=DEVICE)
+    assert relative_error(module(x).detach(), _masked_reference(layer, mask, x)) < TOLERANCE[torch.float32]
+
+
+def test_sparse_linear_layout():
+    weight = nmspmm.prune(torch.randn(64, 32, device=DEVICE), "24:32", 16)
+    bias = torch.randn(64, device=DEVICE)
+    module = nmspmm.SparseLinear(weight, bias)
+    assert (module.in_features, module.out_features, module.pattern, module.vector) == (32, 64, "24:32", 16)
+    assert isinstance(module.values, nn.Parameter) and module.values.data_ptr() == weight.values.data_ptr()
+    assert isinstance(module.bias, nn.Parameter) and torch.equal(module.bias, bias)
+    assert [name for name, _ in module.named_parameters()] == ["values", "bias"]
+    assert set(module.state_dict()) == {"values", "offsets", "bias"}
+    assert module.offsets.dtype == module.kept_offsets.dtype == torch.uint8
+    assert torch.equal(module.kept_offsets, weight.kept_offsets())
+    view = module.weight
+    assert isinstance(view, nmspmm.NMSparseWeight) and view.values is module.values and view.shape == (64, 32)
+    assert torch.equal(module.to_dense(), weight.to_dense())
+    assert repr(module) == "SparseLinear(in_features=32, out_features=64, pattern='24:32', vector=16, bias=True)"
+    assert nmspmm.SparseLinear(weight, backend="reference").extra_repr().endswith("bias=False, backend='reference'")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_values(backend):
+    weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), "2:4", 16)
+    strided = weight.values.t().contiguous().t()
+    module = nmspmm.SparseLinear(nmspmm.NMSparseWeight(strided, weight.offsets, "2:4", 16, (32, 64)), backend=backend)
+    assert not module.values.is_contiguous()
+    x = torch.randn(5, 64, device=DEVICE)
+    expected = x.double() @ weight.to_dense().double().t()
+    assert relative_error(module(x).detach(), expected) < TOLERANCE[torch.float32]
+
+
+def test_from_dense_keeps_requires_grad():
+    layer = _dense(16, 16).requires_grad_(False)
+    module = nmspmm.SparseLinear.from_dense(layer, "2:4")
+    assert not module.values.requires_grad and not module.bias.requires_grad
+    assert module.bias.data_ptr() != layer.bias.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda: (_dense(32, 30), "2:4"), ValueError, r"weight: in_features K=30 must be divisible by m=4"),
+        (lambda: (_dense(24, 32), "2:4", 16), ValueError, r"vector: V=16 must divide out_features N=24"),
+        (lambda: (_dense(32, 32, dtype=torch.float64), "2:4"), TypeError, r"weight: expected dtype float16"),
+        (lambda: (torch.randn(32, 32), "2:4"), TypeError, r"linear: expected a torch.nn.Linear, got Tensor"),
+        (lambda: (_dense(32, 32), 0.5), TypeError, r"pattern: expected a string"),
+        (lambda: (_dense(32, 32), "2:5"), ValueError, r"pattern: m must be one of"),
+        (lambda: (_dense(32, 32), "2:4", 16.0), TypeError, r"vector: expected an int"),
+        (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 32, dtype=torch.bool)), ValueError, r"mask: not 2:4"),
+        (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 16)), ValueError, r"mask: expected shape \(32, 32\)"),
+    ],
+)
+def test_from_dense_rejects_bad_input(make_args, error, match):
+    with pytest.raises(error, match=match):
+        nmspmm.SparseLinear.from_dense(*make_args())
+
+
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda w: (w.to_dense(),), TypeError, r"weight: expected an nmspmm.NMSparseWeight, got Tensor"),
+        (lambda w: (w, torch.randn(31)), ValueError, r"bias: expected shape \(32,\), got \(31,\)"),
+        (lambda w: (w, torch.randn(32).half()), TypeError, r"bias: dtype torch.float16 does not match"),
+        (lambda w: (w, [0.0] * 32), TypeError, r"bias: expected a torch.Tensor or None, got list"),
+    ],
+)
+def test_constructor_rejects_bad_input(make_args, error, match):
+    weight = nmspmm.prune(torch.randn(32, 64), "2:4", 16)
+    with pytest.raises(error, match=match):
+        nmspmm.SparseLinear(*make_args(weight))
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        nmspmm.SparseLinear(weight, backend="cublas")
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "6:8"])
+def test_dtype_and_device_moves_keep_offsets(pattern):
+    module = nmspmm.SparseLinear.from_dense(_dense(32, 64), pattern, 16)
+    kept = module.kept_offsets.clone()
+    for cast, dtype in [(lambda mod: mod.half(), torch.float16), (lambda mod: mod.to(torch.bfloat16), torch.bfloat16)]:
+        cast(module)
+        assert module.values.dtype == module.bias.dtype == module.weight.dtype == dtype
+        assert module.offsets.dtype == module.kept_offsets.dtype == torch.uint8
+        assert torch.equal(module.kept_offsets, kept)
+        x = torch.randn(3, 64, device=DEVICE).to(dtype)
+        assert module(x).dtype == dtype
+    module.to("meta")
+    assert module.values.is_meta and module.offsets.is_meta and module.offsets.dtype == torch.uint8
+
+
+def test_sparsify_sequential_report():
+    model = nn.Sequential(_dense(64, 32), nn.ReLU(), _dense(32, 64), nn.ReLU(), _dense(10, 32), _dense(16, 30))
+    reference = copy.deepcopy(model)
+    report = nmspmm.sparsify(model, "2:4", vector=16)
+    assert isinstance(report, nmspmm.SparsifyReport)
+    assert report.swapped == ["0", "2"]
+    assert report.skipped == {
+        "4": "vector: V=16 must divide out_features N=10 of weight",
+        "5": "weight: in_features K=30 must be divisible by m=4 of the pattern 2:4",
+    }
+    assert isinstance(model[0], nmspmm.SparseLinear) and isinstance(model[2], nmspmm.SparseLinear)
+    assert type(model[4]) is nn.Linear and type(model[5]) is nn.Linear
+    assert report.dense_bytes == (64 * 32 + 32 * 64) * 4
+    assert report.sparse_bytes == model[0].weight.nbytes + model[2].weight.nbytes
+    assert 0 < report.sparse_bytes < report.dense_bytes
+    summary = str(report)
+    assert summary.startswith("sparsify 2:4 (vector=16, magnitude): 2 linear layers swapped, 2 skipped")
+    assert "16 KiB dense ->" in summary and "skipped 4: vector: V=16 must divide" in summary
+    for index in (0, 2):
+        reference[index].weight.data *= model[index].weight.mask()
+    x = torch.randn(5, 32, device=DEVICE)
+    assert relative_error(model[:4](x).detach(), reference[:4](x).detach()) < TOLERANCE[torch.float32]
+
+
+def test_sparsify_nested_model_with_user_filter():
+    model = TinyTransformer()
+    reference = copy.deepcopy(model)
+    seen = []
+
+    def skip(name: str, module: nn.Module) -> bool:
+        seen.append((name, type(module)))
+        return "head" in name
+
+    report = nmspmm.sparsify(model, "8:32", vector=16, skip=skip)
+    names = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.0", "mlp.2")
+    layers = [f"blocks.{i}.{name}" for i in range(2) for name in names]
+    assert sorted(report.swapped) == sorted(layers)
+    assert report.skipped == {"head": "user filter"}
+    assert all(kind is nn.Linear for _, kind in seen) and len(seen) == len(layers) + 1
+    assert isinstance(model.blocks[1].attn["q"], nmspmm.SparseLinear) and type(model.head) is nn.Linear
+    assert report.sparse_bytes < report.dense_bytes / 3
+    for name in layers:
+        reference.get_submodule(name).weight.data *= model.get_submodule(name).weight.mask()
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    assert relative_error(model(x).detach(), reference(x).detach()) < TOLERANCE[torch.float32]
+
+
+def test_sparsify_skips_what_it_cannot_swap():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(64, 32, device=DEVICE)
+            self.attention = nn.MultiheadAttention(32, 2, device=DEVICE)
+            self.wide = _dense(64, 32, dtype=torch.float64)
+            self.lm_head = _dense(64, 32, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+    model = Tied()
+    report = nmspmm.sparsify(model, "2:4")
+    assert report.swapped == [] and report.dense_bytes == report.sparse_bytes == 0
+    assert report.skipped == {
+        "attention.out_proj": "a subclass of nn.Linear (NonDynamicallyQuantizableLinear); its owner may read .weight",
+        "wide": "weight: expected dtype float16, bfloat16 or float32, got torch.float64",
+        "lm_head": "weight shared (tied) with embed.weight",
+    }
+    assert "0 linear layers swapped, 3 skipped" in str(report)
+    root = nmspmm.sparsify(_dense(32, 32), "2:4")
+    assert root.skipped == {"": "the model itself is an nn.Linear; use SparseLinear.from_dense"}
+    assert "skipped <model>:" in str(root)
+
+
+def test_sparsify_twice_is_a_no_op():
+    model = nn.Sequential(_dense(32, 32))
+    nmspmm.sparsify(model, "2:4")
+    report = nmspmm.sparsify(model, "1:4")
+    assert report.swapped == [] and report.skipped == {} and model[0].pattern == "2:4"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"method": "sparsegpt"}, ValueError, r"method: expected one of \('magnitude', 'wanda'\), got 'sparsegpt'"),
+        ({"method": "wanda"}, ValueError, r"calibration: method 'wanda' needs an iterable of input batches"),
+        ({"pattern": "4:4"}, ValueError, r"pattern: n must satisfy 1 <= n < m"),
+        ({"vector": 8}, ValueError, r"vector: expected one of"),
+        ({"skip": "head"}, TypeError, r"skip: expected a callable"),
+        ({"model": {"fc": nn.Linear(4, 4)}}, TypeError, r"model: expected a torch.nn.Module, got dict"),
+    ],
+)
+def test_sparsify_rejects_bad_arguments(kwargs, error, match):
+    arguments = {"model": nn.Sequential(_dense(32, 32)), "pattern": "2:4"} | kwargs
+    with pytest.raises(error, match=match):
+        nmspmm.sparsify(**arguments)
+
+
+def test_sparsify_wanda_uses_the_calibration_norms(monkeypatch):
+    model = nn.Sequential(_dense(32, 64), nn.ReLU(), _dense(32, 32), _dense(32, 32))
+    batches = [torch.randn(4, 64, device=DEVICE) for _ in range(2)]
+    calls = {}
+
+    def collect_input_norms(model_arg, batches_arg, names):
+        calls["collect"] = (model_arg, batches_arg, list(names))
+        return {name: torch.rand(model_arg.get_submodule(name).in_features, device=DEVICE) for name in names}
+
+    def wanda_mask(weight, input_norm, pattern, vector=1):
+        calls.setdefault("masks", []).append((weight.shape, input_norm.shape, pattern, vector))
+        return nmspmm.magnitude_mask(weight.abs() * input_norm, pattern, vector)
+
+    monkeypatch.setattr(PRUNE, "collect_input_norms", collect_input_norms, raising=False)
+    monkeypatch.setattr(PRUNE, "wanda_mask", wanda_mask, raising=False)
+    dense_first = model[0].weight.detach().clone()
+    report = nmspmm.sparsify(
+        model, "2:8", vector=16, skip=lambda name, _: name == "3", method="wanda", calibration=batches
+    )
+    assert report.method == "wanda" and report.swapped == ["0", "2"] and report.skipped == {"3": "user filter"}
+    assert calls["collect"][0] is model and calls["collect"][1] is batches and calls["collect"][2] == ["0", "2"]
+    assert calls["masks"] == [((32, 64), (64,), "2:8", 16), ((32, 32), (32,), "2:8", 16)]
+    assert not torch.equal(model[0].weight.mask(), nmspmm.magnitude_mask(dense_first, "2:8", 16))
+
+
+@pytest.mark.skipif(
+    not all(hasattr(PRUNE, name) for name in ("collect_input_norms", "wanda_mask")),
+    reason="nmspmm.prune does not provide collect_input_norms and wanda_mask yet",
+)
+def test_sparsify_wanda_end_to_end():
+    model = nn.Sequential(_dense(32, 64), nn.ReLU(), _dense(32, 32))
+    batches = [torch.randn(4, 64, device=DEVICE) for _ in range(2)]
+    report = nmspmm.sparsify(model, "2:4", vector=16, method="wanda", calibration=batches)
+    assert report.swapped == ["0", "2"] and report.skipped == {}
+    assert model(batches[0]).shape == (4, 32)
+
+
+def test_fine_tuning_updates_values_under_a_fixed_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(_dense(32, 64), nn.ReLU(), _dense(16, 32))
+    nmspmm.sparsify(model, "2:4", vector=16)
+    masks = [model[i].weight.mask() for i in (0, 2)]
+    offsets = [model[i].offsets.clone() for i in (0, 2)]
+    before = [model[i].values.detach().clone() for i in (0, 2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(8, 64, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for index, mask, offset, old in zip((0, 2), masks, offsets, before):
+        assert model[index].values.grad is not None and model[index].bias.grad is not None
+        assert not torch.equal(model[index].values.detach(), old)
+        assert torch.equal(model[index].offsets, offset) and torch.equal(model[index].weight.mask(), mask)
+        assert torch.equal(model[index].to_dense() != 0, mask)
+
+
+def _sparse_model(pattern: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(_dense(32, 64), nn.GELU(), _dense(32, 32, bias=False))
+    nmspmm.sparsify(model, pattern, vector=16)
+    return model
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "6:8"])
+def test_state_dict_round_trip(pattern):
+    source, target = _sparse_model(pattern, 0), _sparse_model(pattern, 1)
+    state = source.state_dict()
+    assert set(state) == {"0.values", "0.offsets", "0.bias", "2.values", "2.offsets"}
+    assert state["0.offsets"].dtype == torch.uint8
+    target.load_state_dict(state)
+    for index in (0, 2):
+        assert torch.equal(target[index].kept_offsets, source[index].kept_offsets)
+    x = torch.randn(3, 64, device=DEVICE)
+    assert torch.equal(target(x), source(x))
+
+
+def test_safetensors_round_trip(tmp_path):
+    source, target = _sparse_model("6:8", 0), _sparse_model("6:8", 1)
+    save_file(source.state_dict(), tmp_path / "model.safetensors")
+    target.load_state_dict(load_file(tmp_path / "model.safetensors", device=DEVICE))
+    x = torch.randn(3, 64, device=DEVICE)
+    assert torch.equal(target(x), source(x))
+
+
+def _out_of_range(state: dict[str, torch.Tensor]) -> None:
+    state["0.offsets"][0, 0, 0] = 8
+
+
+def _not_ascending(state: dict[str, torch.Tensor]) -> None:
+    state["0.offsets"][0, 0] = state["0.offsets"][0, 0].flip(0)
+
+
+def _wrong_values_shape(state: dict[str, torch.Tensor]) -> None:
+    state["0.values"] = state["0.values"][:, :-1]
+
+
+def _float_offsets(state: dict[str, torch.Tensor]) -> None:
+    state["2.offsets"] = state["2.offsets"].float()
+
+
+def _offsets_of_another_pattern(state: dict[str, torch.Tensor]) -> None:
+    state["2.offsets"] = _sparse_model("2:4", 2).state_dict()["2.offsets"]
+
+
+@pytest.mark.parametrize(
+    "corrupt,layer,match",
+    [
+        (_out_of_range, "0", r"offsets: every offset must be < m=8, got max 8"),
+        (_not_ascending, "0", r"offsets: must be strictly ascending"),
+        (_wrong_values_shape, "0", r"values: expected shape \(32, 48\), got \(32, 47\)"),
+        (_float_offsets, "2", r"offsets: expected a uint8 tensor, got torch.float32"),
+        (_offsets_of_another_pattern, "2", r"offsets: expected shape \(2, 4, 2\), got \(2, 8, 2\)"),
+    ],
+)
+def test_corrupted_state_dict_refused(corrupt, layer, match):
+    source, target = _sparse_model("6:8", 0), _sparse_model("6:8", 1)
+    state = {key: value.clone() for key, value in source.state_dict().items()}
+    corrupt(state)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    prefix = rf"state_dict: {layer}\.values and {layer}\.offsets are not a 6:8 weight with vector=16 and shape "
+    with pytest.raises(ValueError, match=prefix + r"\(32, \d+\): " + match):
+        target.load_state_dict(state)
+    # Layers load in order (as in torch): the refused one keeps its tensors.
+    for key in (f"{layer}.values", f"{layer}.offsets"):
+        assert torch.equal(target.state_dict()[key], before[key])
