@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--decode", action="store_true", help="add the decode token counts 1, 8, 16, 64")
     bench.add_argument("--out-dir", default="benchmarks/results", help="where <device>.csv and .png go")
     bench.add_argument("--no-plot", action="store_true")
+    llama = commands.add_parser("llama", help="prefill and decode latency of a LLaMA-layout decoder, sparse vs dense")
+    llama.add_argument("--patterns", nargs="+", default=["2:4", "8:32", "4:32"])
+    llama.add_argument("--vector", type=int, default=64)
+    llama.add_argument("--layers", type=int, default=4)
+    llama.add_argument("--intermediate", type=int, default=11008)
+    llama.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -44,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cases = suite_cases(args.tokens, args.layers, args.patterns, args.vectors, args.dtypes, args.decode)
         run(cases, args.out_dir, make_plot=not args.no_plot)
+    elif args.command == "llama":
+        from .bench.llama import run_llama_latency
+
+        run_llama_latency(
+            tuple(args.patterns), args.vector, args.layers, args.intermediate, out_dir=args.out_dir
+        )
 
 
 if __name__ == "__main__":
