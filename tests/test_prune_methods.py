@@ -1,0 +1,269 @@
+"""Wanda masks and input-norm collection, the channel permutation search, and kept_magnitude."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nmspmm.prune import (
+    collect_input_norms,
+    kept_magnitude,
+    magnitude_mask,
+    search_permutation,
+    wanda_mask,
+)
+
+N, K = 128, 64
+
+
+def wanda_reference(weight: torch.Tensor, norm: torch.Tensor, n: int, m: int, vector: int) -> torch.Tensor:
+    """Brute force: per V-group and group of m, float64 sums of |w_ij| * ||x_j||, sorted by (-score, index)."""
+    magnitudes, norms = weight.double().abs().tolist(), norm.double().tolist()
+    rows, cols = weight.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for first in range(0, rows, vector):
+        for start in range(0, cols, m):
+            scores = [
+                math.fsum(magnitudes[r][start + i] * norms[start + i] for r in range(first, first + vector))
+                for i in range(m)
+            ]
+            for i in sorted(range(m), key=lambda i: (-scores[i], i))[:n]:
+                mask[first : first + vector, start + i] = True
+    return mask
+
+
+def kept_score(scores: torch.Tensor, pattern: str, vector: int) -> float:
+    """Sum of the scores that a magnitude-style N:M mask on ``scores`` keeps (float64)."""
+    return float((scores.double() * magnitude_mask(scores, pattern, vector)).sum())
+
+
+@pytest.mark.parametrize(("pattern", "vector"), [("2:4", 1), ("8:32", 32), ("4:32", 128), ("3:16", 16), ("32:64", 64)])
+@pytest.mark.parametrize("fill", [1.0, 0.37, 1e-3])
+def test_wanda_with_uniform_norms_is_magnitude(pattern: str, vector: int, fill: float) -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        weight = torch.randn(N, K, dtype=dtype)
+        norm = torch.full((K,), fill)
+        assert torch.equal(wanda_mask(weight, norm, pattern, vector), magnitude_mask(weight, pattern, vector))
+
+
+@pytest.mark.parametrize(("pattern", "vector"), [("2:4", 1), ("1:4", 16), ("8:32", 32), ("4:32", 1), ("5:8", 128)])
+def test_wanda_keeps_the_top_n_of_weight_times_norm(pattern: str, vector: int) -> None:
+    n, m = (int(part) for part in pattern.split(":"))
+    weight = torch.randn(N, K)
+    norm = torch.exp(2 * torch.randn(K))  # norms spread over orders of magnitude, as activations are
+    mask = wanda_mask(weight, norm, pattern, vector)
+    assert torch.equal(mask, wanda_reference(weight, norm, n, m, vector))
+    assert not torch.equal(mask, magnitude_mask(weight, pattern, vector))
+
+
+def test_wanda_zero_norm_drops_the_input_and_accepts_float64_norms() -> None:
+    weight = torch.ones(16, 8)
+    norm = torch.tensor([1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 5.0, 4.0], dtype=torch.float64)
+    mask = wanda_mask(weight, norm, "2:4", 16)
+    assert mask[0].tolist() == [False, False, True, True, False, False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("input_norm", "error", "message"),
+    [
+        (torch.ones(K + 1), ValueError, r"input_norm: expected shape \(64,\), got \(65,\)"),
+        (torch.ones(1, K), ValueError, r"input_norm: expected shape \(64,\), got \(1, 64\)"),
+        (torch.ones(K, dtype=torch.int64), TypeError, r"input_norm: expected a floating-point dtype, got torch.int64"),
+        ([1.0] * K, TypeError, r"input_norm: expected a torch.Tensor, got list"),
+        (torch.ones(K).index_fill(0, torch.tensor([5]), -1.0), ValueError, r"non-negative values, got -1.0 at index 5"),
+        (torch.ones(K).index_fill(0, torch.tensor([7]), float("nan")), ValueError, r"got nan at index 7$"),
+        (torch.ones(K).index_fill(0, torch.tensor([9]), float("inf")), ValueError, r"got inf at index 9$"),
+    ],
+)
+def test_wanda_refuses_bad_norms(input_norm, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        wanda_mask(torch.randn(N, K), input_norm, "2:4", 1)
+
+
+def test_wanda_checks_the_weight_like_magnitude() -> None:
+    with pytest.raises(ValueError, match=r"vector: V=32 must divide out_features N=48"):
+        wanda_mask(torch.ones(48, K), torch.ones(K), "2:4", 32)
+    with pytest.raises(ValueError, match=r"weight: expected finite values, got nan at row 0, column 3"):
+        wanda_mask(torch.ones(N, K).index_fill(1, torch.tensor([3]), float("nan")), torch.ones(K), "2:4", 1)
+
+
+class KeywordModel(nn.Module):
+    """Two linears and a keyword-only forward, to feed batches as mappings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 3)
+        self.second = nn.Linear(3, 2)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x * scale)))
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(module._forward_pre_hooks) + len(module._forward_hooks) for module in model.modules())
+
+
+def test_collect_input_norms_matches_a_hand_computation() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    batches = [torch.randn(5, 4), (torch.randn(2, 3, 4),), [torch.randn(4)]]
+    norms = collect_input_norms(model, batches)
+    inputs = torch.cat([batches[0], batches[1][0].reshape(-1, 4), batches[2][0].reshape(1, 4)]).double()
+    hidden = torch.relu(inputs @ model[0].weight.double().t() + model[0].bias.double())
+    assert list(norms) == ["0", "2"]
+    assert norms["0"].dtype == torch.float32 and norms["0"].shape == (4,)
+    torch.testing.assert_close(norms["0"], inputs.square().sum(0).sqrt().float())
+    torch.testing.assert_close(norms["2"], hidden.square().sum(0).sqrt().float())
+    assert hooks_left(model) == 0
+
+
+def test_collect_input_norms_with_mappings_and_names() -> None:
+    model = KeywordModel()
+    x = torch.randn(6, 4)
+    norms = collect_input_norms(model, [{"x": x[:4], "scale": 2.0}, {"x": x[4:], "scale": 2.0}], names=["first"])
+    assert list(norms) == ["first"]
+    torch.testing.assert_close(norms["first"], (2 * x).double().square().sum(0).sqrt().float())
+    # Without names, a linear that never ran is left out; named, it is an error.
+    assert list(collect_input_norms(model, [{"x": x}])) == ["first", "second"]
+    with pytest.raises(ValueError, match=r"names: these linears received no input .*\['unused'\]"):
+        collect_input_norms(model, [{"x": x}], names=["first", "unused"])
+    assert hooks_left(model) == 0
+
+
+def test_collect_input_norms_accumulates_in_float64() -> None:
+    # 1e4 squared is 1e8, past float16's range: squares must not be taken in the input's precision.
+    model = nn.Linear(2, 1).to(torch.float16)
+    norms = collect_input_norms(model, [torch.tensor([[300.0, 1.0]] * 4, dtype=torch.float16)])
+    torch.testing.assert_close(norms[""], torch.tensor([600.0, 2.0]))
+
+
+def test_collect_input_norms_removes_hooks_on_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(RuntimeError):
+        collect_input_norms(model, [torch.randn(2, 4), torch.randn(2, 5)])
+    assert hooks_left(model) == 0
+    with pytest.raises(TypeError, match=r"batches: expected each batch to be a torch.Tensor, a Mapping .*got int"):
+        collect_input_norms(model, [torch.randn(2, 4), 7])
+    assert hooks_left(model) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"model": "model"}, TypeError, r"model: expected a torch.nn.Module, got str"),
+        ({"batches": []}, ValueError, r"batches: expected at least one batch, got none"),
+        ({"names": ["0", "nope"]}, ValueError, r"names: expected names of nn.Linear modules of model, got \['nope'\]"),
+        ({"names": ["1"]}, ValueError, r"names: expected names of nn.Linear modules of model, got \['1'\]"),
+        ({"names": "0"}, TypeError, r"names: expected an iterable of module names, got the str '0'"),
+    ],
+)
+def test_collect_input_norms_bad_arguments(kwargs: dict, error: type[Exception], message: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    arguments = {"model": model, "batches": [torch.randn(2, 4)], **kwargs}
+    with pytest.raises(error, match=message):
+        collect_input_norms(**arguments)
+    assert hooks_left(model) == 0
+
+
+def assert_permutation(perm: torch.Tensor, cols: int) -> None:
+    assert perm.dtype == torch.int64 and perm.shape == (cols,)
+    assert torch.equal(perm.sort().values, torch.arange(cols))
+
+
+@pytest.mark.parametrize(
+    ("shape", "pattern", "vector"),
+    [
+        ((64, 256), "2:4", 1),
+        ((128, 256), "2:4", 32),
+        ((64, 128), "8:32", 16),
+        ((128, 192), "4:32", 64),
+        ((16, 40), "1:8", 1),
+    ],
+)
+def test_search_never_keeps_less_than_the_identity(shape: tuple[int, int], pattern: str, vector: int) -> None:
+    for seed in range(3):
+        weight = torch.randn(shape) * torch.exp(torch.randn(shape[1]))  # columns of different scales
+        perm = search_permutation(weight, pattern, vector, seed=seed)
+        assert_permutation(perm, shape[1])
+        before = kept_magnitude(weight, magnitude_mask(weight, pattern, vector))
+        after = kept_magnitude(weight[:, perm], magnitude_mask(weight[:, perm], pattern, vector))
+        assert after >= before
+    assert after > before  # random weights always leave something to gain
+
+
+def test_search_finds_the_obvious_swap() -> None:
+    # The two large columns share the first run of 4, so 2:4 keeps only one... of each pair: swap one out.
+    weight = torch.tensor([[10.0, 9.0, 8.0, 7.0, 1.0, 1.0, 1.0, 1.0]]).repeat(16, 1)
+    perm = search_permutation(weight, "2:4", 16, seed=0)
+    assert_permutation(perm, 8)
+    assert kept_magnitude(weight, magnitude_mask(weight, "2:4", 16)) == pytest.approx(21 / 38)
+    assert kept_magnitude(weight[:, perm], magnitude_mask(weight[:, perm], "2:4", 16)) == pytest.approx(34 / 38)
+
+
+def test_search_optimises_the_given_scores() -> None:
+    weight = torch.randn(32, 128)
+    scores = weight.abs() * torch.exp(2 * torch.randn(128))
+    perm = search_permutation(weight, "2:4", 1, scores=scores, seed=1)
+    assert_permutation(perm, 128)
+    assert kept_score(scores[:, perm], "2:4", 1) > kept_score(scores, "2:4", 1)
+
+
+def test_search_is_deterministic_for_a_seed() -> None:
+    weight = torch.randn(64, 256)
+    first = search_permutation(weight, "2:4", 16, seed=7)
+    assert torch.equal(first, search_permutation(weight.clone(), "2:4", 16, seed=7))
+    assert_permutation(search_permutation(weight, "2:4", 16), 256)  # seed None: any valid permutation
+
+
+def test_search_without_room_to_move_returns_the_identity() -> None:
+    weight = torch.randn(8, 32)
+    assert torch.equal(search_permutation(weight, "8:32", 1, seed=0), torch.arange(32))  # a single run
+    assert torch.equal(search_permutation(weight, "2:4", 1, iterations=0, seed=0), torch.arange(32))
+    assert torch.equal(search_permutation(torch.ones(8, 32), "2:4", 1, seed=0), torch.arange(32))  # all ties
+
+
+def test_permuted_mask_scattered_back_is_the_same_mask() -> None:
+    weight = torch.randn(64, 128)
+    perm = search_permutation(weight, "2:4", 1, seed=0)
+    permuted_mask = magnitude_mask(weight[:, perm], "2:4", 1)
+    mask = torch.empty_like(permuted_mask)
+    mask[:, perm] = permuted_mask
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(x @ (weight * mask).t(), x[:, perm] @ (weight[:, perm] * permuted_mask).t())
+    assert kept_magnitude(weight, mask) == pytest.approx(kept_magnitude(weight[:, perm], permuted_mask))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"scores": torch.ones(N, K + 4)}, ValueError, r"scores: expected shape \(128, 64\), got \(128, 68\)"),
+        ({"scores": -torch.ones(N, K)}, ValueError, r"scores: .*non-negative values, got -1.0 at index \(0, 0\)"),
+        ({"scores": torch.ones(N, K, dtype=torch.int32)}, TypeError, r"scores: expected a floating-point dtype"),
+        ({"iterations": -1}, ValueError, r"iterations: expected a non-negative number of sweeps, got -1"),
+        ({"iterations": 1.5}, TypeError, r"iterations: expected an int, got float 1.5"),
+        ({"seed": "0"}, TypeError, r"seed: expected an int or None, got str '0'"),
+        ({"pattern": "2:5"}, ValueError, r"pattern: m must be one of"),
+        ({"vector": 3}, ValueError, r"vector: expected one of"),
+    ],
+)
+def test_search_bad_arguments(kwargs: dict, error: type[Exception], message: str) -> None:
+    arguments = {"weight": torch.randn(N, K), "pattern": "2:4", "vector": 16, **kwargs}
+    with pytest.raises(error, match=message):
+        search_permutation(**arguments)
+
+
+def test_kept_magnitude() -> None:
+    weight = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    assert kept_magnitude(weight, torch.tensor([[True, False], [False, True]])) == pytest.approx(0.5)
+    assert kept_magnitude(weight.half(), torch.ones(2, 2, dtype=torch.bool)) == 1.0
+    assert kept_magnitude(weight, torch.zeros(2, 2, dtype=torch.bool)) == 0.0
+    assert kept_magnitude(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
+    with pytest.raises(ValueError, match=r"mask: expected the weight's shape \(2, 2\), got \(2, 3\)"):
+        kept_magnitude(weight, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"mask: expected a bool torch.Tensor, got torch.float32"):
+        kept_magnitude(weight, torch.ones(2, 2))
+    with pytest.raises(TypeError, match=r"weight: expected a floating-point torch.Tensor, got torch.int64"):
+        kept_magnitude(torch.ones(2, 2, dtype=torch.int64), torch.ones(2, 2, dtype=torch.bool))
