@@ -55,3 +55,15 @@ def test_gradients_match_dense_masked(pattern, vector, dtype, backend, feature_m
     assert relative_error(grad_x, x_ref.grad) < TOLERANCE[dtype]
     assert relative_error(values.grad, expected_values) < TOLERANCE[dtype]
     assert relative_error(bias_in.grad, grad_y.double().sum(0)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("pattern,vector", [("8:32", 32), ("3:8", 1)])
+def test_backward_ops_pass_opcheck(pattern, vector):
+    from nmspmm.ops import nm_linear_grad_input, nm_linear_grad_values
+
+    weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), pattern, vector)
+    grad_y = torch.randn(5, 32, device=DEVICE)
+    x = torch.randn(5, 64, device=DEVICE)
+    offsets = weight.kept_offsets()
+    torch.library.opcheck(nm_linear_grad_input, (grad_y, weight.values, offsets, weight.n, weight.m, vector, 64))
+    torch.library.opcheck(nm_linear_grad_values, (x, grad_y, offsets, weight.n, weight.m, vector))

@@ -3,6 +3,8 @@ interpreter when asked) or to the dense reference (CPU)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .formats import NMSparseWeight
@@ -31,7 +33,8 @@ def linear(
     _check_operands(x, weight, bias, feature_axis=-1)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
-    y = nm_linear(rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+    args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+    y = _call(nm_linear, _row_major_product, args)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -46,13 +49,20 @@ def linear_feature_major(
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
-    return nm_linear_feature_major(
-        x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend
-    )
+    args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+    return _call(nm_linear_feature_major, _feature_major_product, args)
 
 
-@torch.library.custom_op("nmspmm::nm_linear", mutates_args=(), schema=_OP_SCHEMA)
-def nm_linear(
+def _call(op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
+    """The custom op where autograd or torch.compile needs it, else its implementation directly: the op's
+    dispatch costs 0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more than most products."""
+    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if needs_grad or torch.compiler.is_compiling():
+        return op(*args)
+    return implementation(*args)
+
+
+def _row_major_product(
     x: torch.Tensor,
     values: torch.Tensor,
     kept_offsets: torch.Tensor,
@@ -72,6 +82,9 @@ def nm_linear(
     return y
 
 
+nm_linear = torch.library.custom_op("nmspmm::nm_linear", mutates_args=(), schema=_OP_SCHEMA)(_row_major_product)
+
+
 @nm_linear.register_fake
 def _nm_linear_fake(
     x: torch.Tensor,
@@ -86,8 +99,7 @@ def _nm_linear_fake(
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
-@torch.library.custom_op("nmspmm::nm_linear_feature_major", mutates_args=(), schema=_OP_SCHEMA)
-def nm_linear_feature_major(
+def _feature_major_product(
     x: torch.Tensor,
     values: torch.Tensor,
     kept_offsets: torch.Tensor,
@@ -97,7 +109,7 @@ def nm_linear_feature_major(
     vector: int,
     backend: str,
 ) -> torch.Tensor:
-    """:func:`nm_linear` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``, contiguous."""
+    """:func:`_row_major_product` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``, contiguous."""
     if not _use_triton(backend, x.device):
         return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
     if x.stride(1) != 1:
@@ -105,6 +117,11 @@ def nm_linear_feature_major(
     y_t = torch.empty((values.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     _launch(x, values, kept_offsets, bias, n, m, vector, y_t.t())
     return y_t
+
+
+nm_linear_feature_major = torch.library.custom_op(
+    "nmspmm::nm_linear_feature_major", mutates_args=(), schema=_OP_SCHEMA
+)(_feature_major_product)
 
 
 @nm_linear_feature_major.register_fake
@@ -138,16 +155,10 @@ def _backward(
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_values = None
     if _use_triton(backend, grad_rows.device):
-        values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
-        precision = _input_precision(values.dtype)
         if need_x:
-            grad_x = nm_grad_input(
-                grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1], input_precision=precision
-            )
+            grad_x = nm_linear_grad_input(grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1])
         if need_values:
-            grad_values = nm_grad_values(
-                transpose(x_rows), grad_rows, kept_offsets, n, m, vector, input_precision=precision
-            )
+            grad_values = nm_linear_grad_values(x_rows, grad_rows, kept_offsets, n, m, vector)
         return grad_x, grad_values
     compute = torch.promote_types(grad_rows.dtype, torch.float32)
     if need_x:
@@ -157,6 +168,43 @@ def _backward(
         full = grad_rows.to(compute).t() @ x_rows.to(compute)
         grad_values = full.gather(1, kept_row_columns(kept_offsets, n, m, vector)).to(values.dtype)
     return grad_x, grad_values
+
+
+@torch.library.custom_op(
+    "nmspmm::nm_linear_grad_input", mutates_args=(),
+    schema="(Tensor grad_y, Tensor values, Tensor kept_offsets, int n, int m, int vector, int cols) -> Tensor",
+)
+def nm_linear_grad_input(
+    grad_y: torch.Tensor, values: torch.Tensor, kept_offsets: torch.Tensor, n: int, m: int, vector: int, cols: int
+) -> torch.Tensor:
+    """``grad_y @ W`` ``[M, cols]`` by the Triton kernel; an op of its own so compiled backward graphs trace it."""
+    return nm_grad_input(
+        grad_y, values.contiguous(), kept_offsets.contiguous(), n, m, vector, cols,
+        input_precision=_input_precision(values.dtype),
+    )
+
+
+@nm_linear_grad_input.register_fake
+def _nm_linear_grad_input_fake(grad_y, values, kept_offsets, n, m, vector, cols):
+    return grad_y.new_empty((grad_y.shape[0], cols))
+
+
+@torch.library.custom_op(
+    "nmspmm::nm_linear_grad_values", mutates_args=(),
+    schema="(Tensor x, Tensor grad_y, Tensor kept_offsets, int n, int m, int vector) -> Tensor",
+)
+def nm_linear_grad_values(
+    x: torch.Tensor, grad_y: torch.Tensor, kept_offsets: torch.Tensor, n: int, m: int, vector: int
+) -> torch.Tensor:
+    """The kept weights' gradient ``[N, K*n/m]`` (SDDMM of ``grad_y.T`` and ``x`` ``[M, K]``) by the Triton kernel."""
+    return nm_grad_values(
+        transpose(x), grad_y, kept_offsets.contiguous(), n, m, vector, input_precision=_input_precision(x.dtype)
+    )
+
+
+@nm_linear_grad_values.register_fake
+def _nm_linear_grad_values_fake(x, grad_y, kept_offsets, n, m, vector):
+    return grad_y.new_empty((grad_y.shape[1], kept_offsets.shape[1]))
 
 
 def _nm_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
