@@ -11,9 +11,9 @@ import sys
 
 import torch
 import triton
-import triton.testing
 
 import nmspmm
+from nmspmm.bench.runner import median_ms
 from nmspmm.kernels import VectorConfig, nm_vector_matmul, transpose
 
 LARGE = [(4096, 4096, 4096), (1024, 11008, 4096), (256, 4096, 11008), (2048, 8192, 22016)]
@@ -61,14 +61,8 @@ def main() -> None:
             xts = [transpose(x) for x in xs]
             dense_w = weight.to_dense()
             reference = (xs[0].float() @ dense_w.float().t())
-            state = [0]
-
-            def next_xt():
-                state[0] = (state[0] + 1) % len(xts)
-                return xts[state[0]]
-
-            dense_ms = triton.testing.do_bench(lambda: xs[state[0]] @ dense_w.t(), warmup=10, rep=40, return_mode="median")
-            transpose_ms = triton.testing.do_bench(lambda: transpose(xs[1]), warmup=10, rep=40, return_mode="median")
+            dense_ms = median_ms([lambda x=x: x @ dense_w.t() for x in xs])
+            transpose_ms = median_ms([lambda x=x: transpose(x) for x in xs])
             configs = large_configs(vector, dtype) if tokens > 64 else small_configs(vector, dtype, tokens)
             best = {}
             for config in configs:
@@ -88,9 +82,12 @@ def main() -> None:
                     ok = err < (2e-2 if dtype != torch.float32 else 1e-4)
                     ms = float("nan")
                     if ok:
-                        ms = triton.testing.do_bench(
-                            lambda: nm_vector_matmul(next_xt(), weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config),
-                            warmup=10, rep=40, return_mode="median")
+                        ms = median_ms([
+                            lambda xt=xt: nm_vector_matmul(
+                                xt, weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config
+                            )
+                            for xt in xts
+                        ])
                         if ms < best.get(layout, (float("inf"),))[0]:
                             best[layout] = (ms, config)
                     rows_out.append(dict(device=device, dtype=dtype_name, M=tokens, N=out_f, K=in_f, pattern=pattern, vector=vector,

@@ -33,17 +33,11 @@ def run_demo(
         f"relative error vs float64 reference: {error:.2e}"
     )
     if on_gpu:
-        import triton.testing
+        from .bench.runner import median_ms
 
         inputs = [torch.randn_like(x) for _ in range(8)]
-        state = {"i": 0}
-
-        def next_input() -> torch.Tensor:
-            state["i"] = (state["i"] + 1) % len(inputs)
-            return inputs[state["i"]]
-
-        sparse_ms = triton.testing.do_bench(lambda: linear(next_input(), weight), return_mode="median")
-        dense_ms = triton.testing.do_bench(lambda: next_input() @ masked.t(), return_mode="median")
+        sparse_ms = median_ms([lambda x=x: linear(x, weight) for x in inputs])
+        dense_ms = median_ms([lambda x=x: x @ masked.t() for x in inputs])
         print(
             f"{torch.cuda.get_device_name()}: sparse {sparse_ms:.3f} ms, dense (torch.matmul) {dense_ms:.3f} ms, "
             f"speedup {dense_ms / sparse_ms:.2f}x (ideal {weight.m / weight.n:.2f}x)"
