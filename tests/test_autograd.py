@@ -59,7 +59,7 @@ def test_gradients_match_dense_masked(pattern, vector, dtype, backend, feature_m
 
 @pytest.mark.parametrize("pattern,vector", [("8:32", 32), ("3:8", 1)])
 def test_backward_ops_pass_opcheck(pattern, vector):
-    from nmspmm.ops import nm_linear_grad_input, nm_linear_grad_values
+    from nmspmm.ops.nm import nm_linear_grad_input, nm_linear_grad_values
 
     weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), pattern, vector)
     grad_y = torch.randn(5, 32, device=DEVICE)

@@ -1,5 +1,5 @@
-"""Torch-facing sparse products: argument checks, then dispatch to the Triton kernels (CUDA, or the CPU
-interpreter when asked) or to the dense reference (CPU)."""
+"""Vector- and element-wise N:M products: argument checks, the torch.library custom ops with their autograd
+formulas, and dispatch to the Triton kernels (CUDA, or the CPU interpreter when asked) or the dense reference."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ from collections.abc import Callable
 
 import torch
 
-from .formats import NMSparseWeight
-from .formats.nm import dense_from_kept, kept_row_columns
-from .kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
-from .kernels.launch import interpreter_active
-from .perf import choose_vector_config
-
-BACKENDS = ("auto", "triton", "reference")
+from ..formats import NMSparseWeight
+from ..formats.nm import dense_from_kept, kept_row_columns
+from ..kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
+from ..perf import choose_vector_config
+from .backend import check_backend, input_precision, use_triton
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
@@ -74,7 +72,7 @@ def _row_major_product(
 ) -> torch.Tensor:
     """``[M, N]`` = ``x`` ``[M, K]`` times the N:M weight given by ``values`` and ``kept_offsets`` (as
     :meth:`NMSparseWeight.kept_offsets`), plus ``bias``; operands are trusted (:func:`linear` checks them)."""
-    if not _use_triton(backend, x.device):
+    if not use_triton(backend, x.device):
         return _reference(x, values, kept_offsets, bias, n, m, vector)
     y = torch.empty((x.shape[0], values.shape[0]), dtype=x.dtype, device=x.device)
     # One token is already feature-major: the [1, K] row read as a [K, 1] column needs no copy.
@@ -110,7 +108,7 @@ def _feature_major_product(
     backend: str,
 ) -> torch.Tensor:
     """:func:`_row_major_product` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``, contiguous."""
-    if not _use_triton(backend, x.device):
+    if not use_triton(backend, x.device):
         return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -154,7 +152,7 @@ def _backward(
     n, m, vector, backend = ctx.pattern
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_values = None
-    if _use_triton(backend, grad_rows.device):
+    if use_triton(backend, grad_rows.device):
         if need_x:
             grad_x = nm_linear_grad_input(grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1])
         if need_values:
@@ -180,7 +178,7 @@ def nm_linear_grad_input(
     """``grad_y @ W`` ``[M, cols]`` by the Triton kernel; an op of its own so compiled backward graphs trace it."""
     return nm_grad_input(
         grad_y, values.contiguous(), kept_offsets.contiguous(), n, m, vector, cols,
-        input_precision=_input_precision(values.dtype),
+        input_precision=input_precision(values.dtype),
     )
 
 
@@ -198,7 +196,7 @@ def nm_linear_grad_values(
 ) -> torch.Tensor:
     """The kept weights' gradient ``[N, K*n/m]`` (SDDMM of ``grad_y.T`` and ``x`` ``[M, K]``) by the Triton kernel."""
     return nm_grad_values(
-        transpose(x), grad_y, kept_offsets.contiguous(), n, m, vector, input_precision=_input_precision(x.dtype)
+        transpose(x), grad_y, kept_offsets.contiguous(), n, m, vector, input_precision=input_precision(x.dtype)
     )
 
 
@@ -243,16 +241,9 @@ def _launch(
     if vector == 1:
         nm_element_matmul(x_t, values, kept_offsets, n, m, out, bias)
         return
-    precision = _input_precision(values.dtype)
+    precision = input_precision(values.dtype)
     config = choose_vector_config(x_t.shape[1], values.shape[0], values.shape[1], vector, values.dtype, x_t.device)
     nm_vector_matmul(x_t, values, kept_offsets, n, m, vector, out, config, bias, precision)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """tf32 for fp32 operands when torch's matmul precision allows it (as torch.matmul does), else exact."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
 
 
 def _reference(
@@ -271,25 +262,6 @@ def _reference(
     if bias is not None:
         y += bias.to(compute)
     return y.to(rows_in.dtype)
-
-
-def check_backend(backend: str) -> None:
-    """Reject a backend name not in :data:`BACKENDS`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-
-
-def _use_triton(backend: str, device: torch.device) -> bool:
-    check_backend(backend)
-    if backend == "reference":
-        return False
-    if device.type == "cuda":
-        return True
-    if backend == "triton":
-        if not interpreter_active():
-            raise ValueError("backend: 'triton' on the CPU needs TRITON_INTERPRET=1 set before triton is imported")
-        return True
-    return False
 
 
 def _check_operands(
