@@ -159,17 +159,19 @@ def test_safetensors_file_layout(tmp_path: Path) -> None:
         assert sorted(file.keys()) == ["a.offsets", "a.values"]
         header = json.loads(file.metadata()["nmspmm"])
     assert header == {
-        "format": "nmspmm.NMSparseWeight",
-        "version": 1,
-        "weights": {"a": {"pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}},
+        "format": "nmspmm",
+        "version": 2,
+        "weights": {
+            "a": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}
+        },
     }
 
 
 def test_save_safetensors_bad_arguments(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    with pytest.raises(TypeError, match=r"weights: expected an NMSparseWeight or a mapping .*got list"):
+    with pytest.raises(TypeError, match=r"weights: expected an NMSparseWeight.* or a mapping .*got list"):
         save_safetensors([make()], path)
-    with pytest.raises(TypeError, match=r"weights: expected NMSparseWeight values, got Tensor for 'a'"):
+    with pytest.raises(TypeError, match=r"weights: expected NMSparseWeight.* values, got Tensor for 'a'"):
         save_safetensors({"a": torch.ones(2)}, path)
     with pytest.raises(TypeError, match=r"weights: expected string names, got int 0"):
         save_safetensors({0: make()}, path)
@@ -213,8 +215,9 @@ def _edit_weight(field: str, value: object):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_edit_header("version", 2), r"expected format version 1, got 2"),
-        (_edit_header("format", "other"), r"expected format 'nmspmm.NMSparseWeight', got 'other'"),
+        (_edit_header("version", 1), r"expected format version 2, got 1"),
+        (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
+        (_edit_weight("format", "Dense"), r"metadata of weight 'b': expected a format in \['NMSparseWeight'"),
         (_edit_header("weights", []), r"expected a 'weights' object, got \[\]"),
         (_edit_weight("pattern", "2:8"), r"weight 'b' is inconsistent: values: expected shape \(128, 16\)"),
         (_edit_weight("pattern", "12:16"), r"weight 'b' is inconsistent: offsets: expected shape \(4, 4, 4\)"),
@@ -223,8 +226,8 @@ def _edit_weight(field: str, value: object):
         (_edit_weight("vector", "32"), r"weight 'b' is inconsistent: vector: expected an int"),
         (_edit_weight("shape", [64, 128]), r"weight 'b' is inconsistent: values: expected shape \(64, 96\)"),
         (_edit_weight("shape", [128, 64, 1]), r"weight 'b' is inconsistent: shape: expected \(N, K\)"),
-        (_edit_weight("dtype", "float32"), r"weight 'b': metadata says dtype 'float32', but b.values is torch.float16"),
-        (_edit_weight("dtype", "int8"), r"weight 'b': metadata says dtype 'int8'"),
+        (_edit_weight("dtype", "float32"), r"weight 'b' is inconsistent: dtype: metadata says 'float32', but the stored values are torch.float16"),
+        (_edit_weight("dtype", "int8"), r"weight 'b' is inconsistent: dtype: metadata says 'int8'"),
         (lambda t, h: h["weights"]["b"].pop("dtype"), r"metadata of weight 'b': expected the fields"),
         (lambda t, h: t.pop("b.offsets"), r"does not hold the tensors .*missing \['b.offsets'\], unexpected \[\]"),
         (lambda t, h: t.update(extra=torch.ones(1)), r"missing \[\], unexpected \['extra'\]"),
@@ -248,7 +251,7 @@ def test_load_safetensors_refuses_inconsistent_files(saved: Path, edit, message:
         (None, r"was not written by nmspmm \(no 'nmspmm' metadata entry\)"),
         ({"format": "pt"}, r"was not written by nmspmm"),
         ({"nmspmm": "{not json"}, r"has malformed 'nmspmm' metadata"),
-        ({"nmspmm": "[1, 2]"}, r"expected format 'nmspmm.NMSparseWeight', got \[1, 2\]"),
+        ({"nmspmm": "[1, 2]"}, r"expected format 'nmspmm', got \[1, 2\]"),
     ],
 )
 def test_load_safetensors_refuses_foreign_files(tmp_path: Path, metadata: dict | None, message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .pattern import SUPPORTED_DTYPES, check_vector, check_weight_matrix, parse_pattern
+from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_vector, check_weight_matrix, parse_pattern
 
 OFFSET_DTYPE = torch.uint8
 
@@ -209,6 +209,24 @@ class NMSparseWeight:
 
     def cpu(self) -> "NMSparseWeight":
         return self.to("cpu")
+
+    STATE_TENSORS = ("values", "offsets")
+    STATE_FIELDS = ("pattern", "vector", "shape", "dtype")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by field name (what a file holds; ``kept_offsets`` is derived again on load)."""
+        return {"values": self.values, "offsets": self.offsets}
+
+    def state_fields(self) -> dict[str, Any]:
+        """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"pattern": self.pattern, "vector": self.vector, "shape": list(self.shape), "dtype": dtype}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> "NMSparseWeight":
+        """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
+        check_state_dtype(tensors["values"], fields["dtype"])
+        return cls(tensors["values"], tensors["offsets"], fields["pattern"], fields["vector"], fields["shape"])
 
     def __reduce__(self) -> tuple[Callable[..., NMSparseWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only

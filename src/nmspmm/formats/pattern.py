@@ -48,3 +48,10 @@ def check_weight_matrix(weight: torch.Tensor, n: int, m: int, vector: int, name:
         raise ValueError(f"{name}: in_features K={cols} must be divisible by m={m} of the pattern {n}:{m}")
     if rows % vector:
         raise ValueError(f"vector: V={vector} must divide out_features N={rows} of {name}")
+
+
+def check_state_dtype(values: torch.Tensor, dtype_name: object) -> None:
+    """Check that a saved weight's ``values`` have the dtype its metadata names (``"float16"`` etc.)."""
+    expected = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}.get(dtype_name)
+    if expected != values.dtype:
+        raise ValueError(f"dtype: metadata says {dtype_name!r}, but the stored values are {values.dtype}")

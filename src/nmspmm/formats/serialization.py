@@ -1,14 +1,15 @@
-"""Save and load :class:`NMSparseWeight` objects as safetensors files.
+"""Save and load sparse weights (any nmspmm format) as safetensors files.
 
-A file holds, per weight ``<name>``, the tensors ``<name>.values`` and ``<name>.offsets``, and one metadata
-entry, ``"nmspmm"``, a JSON object::
+A file holds, per weight ``<name>``, its tensors as ``<name>.<field>`` (for :class:`NMSparseWeight`:
+``values`` and ``offsets``), and one metadata entry, ``"nmspmm"``, a JSON object::
 
-    {"format": "nmspmm.NMSparseWeight", "version": 1,
-     "weights": {"<name>": {"pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}, ...}}
+    {"format": "nmspmm", "version": 2,
+     "weights": {"<name>": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K],
+                            "dtype": "float16"}, ...}}
 
-Loading rebuilds every weight through the :class:`NMSparseWeight` constructor, so a file whose offsets or
-shapes were tampered with is refused with a ValueError rather than producing wrong products.
-(Plain ``torch.save`` / ``torch.load`` also work, with the default ``weights_only=True``; see ``nm.py``.)
+Loading rebuilds every weight through its class's validating constructor, so a file whose indices or shapes
+were tampered with is refused with a ValueError rather than producing wrong products.
+(Plain ``torch.save`` / ``torch.load`` also work, with the default ``weights_only=True``.)
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ from safetensors.torch import save_file
 
 from .nm import NMSparseWeight
 
-FORMAT_NAME = "nmspmm.NMSparseWeight"
-FORMAT_VERSION = 1
+FILE_FORMAT = "nmspmm"
+FORMAT_VERSION = 2
 METADATA_KEY = "nmspmm"
 DEFAULT_NAME = "weight"
-_TENSOR_FIELDS = ("values", "offsets")
-_WEIGHT_FIELDS = {"pattern", "vector", "shape", "dtype"}
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+WEIGHT_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (NMSparseWeight,)}
+SparseWeight = NMSparseWeight
+_CLASS_NAMES = " or ".join(WEIGHT_CLASSES)
 
 
-def save_safetensors(weights: Mapping[str, NMSparseWeight] | NMSparseWeight, path: str | os.PathLike[str]) -> None:
+def save_safetensors(weights: Mapping[str, SparseWeight] | SparseWeight, path: str | os.PathLike[str]) -> None:
     """Write named sparse weights (a single weight is stored as ``"weight"``) to a safetensors file at ``path``,
     tensors moved to the CPU, with the metadata :func:`load_safetensors` needs to rebuild and check them."""
-    if isinstance(weights, NMSparseWeight):
+    if isinstance(weights, tuple(WEIGHT_CLASSES.values())):
         weights = {DEFAULT_NAME: weights}
     if not isinstance(weights, Mapping):
         raise TypeError(
-            f"weights: expected an NMSparseWeight or a mapping of names to them, got {type(weights).__name__}"
+            f"weights: expected an {_CLASS_NAMES} or a mapping of names to them, got {type(weights).__name__}"
         )
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
@@ -50,17 +51,12 @@ def save_safetensors(weights: Mapping[str, NMSparseWeight] | NMSparseWeight, pat
             raise TypeError(f"weights: expected string names, got {type(name).__name__} {name!r}")
         if not name:
             raise ValueError("weights: expected non-empty names, got ''")
-        if not isinstance(weight, NMSparseWeight):
-            raise TypeError(f"weights: expected NMSparseWeight values, got {type(weight).__name__} for {name!r}")
-        tensors[f"{name}.values"] = _unshared_cpu(weight.values, storages)
-        tensors[f"{name}.offsets"] = _unshared_cpu(weight.offsets, storages)
-        described[name] = {
-            "pattern": weight.pattern,
-            "vector": weight.vector,
-            "shape": list(weight.shape),
-            "dtype": str(weight.dtype).removeprefix("torch."),
-        }
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": described}
+        if type(weight).__name__ not in WEIGHT_CLASSES:
+            raise TypeError(f"weights: expected {_CLASS_NAMES} values, got {type(weight).__name__} for {name!r}")
+        for field, tensor in weight.state_tensors().items():
+            tensors[f"{name}.{field}"] = _unshared_cpu(tensor, storages)
+        described[name] = {"format": type(weight).__name__, **weight.state_fields()}
+    header = {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described}
     save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
 
 
@@ -75,14 +71,18 @@ def _unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
     return tensor
 
 
-def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, NMSparseWeight]:
+def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, SparseWeight]:
     """Read the sparse weights that :func:`save_safetensors` wrote to ``path``, validate each on the CPU and
     move it to ``device``; raise ValueError for a file that nmspmm did not write or that is corrupted."""
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
             header = _read_header(file.metadata(), path)
-            expected = {f"{name}.{field}" for name in header["weights"] for field in _TENSOR_FIELDS}
+            expected = {
+                f"{name}.{field}"
+                for name, fields in header["weights"].items()
+                for field in WEIGHT_CLASSES[fields["format"]].STATE_TENSORS
+            }
             stored = set(file.keys())
             if stored != expected:
                 missing, extra = sorted(expected - stored), sorted(stored - expected)
@@ -104,9 +104,9 @@ def _read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as error:
         raise ValueError(f"path: {path!r} has malformed {METADATA_KEY!r} metadata ({error})") from error
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+    if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
         got = header.get("format") if isinstance(header, dict) else header
-        raise ValueError(f"path: {path!r} metadata: expected format {FORMAT_NAME!r}, got {got!r}")
+        raise ValueError(f"path: {path!r} metadata: expected format {FILE_FORMAT!r}, got {got!r}")
     if header.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"path: {path!r} metadata: expected format version {FORMAT_VERSION}, got {header.get('version')!r}"
@@ -115,23 +115,27 @@ def _read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
     if not isinstance(weights, dict):
         raise ValueError(f"path: {path!r} metadata: expected a 'weights' object, got {weights!r}")
     for name, fields in weights.items():
-        if not isinstance(fields, dict) or set(fields) != _WEIGHT_FIELDS:
+        cls = WEIGHT_CLASSES.get(fields.get("format")) if isinstance(fields, dict) else None
+        if cls is None:
+            got = fields.get("format") if isinstance(fields, dict) else fields
             raise ValueError(
-                f"path: {path!r} metadata of weight {name!r}: expected the fields {sorted(_WEIGHT_FIELDS)}, "
-                f"got {fields!r}"
+                f"path: {path!r} metadata of weight {name!r}: expected a format in {sorted(WEIGHT_CLASSES)}, "
+                f"got {got!r}"
+            )
+        if set(fields) != {"format", *cls.STATE_FIELDS}:
+            raise ValueError(
+                f"path: {path!r} metadata of weight {name!r}: expected the fields "
+                f"{sorted({'format', *cls.STATE_FIELDS})}, got {fields!r}"
             )
     return header
 
 
-def _rebuild(name: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> NMSparseWeight:
+def _rebuild(name: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> SparseWeight:
     """Construct (and so validate) one weight from its metadata and tensors; raise ValueError naming it."""
-    values, offsets = tensors[f"{name}.values"], tensors[f"{name}.offsets"]
-    if _DTYPES.get(fields["dtype"]) != values.dtype:
-        raise ValueError(
-            f"path: {path!r} weight {name!r}: metadata says dtype {fields['dtype']!r}, "
-            f"but {name}.values is {values.dtype}"
-        )
+    cls = WEIGHT_CLASSES[fields["format"]]
+    own = {field: tensors[f"{name}.{field}"] for field in cls.STATE_TENSORS}
+    state = {key: value for key, value in fields.items() if key != "format"}
     try:
-        return NMSparseWeight(values, offsets, fields["pattern"], fields["vector"], fields["shape"])
+        return cls.from_state(own, state)
     except (TypeError, ValueError) as error:
         raise ValueError(f"path: {path!r} weight {name!r} is inconsistent: {error}") from error
