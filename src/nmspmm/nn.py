@@ -182,6 +182,33 @@ def sparsify(
     if method == "wanda" and calibration is None:
         raise ValueError("calibration: method 'wanda' needs an iterable of input batches, got None")
     report = SparsifyReport(pattern, vector, method)
+    targets = eligible_linears(model, n, m, vector, skip, report)
+    norms = None
+    if method == "wanda":
+        from .prune import collect_input_norms, wanda_mask
+
+        norms = collect_input_norms(model, calibration, list(targets))
+    for name in list(targets):
+        module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
+        mask = None if norms is None else wanda_mask(module.weight.detach(), norms.pop(name), pattern, vector)
+        sparse = SparseLinear.from_dense(module, pattern, vector, mask)
+        replace_module(model, name, sparse)
+        report.swapped.append(name)
+        report.dense_bytes += module.weight.numel() * module.weight.element_size()
+        report.sparse_bytes += sparse.weight.nbytes
+    return report
+
+
+def eligible_linears(
+    model: nn.Module,
+    n: int,
+    m: int,
+    vector: int,
+    skip: Callable[[str, nn.Module], bool] | None,
+    report: SparsifyReport,
+) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of ``model`` that can take an n:m weight with V=``vector``, by name; the others
+    go into ``report.skipped`` with the reason (user filter, subclass, the model itself, tied weight, shape)."""
     owners: defaultdict[int, list[str]] = defaultdict(list)
     for name, parameter in model.named_parameters(remove_duplicate=False):
         owners[id(parameter)].append(name)
@@ -205,21 +232,13 @@ def sparsify(
                 report.skipped[name] = str(error)
             else:
                 targets[name] = module
-    norms = None
-    if method == "wanda":
-        from .prune import collect_input_norms, wanda_mask
+    return targets
 
-        norms = collect_input_norms(model, calibration, list(targets))
-    for name in list(targets):
-        module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
-        mask = None if norms is None else wanda_mask(module.weight.detach(), norms.pop(name), pattern, vector)
-        sparse = SparseLinear.from_dense(module, pattern, vector, mask)
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, sparse)
-        report.swapped.append(name)
-        report.dense_bytes += module.weight.numel() * module.weight.element_size()
-        report.sparse_bytes += sparse.weight.nbytes
-    return report
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``name`` of ``model`` is."""
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, module)
 
 
 def _format_bytes(count: float) -> str:

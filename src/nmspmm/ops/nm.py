@@ -150,22 +150,36 @@ def _backward(
     weights only (the sampled product of ``dY.T`` and ``x`` at the kept positions), both ``[M, ...]`` rows."""
     _, values, kept_offsets = ctx.saved_tensors
     n, m, vector, backend = ctx.pattern
-    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_values = None
-    if use_triton(backend, grad_rows.device):
-        if need_x:
-            grad_x = nm_linear_grad_input(grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1])
-        if need_values:
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_input(grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1], backend)
+    if ctx.needs_input_grad[1]:
+        if use_triton(backend, grad_rows.device):
             grad_values = nm_linear_grad_values(x_rows, grad_rows, kept_offsets, n, m, vector)
-        return grad_x, grad_values
-    compute = torch.promote_types(grad_rows.dtype, torch.float32)
-    if need_x:
-        dense = dense_from_kept(values, kept_offsets, n, m, vector).to(compute)
-        grad_x = (grad_rows.to(compute) @ dense).to(grad_rows.dtype)
-    if need_values:
-        full = grad_rows.to(compute).t() @ x_rows.to(compute)
-        grad_values = full.gather(1, kept_row_columns(kept_offsets, n, m, vector)).to(values.dtype)
+        else:
+            compute = torch.promote_types(grad_rows.dtype, torch.float32)
+            full = grad_rows.to(compute).t() @ x_rows.to(compute)
+            grad_values = full.gather(1, kept_row_columns(kept_offsets, n, m, vector)).to(values.dtype)
     return grad_x, grad_values
+
+
+def grad_input(
+    grad_rows: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    n: int,
+    m: int,
+    vector: int,
+    cols: int,
+    backend: str,
+) -> torch.Tensor:
+    """``grad_rows @ W`` ``[M, cols]`` for the N:M weight ``W`` (the activations' gradient): the Triton kernel,
+    or the dense reference in at least fp32."""
+    if use_triton(backend, grad_rows.device):
+        return nm_linear_grad_input(grad_rows, values, kept_offsets, n, m, vector, cols)
+    compute = torch.promote_types(grad_rows.dtype, torch.float32)
+    dense = dense_from_kept(values, kept_offsets, n, m, vector).to(compute)
+    return (grad_rows.to(compute) @ dense).to(grad_rows.dtype)
 
 
 @torch.library.custom_op(
