@@ -78,7 +78,8 @@ def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) 
 
 @dataclass(frozen=True)
 class CaseModel:
-    """Counts and bound times of one case ``Y[M, N] = X[M, K] @ W[N, K].T`` with W n:m sparse along K."""
+    """Counts and bound times (ms) of one case, dense against sparse: ``Y[M, N] = X[M, K] @ W[N, K].T`` with W
+    sparse (the op level adds x's transpose where the kernel needs one), or a sampled product."""
 
     dense_flops: float
     sparse_flops: float
@@ -108,23 +109,83 @@ def model_case(
     give at the device's measured matmul rate and copy bandwidth."""
     size = torch.finfo(dtype).bits // 8
     kept = cols // m * n
+    offsets = rows // vector * kept if vector > 1 else rows * kept
+    return _linear_model(
+        tokens, rows, cols, size, 2.0 * tokens * rows * kept, rows * kept * size + offsets,
+        ceilings.matmul_tflops[precision], ceilings.matmul_tflops[precision], ceilings, transposes_x=True,
+    )
+
+
+def model_csr_case(
+    tokens: int, rows: int, cols: int, nnz: int, dtype: torch.dtype, precision: str, ceilings: DeviceCeilings
+) -> CaseModel:
+    """:func:`model_case` for a CSR weight with ``nnz`` kept entries (values, int32 columns, int32 row offsets):
+    its products run on FMA units, so the sparse arithmetic bound is the exact-fp32 matmul rate."""
+    size = torch.finfo(dtype).bits // 8
+    weight_bytes = nnz * (size + 4) + (rows + 1) * 4
+    return _linear_model(
+        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes,
+        ceilings.matmul_tflops[precision], ceilings.matmul_tflops["float32"], ceilings, transposes_x=True,
+    )
+
+
+def model_block_case(
+    tokens: int, rows: int, cols: int, kept_blocks: int, block: tuple[int, int], dtype: torch.dtype,
+    precision: str, ceilings: DeviceCeilings,
+) -> CaseModel:
+    """:func:`model_case` for a block-sparse weight after a row permutation: ``kept_blocks`` dense
+    ``block`` tiles on tensor cores, int32 block columns, block-row offsets and row permutation; x is read
+    row-major, so the op needs no transpose (op and kernel bounds are equal)."""
+    size = torch.finfo(dtype).bits // 8
+    kept = kept_blocks * block[0] * block[1]
+    weight_bytes = kept * size + kept_blocks * 4 + (rows // block[0] + 1) * 4 + rows * 4
+    rate = ceilings.matmul_tflops[precision]
+    return _linear_model(
+        tokens, rows, cols, size, 2.0 * tokens * kept, weight_bytes, rate, rate, ceilings, transposes_x=False
+    )
+
+
+def model_sddmm_case(
+    rows: int, cols: int, depth: int, nnz: int, dtype: torch.dtype, precision: str, ceilings: DeviceCeilings
+) -> CaseModel:
+    """The sampled product ``(A @ B.T)`` at ``nnz`` positions of a ``[rows, cols]`` CSR structure, for
+    ``A`` ``[rows, depth]`` and ``B`` ``[cols, depth]``, against the full dense ``A @ B.T``; the sampled
+    dot products run on FMA units (exact-fp32 rate), the dense one at the dtype's matmul rate."""
+    size = torch.finfo(dtype).bits // 8
+    operands = (rows + cols) * depth * size
+    dense_flops = 2.0 * rows * cols * depth
+    sparse_flops = 2.0 * nnz * depth
+    dense_bytes = operands + rows * cols * size
+    sparse_bytes = operands + nnz * (size + 8)
+    dense_ms = _bound(dense_flops, dense_bytes, ceilings.matmul_tflops[precision], ceilings)
+    sparse_ms = _bound(sparse_flops, sparse_bytes, ceilings.matmul_tflops["float32"], ceilings)
+    return CaseModel(
+        dense_flops, sparse_flops, dense_bytes, sparse_bytes, sparse_bytes, dense_ms, sparse_ms, sparse_ms
+    )
+
+
+def _linear_model(
+    tokens: int, rows: int, cols: int, size: int, sparse_flops: float, weight_bytes: float,
+    dense_tflops: float, sparse_tflops: float, ceilings: DeviceCeilings, transposes_x: bool,
+) -> CaseModel:
+    """Counts and bounds of ``Y[M, N] = X[M, K] @ W.T``, dense against a sparse ``W`` of ``weight_bytes``
+    doing ``sparse_flops``; ``transposes_x`` adds the op's pass that makes x feature-major (read + write)."""
     dense_flops = 2.0 * tokens * rows * cols
-    sparse_flops = dense_flops * n / m
     activations = tokens * cols * size + tokens * rows * size
     dense_bytes = activations + rows * cols * size
-    offsets = rows // vector * kept if vector > 1 else rows * kept
-    kernel_bytes = activations + rows * kept * size + offsets
-    op_bytes = kernel_bytes + 2 * tokens * cols * size
-    rate = ceilings.matmul_tflops[precision] * 1e9
-    bandwidth = ceilings.copy_tbps * 1e9
-
-    def bound(flops: float, moved: float) -> float:
-        return max(flops / rate, moved / bandwidth)
-
+    kernel_bytes = activations + weight_bytes
+    op_bytes = kernel_bytes + (2 * tokens * cols * size if transposes_x else 0)
     return CaseModel(
         dense_flops, sparse_flops, dense_bytes, kernel_bytes, op_bytes,
-        bound(dense_flops, dense_bytes), bound(sparse_flops, kernel_bytes), bound(sparse_flops, op_bytes),
+        _bound(dense_flops, dense_bytes, dense_tflops, ceilings),
+        _bound(sparse_flops, kernel_bytes, sparse_tflops, ceilings),
+        _bound(sparse_flops, op_bytes, sparse_tflops, ceilings),
     )
+
+
+def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings) -> float:
+    """The time (ms) below which no kernel can do ``flops`` at ``tflops`` and move ``moved`` bytes."""
+    return max(flops / (tflops * 1e9), moved / (ceilings.copy_tbps * 1e9))
 
 
 # Tiles for more than 64 tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
