@@ -82,3 +82,29 @@ def test_bench_without_gpu_says_so():
 def test_cli_rejects_bad_layer():
     with pytest.raises(SystemExit):
         main(["bench", "--layers", "4096by4096"])
+
+
+def test_format_cases_cover_the_issue_grid():
+    from nmspmm.bench.formats import format_cases, quick_format_cases
+
+    cases = format_cases(["csr"], layers=[(4096, 4096)])
+    assert {c.sparsity for c in cases} == {0.5, 0.7, 0.8, 0.9, 0.95, 0.98}
+    assert {c.tokens for c in cases} == {1, 16, 256, 1024, 4096}
+    assert {c.dtype for c in cases} == {"bfloat16", "float32"}
+    blocks = format_cases(["block"], layers=[(4096, 4096), (4010, 4096)], blocks=[(32, 32)])
+    assert {(c.rows, c.sparsity) for c in blocks} == {(4096, 0.5), (4096, 0.75), (4096, 0.875)}
+    assert {c.kind for c in quick_format_cases()} == {"csr", "sddmm", "block"}
+    with pytest.raises(ValueError, match=r"kinds: expected names from"):
+        format_cases(["coo"])
+    with pytest.raises(ValueError, match=r"sparsities: expected fractions in \[0, 1\), got 1.5"):
+        format_cases(sparsities=[1.5])
+
+
+def test_format_summary_groups_by_regime():
+    from nmspmm.bench.formats import summary_markdown
+
+    row = {"kind": "csr", "dtype": "float32", "sparsity": 0.9, "speedup": 2.0, "speedup_vs_peer": 4.0,
+           "fraction_of_bound": 0.5}
+    table = summary_markdown([{**row, "M": 1}, {**row, "M": 256}, {**row, "M": 1024, "speedup": 8.0}])
+    assert "| csr | float32 | M >= 256 | 90.0% | 2 | 4.00x | 4.00x | 50% |" in table
+    assert "| csr | float32 | M <= 16 | 90.0% | 1 | 2.00x | 4.00x | 50% |" in table

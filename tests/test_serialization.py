@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import nmspmm
 from nmspmm import NMSparseWeight, load_safetensors, prune, save_safetensors
 from nmspmm.formats import load_safetensors as formats_load_safetensors
 from nmspmm.formats import save_safetensors as formats_save_safetensors
@@ -217,7 +218,7 @@ def _edit_weight(field: str, value: object):
     [
         (_edit_header("version", 1), r"expected format version 2, got 1"),
         (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
-        (_edit_weight("format", "Dense"), r"metadata of weight 'b': expected a format in \['NMSparseWeight'"),
+        (_edit_weight("format", "Dense"), r"metadata of weight 'b': expected a format in \['BlockShuffledWeight', 'CSRWeight', 'NMSparseWeight'\], got 'Dense'"),
         (_edit_header("weights", []), r"expected a 'weights' object, got \[\]"),
         (_edit_weight("pattern", "2:8"), r"weight 'b' is inconsistent: values: expected shape \(128, 16\)"),
         (_edit_weight("pattern", "12:16"), r"weight 'b' is inconsistent: offsets: expected shape \(4, 4, 4\)"),
@@ -295,3 +296,22 @@ def test_torch_load_of_a_buffer() -> None:
     torch.save(weight, buffer)
     buffer.seek(0)
     assert_same(torch.load(buffer), weight)
+
+
+def test_safetensors_holds_every_format(tmp_path: Path) -> None:
+    dense = torch.randn(64, 96)
+    weights = {
+        "nm": nmspmm.prune(dense, "2:4", 16),
+        "csr": nmspmm.CSRWeight.prune(dense.half(), 0.9),
+        "blocks": nmspmm.BlockShuffledWeight.prune(dense.bfloat16(), 0.75, (16, 32)),
+    }
+    save_safetensors(weights, tmp_path / "w.safetensors")
+    loaded = load_safetensors(tmp_path / "w.safetensors")
+    for name, weight in weights.items():
+        assert type(loaded[name]) is type(weight)
+        assert loaded[name].dtype == weight.dtype and torch.equal(loaded[name].to_dense(), weight.to_dense())
+    tensors, header = _read(tmp_path / "w.safetensors")
+    tensors["csr.col_indices"][0] = 96
+    _write(tmp_path / "w.safetensors", tensors, header)
+    with pytest.raises(ValueError, match=r"weight 'csr' is inconsistent"):
+        load_safetensors(tmp_path / "w.safetensors")

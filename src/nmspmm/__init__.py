@@ -1,11 +1,13 @@
 """nmspmm: sparse matrix products for pruned neural networks, as Triton kernels in PyTorch."""
 
-from .formats import NMSparseWeight, load_safetensors, save_safetensors
+from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
 from .nn import SparseLinear, SparsifyReport, sparsify
-from .ops import linear, linear_feature_major
-from .prune import magnitude_mask, prune
+from .ops import linear, linear_feature_major, sddmm
+from .prune import magnitude_mask, prune, unstructured_mask
 
 __all__ = [
+    "BlockShuffledWeight",
+    "CSRWeight",
     "NMSparseWeight",
     "SparseLinear",
     "SparsifyReport",
@@ -15,5 +17,7 @@ __all__ = [
     "magnitude_mask",
     "prune",
     "save_safetensors",
+    "sddmm",
     "sparsify",
+    "unstructured_mask",
 ]

@@ -1,4 +1,4 @@
-"""The ``nmspmm`` command line: ``nmspmm demo`` and ``nmspmm bench``."""
+"""The ``nmspmm`` command line: ``demo``, ``bench`` (N:M), ``bench-formats`` (CSR, SDDMM, block-shuffled), ``llama``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--decode", action="store_true", help="add the decode token counts 1, 8, 16, 64")
     bench.add_argument("--out-dir", default="benchmarks/results", help="where <device>.csv and .png go")
     bench.add_argument("--no-plot", action="store_true")
+    formats = commands.add_parser(
+        "bench-formats", help="CSR SpMM/SDDMM vs cuSPARSE and dense, block-shuffled vs dense and N:M"
+    )
+    formats.add_argument("--quick", action="store_true", help="the quick set (a few minutes on an H100)")
+    formats.add_argument("--kinds", nargs="+", help="csr sddmm block (default: all)")
+    formats.add_argument("--tokens", type=int, nargs="+", help="token counts M (SDDMM: the depth)")
+    formats.add_argument("--layers", type=_layer, nargs="+", help="layers as NxK (default: the suite's 20)")
+    formats.add_argument("--sparsities", type=float, nargs="+", help="fractions pruned, like 0.9")
+    formats.add_argument("--dtypes", nargs="+", help="bfloat16 float16 float32 tf32")
+    formats.add_argument("--blocks", type=_layer, nargs="+", help="block shapes as NxK, like 32x32")
+    formats.add_argument("--out-dir", default="benchmarks/results", help="where <device>-formats.csv and .png go")
+    formats.add_argument("--no-plot", action="store_true")
     llama = commands.add_parser("llama", help="prefill and decode latency of a LLaMA-layout decoder, sparse vs dense")
     llama.add_argument("--patterns", nargs="+", default=["2:4", "8:32", "4:32"])
     llama.add_argument("--vector", type=int, default=64)
@@ -50,6 +62,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cases = suite_cases(args.tokens, args.layers, args.patterns, args.vectors, args.dtypes, args.decode)
         run(cases, args.out_dir, make_plot=not args.no_plot)
+    elif args.command == "bench-formats":
+        from .bench.formats import format_cases, quick_format_cases, run_formats
+
+        if args.quick:
+            cases = quick_format_cases()
+        else:
+            cases = format_cases(args.kinds, args.tokens, args.layers, args.sparsities, args.dtypes, args.blocks)
+        run_formats(cases, args.out_dir, make_plot=not args.no_plot)
     elif args.command == "llama":
         from .bench.llama import run_llama_latency
 

@@ -17,15 +17,16 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
-def merge_csv(rows: list[dict], path: Path) -> list[dict]:
-    """Write ``rows`` into ``path``, replacing earlier rows of the same case and level; return all rows."""
+def merge_csv(rows: list[dict], path: Path, key: tuple[str, ...] = KEY) -> list[dict]:
+    """Write ``rows`` into ``path``, replacing earlier rows with the same ``key`` columns (by default the same
+    case and level); return all rows."""
     merged: dict[tuple, dict] = {}
     if path.exists():
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                merged[tuple(str(row[k]) for k in KEY)] = row
+                merged[tuple(str(row[k]) for k in key)] = row
     for row in rows:
-        merged[tuple(str(row[k]) for k in KEY)] = row
+        merged[tuple(str(row[k]) for k in key)] = row
     fields = list(rows[0]) if rows else []
     for row in merged.values():
         fields += [f for f in row if f not in fields]

@@ -1,14 +1,21 @@
-"""Sparse weight layouts: compress from dense + mask, back to dense, validate, move and save."""
+"""Sparse weight layouts: compress from dense + mask, back to dense, validate, move and save. Vector-wise N:M
+(NMSparseWeight), unstructured CSR (CSRWeight) and block-sparse after a row permutation (BlockShuffledWeight)."""
 
+from .block_shuffled import SUPPORTED_BLOCK_SIDES, BlockShuffledWeight
+from .csr import CSRWeight
 from .nm import NMSparseWeight
 from .pattern import SUPPORTED_DTYPES, SUPPORTED_M, SUPPORTED_VECTORS, parse_pattern
-from .serialization import load_safetensors, save_safetensors
+from .serialization import SparseWeight, load_safetensors, save_safetensors
 
 __all__ = [
+    "SUPPORTED_BLOCK_SIDES",
     "SUPPORTED_DTYPES",
     "SUPPORTED_M",
     "SUPPORTED_VECTORS",
+    "BlockShuffledWeight",
+    "CSRWeight",
     "NMSparseWeight",
+    "SparseWeight",
     "load_safetensors",
     "parse_pattern",
     "save_safetensors",

@@ -1,7 +1,7 @@
 """Save and load sparse weights (any nmspmm format) as safetensors files.
 
-A file holds, per weight ``<name>``, its tensors as ``<name>.<field>`` (for :class:`NMSparseWeight`:
-``values`` and ``offsets``), and one metadata entry, ``"nmspmm"``, a JSON object::
+A file holds, per weight ``<name>`` of any format (:class:`NMSparseWeight`, :class:`CSRWeight`,
+:class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and ``offsets``), and one metadata entry, ``"nmspmm"``, a JSON object::
 
     {"format": "nmspmm", "version": 2,
      "weights": {"<name>": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K],
@@ -23,15 +23,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .block_shuffled import BlockShuffledWeight
+from .csr import CSRWeight
 from .nm import NMSparseWeight
 
 FILE_FORMAT = "nmspmm"
 FORMAT_VERSION = 2
 METADATA_KEY = "nmspmm"
 DEFAULT_NAME = "weight"
-WEIGHT_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (NMSparseWeight,)}
-SparseWeight = NMSparseWeight
-_CLASS_NAMES = " or ".join(WEIGHT_CLASSES)
+SparseWeight = NMSparseWeight | CSRWeight | BlockShuffledWeight
+WEIGHT_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (NMSparseWeight, CSRWeight, BlockShuffledWeight)}
+_CLASS_NAMES = ", ".join(WEIGHT_CLASSES)
 
 
 def save_safetensors(weights: Mapping[str, SparseWeight] | SparseWeight, path: str | os.PathLike[str]) -> None:

@@ -3,7 +3,6 @@ formulas, and dispatch to the Triton kernels (CUDA, or the CPU interpreter when 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 
@@ -11,7 +10,7 @@ from ..formats import NMSparseWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
 from ..perf import choose_vector_config
-from .backend import check_backend, input_precision, use_triton
+from .backend import call_op, check_backend, check_bias, input_precision, use_triton
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
@@ -32,7 +31,7 @@ def linear(
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    y = _call(nm_linear, _row_major_product, args)
+    y = call_op(nm_linear, _row_major_product, args)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -48,16 +47,7 @@ def linear_feature_major(
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
     args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    return _call(nm_linear_feature_major, _feature_major_product, args)
-
-
-def _call(op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
-    """The custom op where autograd or torch.compile needs it, else its implementation directly: the op's
-    dispatch costs 0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more than most products."""
-    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad or torch.compiler.is_compiling():
-        return op(*args)
-    return implementation(*args)
+    return call_op(nm_linear_feature_major, _feature_major_product, args)
 
 
 def _row_major_product(
@@ -299,17 +289,3 @@ def _check_operands(
     if x.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
     check_bias(bias, weight)
-
-
-def check_bias(bias: torch.Tensor | None, weight: NMSparseWeight) -> None:
-    """Reject a bias that is not None or an ``[N]`` tensor of the weight's dtype and device."""
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if bias.dtype != weight.dtype:
-        raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
-    if bias.device != weight.device:
-        raise ValueError(f"bias: on {bias.device}, but weight is on {weight.device}")

@@ -1,0 +1,327 @@
+"""Unstructured sparse weights in compressed sparse row (CSR) form: any mask; each output feature lists its
+kept input features in ascending order, the layout Sputnik-style kernels read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_weight_matrix
+
+INDEX_DTYPE = torch.int32
+_MAX_NNZ = torch.iinfo(INDEX_DTYPE).max
+
+
+class TransposedStructure(NamedTuple):
+    """The CSR structure of the transposed ``[K, N]`` weight, for the input gradient ``dY @ W``; its values
+    are ``values[permutation]``. All int32."""
+
+    row_offsets: torch.Tensor
+    """[K + 1]: where each input feature's nonzeros start."""
+    col_indices: torch.Tensor
+    """[nnz]: the output feature of every nonzero, ascending within each input feature."""
+    permutation: torch.Tensor
+    """[nnz]: for every nonzero of the transpose, its position in the weight's own ``values``."""
+    row_order: torch.Tensor
+    """[K]: input features by descending nonzero count (the launch order of the transposed product)."""
+
+
+class CSRWeight:
+    """A pruned ``[N, K]`` weight in CSR form: rows are output features, columns input features.
+
+    Storage: ``values`` [nnz], int32 ``col_indices`` [nnz] (strictly ascending within each row) and int32
+    ``row_offsets`` [N + 1] (row ``r`` holds nonzeros ``row_offsets[r]`` to ``row_offsets[r + 1]``).
+    Kernels also read structures derived from these once, then cached on the object (never stored):
+    :meth:`row_order`, :meth:`row_indices` and :meth:`transposed_structure`.
+    """
+
+    STATE_TENSORS = ("values", "col_indices", "row_offsets")
+    STATE_FIELDS = ("shape", "dtype")
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        col_indices: torch.Tensor,
+        row_offsets: torch.Tensor,
+        shape: tuple[int, int] | torch.Size,
+    ) -> None:
+        self._assign(values, col_indices, row_offsets, shape)
+        self.validate()
+
+    @classmethod
+    def _trusted(
+        cls,
+        values: torch.Tensor,
+        col_indices: torch.Tensor,
+        row_offsets: torch.Tensor,
+        shape: tuple[int, int] | torch.Size,
+        derived: dict[str, Any] | None = None,
+    ) -> "CSRWeight":
+        """Wrap tensors that were already validated together, skipping :meth:`validate` (which synchronizes a
+        GPU). ``derived``, if given, is the cache of a weight with this very structure (the same index tensors),
+        then shared with it. For ops and modules only."""
+        weight = cls.__new__(cls)
+        weight._assign(values, col_indices, row_offsets, shape, derived)
+        return weight
+
+    def _with_values(self, values: torch.Tensor) -> "CSRWeight":
+        """A trusted weight of this structure (sharing its index tensors and derived caches) holding ``values``
+        ([nnz], on this device); for ops that compute values at the kept positions."""
+        return CSRWeight._trusted(values, self.col_indices, self.row_offsets, self.shape, self._derived)
+
+    def _assign(
+        self,
+        values: torch.Tensor,
+        col_indices: torch.Tensor,
+        row_offsets: torch.Tensor,
+        shape: tuple[int, int] | torch.Size,
+        derived: dict[str, Any] | None = None,
+    ) -> None:
+        """Set the fields; the shape is converted, nothing is checked."""
+        try:
+            self.shape = torch.Size(shape)
+        except TypeError as error:
+            raise TypeError(f"shape: expected (N, K) as two ints, got {shape!r}") from error
+        self.values = values
+        self.col_indices = col_indices
+        self.row_offsets = row_offsets
+        self._derived = {} if derived is None else derived
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nnz(self) -> int:
+        """Number of kept weights."""
+        return self.values.shape[0]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the ``N * K`` weights pruned."""
+        return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values + column indices + row offsets + metadata (the shape as two int64)."""
+        tensors = (self.values, self.col_indices, self.row_offsets)
+        return sum(t.numel() * t.element_size() for t in tensors) + 2 * 8
+
+    def validate(self) -> None:
+        """Check types, shapes and devices of the tensors and that they form a CSR structure within ``shape``
+        (offsets from 0 to nnz, non-decreasing; columns in [0, K), strictly ascending within each row);
+        raise TypeError or ValueError naming the field if not."""
+        if len(self.shape) != 2 or self.shape[0] <= 0 or self.shape[1] <= 0:
+            raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
+        rows, cols = self.shape
+        values = self.values
+        if not isinstance(values, torch.Tensor) or values.dtype not in SUPPORTED_DTYPES:
+            got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+            raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
+        if values.dim() != 1:
+            raise ValueError(f"values: expected a 1-D [nnz] tensor, got shape {tuple(values.shape)}")
+        nnz = values.shape[0]
+        _check_index_tensor(self.col_indices, "col_indices", (nnz,), values.device)
+        _check_index_tensor(self.row_offsets, "row_offsets", (rows + 1,), values.device)
+        offsets, columns = self.row_offsets, self.col_indices
+        first, last = offsets[[0, -1]].tolist()
+        if first != 0 or last != nnz:
+            raise ValueError(
+                f"row_offsets: expected to start at 0 and end at nnz={nnz} (the length of values), "
+                f"got {first} and {last}"
+            )
+        decreasing = offsets[1:] < offsets[:-1]
+        if bool(decreasing.any()):
+            row = int(decreasing.nonzero()[0])
+            raise ValueError(
+                f"row_offsets: must be non-decreasing, but row_offsets[{row + 1}]={int(offsets[row + 1])} "
+                f"< row_offsets[{row}]={int(offsets[row])}"
+            )
+        outside = (columns < 0) | (columns >= cols)
+        if bool(outside.any()):
+            j = int(outside.nonzero()[0])
+            raise ValueError(f"col_indices: expected values in [0, K={cols}), got {int(columns[j])} at position {j}")
+        row_of = row_indices_of(offsets, nnz)
+        unordered = (row_of[1:] == row_of[:-1]) & (columns[1:] <= columns[:-1])
+        if bool(unordered.any()):
+            j = int(unordered.nonzero()[0])
+            raise ValueError(
+                f"col_indices: must be strictly ascending within each row, but row {int(row_of[j])} has column "
+                f"{int(columns[j + 1])} after {int(columns[j])} (positions {j} and {j + 1})"
+            )
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "CSRWeight":
+        """Compress ``weight`` [N, K] keeping the entries where ``mask`` (bool, or 0/1 integers) is True; the
+        kept entries must be finite."""
+        # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
+        check_weight_matrix(weight, 1, 1, 1)
+        mask = _checked_mask(mask, weight)
+        per_row = mask.sum(1)
+        if int(per_row.sum()) > _MAX_NNZ:
+            raise ValueError(f"mask: keeps {int(per_row.sum())} entries, more than int32 indices address")
+        values = weight[mask]
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            rows, cols = mask.nonzero(as_tuple=True)
+            j = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"weight: kept entries must be finite, got {values[j].item()} at row {int(rows[j])}, "
+                f"column {int(cols[j])}"
+            )
+        columns = mask.nonzero(as_tuple=True)[1].to(INDEX_DTYPE)
+        row_offsets = torch.nn.functional.pad(per_row.cumsum(0), (1, 0)).to(INDEX_DTYPE)
+        return cls(values, columns, row_offsets, weight.shape)
+
+    @classmethod
+    def prune(cls, weight: torch.Tensor, sparsity: float) -> "CSRWeight":
+        """Magnitude-prune ``weight`` [N, K] to ``sparsity`` (see :func:`nmspmm.prune.unstructured_mask`: the
+        ``round((1 - sparsity) * N * K)`` largest |w| over the whole matrix are kept) and compress it; the result
+        holds a detached copy of the kept values."""
+        # A deliberate upward import: pruning rules live above the formats, but this constructor is the API.
+        from ..prune.unstructured import unstructured_mask
+
+        return cls.from_dense(weight.detach(), unstructured_mask(weight, sparsity))
+
+    def row_order(self) -> torch.Tensor:
+        """int32 [N]: rows by descending nonzero count, ties in row order (the load-balancing launch order)."""
+        if "row_order" not in self._derived:
+            self._derived["row_order"] = launch_order(self.row_offsets)
+        return self._derived["row_order"]
+
+    def row_indices(self) -> torch.Tensor:
+        """int32 [nnz]: the row of every nonzero (coordinate form, as the SDDMM reads it)."""
+        if "row_indices" not in self._derived:
+            self._derived["row_indices"] = row_indices_of(self.row_offsets, self.nnz)
+        return self._derived["row_indices"]
+
+    def transposed_structure(self) -> TransposedStructure:
+        """The structure of the transposed ``[K, N]`` weight (for the input gradient); its values are
+        ``values[permutation]``."""
+        if "transposed" not in self._derived:
+            self._derived["transposed"] = transposed_structure_of(self.row_indices(), self.col_indices, self.shape[1])
+        return self._derived["transposed"]
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[N, K]``: True where the weight is kept."""
+        out = torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+        out[self.row_indices().long(), self.col_indices.long()] = True
+        return out
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[N, K]`` weight, zeros where pruned."""
+        return dense_from_csr(self.values, self.row_indices(), self.col_indices, self.shape)
+
+    def to(self, *args: Any, **kwargs: Any) -> "CSRWeight":
+        """Move to a device and/or cast the values to a float dtype (indices stay int32), like Tensor.to."""
+        values = self.values.to(*args, **kwargs)
+        col_indices = self.col_indices.to(device=values.device)
+        row_offsets = self.row_offsets.to(device=values.device)
+        return CSRWeight(values, col_indices, row_offsets, self.shape)
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "CSRWeight":
+        return self.to("cuda" if device is None else device)
+
+    def cpu(self) -> "CSRWeight":
+        return self.to("cpu")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by field name (what a file holds; the derived structures are rebuilt on use)."""
+        return {"values": self.values, "col_indices": self.col_indices, "row_offsets": self.row_offsets}
+
+    def state_fields(self) -> dict[str, Any]:
+        """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""
+        return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> "CSRWeight":
+        """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
+        check_state_dtype(tensors["values"], fields["dtype"])
+        return cls(tensors["values"], tensors["col_indices"], tensors["row_offsets"], fields["shape"])
+
+    def __reduce__(self) -> tuple[Callable[..., CSRWeight], tuple[Any, ...]]:
+        """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
+        mode) always goes through :meth:`validate`."""
+        return _rebuild_csr_weight, (self.values, self.col_indices, self.row_offsets, tuple(self.shape))
+
+    def __repr__(self) -> str:
+        return (
+            f"CSRWeight(shape={tuple(self.shape)}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
+            f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
+        )
+
+
+def row_indices_of(row_offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """int32 [nnz]: the row of every nonzero, from non-decreasing int32 ``row_offsets``; unchecked."""
+    positions = torch.arange(nnz, dtype=row_offsets.dtype, device=row_offsets.device)
+    return torch.searchsorted(row_offsets, positions, right=True, out_int32=True) - 1
+
+
+def launch_order(row_offsets: torch.Tensor) -> torch.Tensor:
+    """int32 [N]: rows by descending length, ties in row order (stable), from ``row_offsets`` [N + 1]."""
+    lengths = row_offsets[1:] - row_offsets[:-1]
+    return torch.sort(lengths, descending=True, stable=True).indices.to(INDEX_DTYPE)
+
+
+def transposed_structure_of(row_indices: torch.Tensor, col_indices: torch.Tensor, cols: int) -> TransposedStructure:
+    """The CSR structure of the ``[cols, N]`` transpose from a weight's coordinates (rows ascending, columns
+    ascending within each row); unchecked. Shapes depend only on the inputs', so torch.compile traces it."""
+    sorted_columns, permutation = torch.sort(col_indices, stable=True)
+    boundaries = torch.arange(cols + 1, dtype=INDEX_DTYPE, device=col_indices.device)
+    row_offsets = torch.searchsorted(sorted_columns, boundaries, out_int32=True)
+    return TransposedStructure(
+        row_offsets, row_indices[permutation], permutation.to(INDEX_DTYPE), launch_order(row_offsets)
+    )
+
+
+def dense_from_csr(
+    values: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, shape: tuple[int, int] | torch.Size
+) -> torch.Tensor:
+    """The dense ``shape`` matrix holding ``values`` at (``row_indices``, ``col_indices``), zeros elsewhere;
+    unchecked, differentiable in ``values``."""
+    out = values.new_zeros(tuple(shape))
+    return out.index_put((row_indices.long(), col_indices.long()), values)
+
+
+def _check_index_tensor(tensor: torch.Tensor, name: str, shape: tuple[int], device: torch.device) -> None:
+    """Check that an index field is an int32 tensor of ``shape`` on ``device``."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != INDEX_DTYPE:
+        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"{name}: expected an int32 tensor, got {got}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name}: on {tensor.device}, but values are on {device}")
+
+
+def _checked_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor, after checking it matches ``weight`` in shape and device and holds only 0/1."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        mask = mask.bool()
+    return mask
+
+
+def _rebuild_csr_weight(
+    values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, shape: tuple[int, int]
+) -> CSRWeight:
+    """Unpickling entry point: the constructor, which validates everything a file may have tampered with."""
+    return CSRWeight(values, col_indices, row_offsets, shape)
+
+
+# torch.load(weights_only=True) may call only allowlisted functions; the class itself is deliberately not
+# allowlisted, so that a crafted file cannot build an instance through __new__ alone, skipping validation.
+torch.serialization.add_safe_globals([_rebuild_csr_weight])

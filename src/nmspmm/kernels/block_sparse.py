@@ -1,0 +1,113 @@
+"""Block-sparse product on tensor cores: ``Y = X @ W.T`` where the row-permuted weight ``W[perm]`` is stored as
+dense ``(BN, BK)`` blocks in block-CSR form. Each kept block is one MMA tile against BK contiguous features of
+row-major ``X``; the output columns are un-permuted by the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreter_active
+
+
+@triton.jit
+def _block_sparse_kernel(
+    x_ptr, values_ptr, block_columns_ptr, block_row_offsets_ptr, block_row_order_ptr, row_permutation_ptr,
+    bias_ptr, out_ptr,
+    M, stride_xm, stride_xk, stride_om, stride_on,
+    BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    block_row = tl.load(block_row_order_ptr + tl.program_id(0))
+    first = tl.load(block_row_offsets_ptr + block_row)
+    last = tl.load(block_row_offsets_ptr + block_row + 1)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < M
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # values[j] is [BN, BK] row-major; read transposed as the [BK, BN] right operand.
+    w_ptrs = values_ptr + first.to(tl.int64) * (BN * BK) + offs_k[:, None] + offs_n[None, :] * BK
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for j in range(first, last):
+        column = tl.load(block_columns_ptr + j)
+        features = (column * BK + offs_k).to(tl.int64)
+        x = tl.load(x_rows + features[None, :] * stride_xk, mask=m_valid[:, None], other=0.0)
+        w = tl.load(w_ptrs)
+        w_ptrs += BN * BK
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    original_rows = tl.load(row_permutation_ptr + block_row * BN + offs_n)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + original_rows).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + original_rows.to(tl.int64)[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
+
+
+@dataclass(frozen=True)
+class BlockSparseConfig:
+    """Token tile and pipelining of one launch of the block-sparse kernel."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Shared memory a launch may plan for its pipeline stages (H100 has 228 KiB per SM; leave room for the epilogue).
+_SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def choose_block_sparse_config(tokens: int, block: tuple[int, int], dtype: torch.dtype) -> BlockSparseConfig:
+    """Token tile from the token count (the smallest power of two >= 16 holding them, at most 128, or 64 when
+    fp32 blocks are large), stages as many as the shared-memory budget holds (1 to 5: deep pipelines hide the
+    latency of the block-column loads, 1.5x faster at M = 16 on an H100); small tiles under the interpreter."""
+    if interpreter_active():
+        return BlockSparseConfig(block_m=16, num_warps=4, num_stages=1)
+    bn, bk = block
+    element = torch.finfo(dtype).bits // 8
+    largest = 64 if element == 4 and bn * bk >= 64 * 64 else 128
+    block_m = min(largest, max(16, triton.next_power_of_2(tokens)))
+    stage_bytes = (block_m * bk + bk * bn) * element
+    stages = max(1, min(5, _SHARED_MEMORY_BUDGET // stage_bytes))
+    warps = 8 if block_m * bn >= 128 * 64 else 4
+    return BlockSparseConfig(block_m=block_m, num_warps=warps, num_stages=stages)
+
+
+def block_sparse_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_columns: torch.Tensor,
+    block_row_offsets: torch.Tensor,
+    block_row_order: torch.Tensor,
+    row_permutation: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    input_precision: str = "ieee",
+    config: BlockSparseConfig | None = None,
+) -> torch.Tensor:
+    """Write ``x @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for ``x`` [M, K] (any strides) and ``W``
+    given by its row permutation and the block-CSR form of ``W[row_permutation]``: ``values`` [nblocks, BN, BK]
+    (contiguous), int32 ``block_columns``, ``block_row_offsets`` [N / BN + 1], ``block_row_order`` (the launch
+    order of the block-rows, a permutation of them) and ``row_permutation`` [N]. ``bias`` [N] is in the original
+    order. Accumulates in fp32; ``input_precision`` is ``"ieee"`` or ``"tf32"`` for fp32 operands. Block-rows
+    without blocks write the bias (or zeros). Shapes are trusted: ``nmspmm.ops`` validates them."""
+    tokens = x.shape[0]
+    _, bn, bk = values.shape
+    if config is None:
+        config = choose_block_sparse_config(tokens, (bn, bk), values.dtype)
+    upcast = interpreter_active() and values.dtype == torch.bfloat16
+    grid = (block_row_order.shape[0], triton.cdiv(tokens, config.block_m))
+    _block_sparse_kernel[grid](
+        x, values, block_columns, block_row_offsets, block_row_order, row_permutation,
+        bias if bias is not None else values, out,
+        tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None,
+        INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

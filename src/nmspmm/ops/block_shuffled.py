@@ -1,0 +1,131 @@
+"""Shuffled block-sparse products: argument checks, the torch.library custom op with its autograd formula
+(dense torch products for the backward), and dispatch to the Triton kernel or the dense reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
+from ..kernels.block_sparse import block_sparse_matmul
+from .backend import call_op, check_backend, check_bias, input_precision, use_triton
+
+_OP_SCHEMA = (
+    "(Tensor x, Tensor values, Tensor block_columns, Tensor block_row_offsets, Tensor block_row_order, "
+    "Tensor row_permutation, Tensor? bias, str backend) -> Tensor"
+)
+
+
+def block_shuffled_linear(
+    x: torch.Tensor, weight: BlockShuffledWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]``: a contiguous ``[..., N]`` result in x's dtype,
+    outputs in the weight's original row order (the permutation stays inside the kernel).
+
+    On CUDA this runs the Triton kernel (never a silent dense fallback); on the CPU the dense reference.
+    ``backend="triton"`` forces the kernel, which on the CPU needs ``TRITON_INTERPRET=1``. Differentiable in
+    x, the kept values and bias.
+    """
+    _check_operands(x, weight, bias)
+    check_backend(backend)
+    rows_in = x.reshape(-1, weight.shape[1])
+    args = (
+        rows_in, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
+        weight.row_permutation, bias, backend,
+    )
+    y = call_op(block_shuffled_linear_op, _product, args)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _product(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_columns: torch.Tensor,
+    block_row_offsets: torch.Tensor,
+    block_row_order: torch.Tensor,
+    row_permutation: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """``[M, N]`` = ``x`` ``[M, K]`` times the weight given by its fields (see :class:`BlockShuffledWeight`),
+    plus ``bias``; operands are trusted (:func:`block_shuffled_linear` checks them)."""
+    rows = row_permutation.shape[0]
+    if not use_triton(backend, x.device):
+        compute = torch.promote_types(x.dtype, torch.float32)
+        permuted = dense_from_blocks(values, block_columns, block_row_offsets, (rows, x.shape[1]))
+        y = x.to(compute) @ permuted[inverse_permutation(row_permutation)].to(compute).t()
+        if bias is not None:
+            y += bias.to(compute)
+        return y.to(x.dtype)
+    y = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
+    block_sparse_matmul(
+        x, values.contiguous(), block_columns.contiguous(), block_row_offsets.contiguous(),
+        block_row_order.contiguous(), row_permutation.contiguous(), y,
+        None if bias is None else bias.contiguous(), input_precision(values.dtype),
+    )
+    return y
+
+
+block_shuffled_linear_op = torch.library.custom_op(
+    "nmspmm::block_shuffled_linear", mutates_args=(), schema=_OP_SCHEMA
+)(_product)
+
+
+@block_shuffled_linear_op.register_fake
+def _block_shuffled_linear_fake(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    block_columns: torch.Tensor,
+    block_row_offsets: torch.Tensor,
+    block_row_order: torch.Tensor,
+    row_permutation: torch.Tensor,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], row_permutation.shape[0]))
+
+
+def _setup_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, values, block_columns, block_row_offsets, _, row_permutation, bias, _ = inputs
+    ctx.save_for_backward(x, values, block_columns, block_row_offsets, row_permutation)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+    """Dense gradients in at least fp32: ``dY @ W`` for x, and for the kept values the tiles of
+    ``dY[:, perm].T @ x`` at the kept blocks (permuted order), for bias the column sums of ``dY``."""
+    x, values, block_columns, block_row_offsets, row_permutation = ctx.saved_tensors
+    need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[6]
+    compute = torch.promote_types(grad_y.dtype, torch.float32)
+    rows, cols = row_permutation.shape[0], x.shape[1]
+    blocks, bn, bk = values.shape
+    grad_permuted = grad_y[:, row_permutation.long()].to(compute)
+    grad_x = grad_values = grad_bias = None
+    if need_x:
+        permuted = dense_from_blocks(values, block_columns, block_row_offsets, (rows, cols)).to(compute)
+        grad_x = (grad_permuted @ permuted).to(x.dtype)
+    if need_values:
+        tiles = (grad_permuted.t() @ x.to(compute)).view(rows // bn, bn, cols // bk, bk).transpose(1, 2)
+        grad_values = tiles[block_rows_of(block_row_offsets, blocks), block_columns.long()].to(values.dtype)
+    if ctx.has_bias and need_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_values, None, None, None, None, grad_bias, None
+
+
+block_shuffled_linear_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
+def _check_operands(x: torch.Tensor, weight: BlockShuffledWeight, bias: torch.Tensor | None) -> None:
+    """Reject mismatched dtypes, devices and shapes with errors that name the argument."""
+    if not isinstance(weight, BlockShuffledWeight):
+        raise TypeError(f"weight: expected an nmspmm.BlockShuffledWeight, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x: on {x.device}, but weight is on {weight.device}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    check_bias(bias, weight)

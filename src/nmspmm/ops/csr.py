@@ -1,0 +1,308 @@
+"""Unstructured (CSR) sparse products: argument checks, the torch.library custom ops with their autograd
+formulas, and dispatch to the Triton kernels (Sputnik-style SpMM and SDDMM; CUDA, or the CPU interpreter when
+asked) or the dense reference."""
+
+from __future__ import annotations
+
+import torch
+
+from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, transposed_structure_of
+from ..kernels import transpose
+from ..kernels.csr_spmm import csr_spmm
+from ..kernels.sddmm import sddmm as sddmm_kernel
+from .backend import call_op, check_backend, check_bias, use_triton
+
+# The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
+# Besides the forward structure they take, optionally, the structures their backward reads: the row of every
+# nonzero (for the weight gradient) and the transposed structure (for the input gradient). Callers pass them,
+# cached on the weight, only when autograd will need them; the backward derives any that are missing.
+_LINEAR_SCHEMA = (
+    "(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, Tensor row_order, Tensor? bias, "
+    "Tensor? row_indices, Tensor? transposed_offsets, Tensor? transposed_columns, Tensor? permutation, "
+    "Tensor? transposed_order, str backend) -> Tensor"
+)
+
+
+def csr_linear(
+    x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]`` and an unstructured sparse ``weight``: a contiguous
+    ``[..., N]`` result in x's dtype.
+
+    On CUDA this runs the Triton SpMM (never a silent dense fallback); on the CPU the dense reference.
+    ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
+    """
+    _check_operands(x, weight, bias, feature_axis=-1)
+    check_backend(backend)
+    rows_in = x.reshape(-1, weight.shape[1])
+    y = call_op(csr_linear_op, _row_major_product, _op_args(rows_in, weight, bias, backend))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def csr_linear_feature_major(
+    x_t: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The same product on feature-major activations: ``x_t`` is ``[K, M]`` (``X.T``), the result ``[N, M]``.
+
+    No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
+    """
+    _check_operands(x_t, weight, bias, feature_axis=0)
+    if x_t.dim() != 2:
+        raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
+    check_backend(backend)
+    return call_op(csr_linear_feature_major_op, _feature_major_product, _op_args(x_t, weight, bias, backend))
+
+
+def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str = "auto") -> CSRWeight:
+    """``a @ b.T`` sampled at ``weight``'s kept positions, for ``a`` [N, D] and ``b`` [K, D]: a :class:`CSRWeight`
+    of the same structure (sharing its index tensors) holding the products, in the weight's dtype.
+
+    Not differentiable (the weight gradient of :func:`csr_linear` uses it inside its own backward).
+    """
+    _check_sddmm_operands(a, b, weight)
+    check_backend(backend)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        raise ValueError("a, b: sddmm is not differentiable; pass detached tensors (or call it under torch.no_grad())")
+    values = call_op(csr_sddmm, _sampled_product, (a, b, weight.row_indices(), weight.col_indices, backend))
+    return weight._with_values(values)
+
+
+def _op_args(x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None, backend: str) -> tuple:
+    """The products' arguments: the forward structure, and the backward's structures where autograd will need
+    them (they cost memory, so inference never derives them)."""
+    grad = torch.is_grad_enabled()
+    row_indices = weight.row_indices() if grad and weight.values.requires_grad else None
+    transposed = weight.transposed_structure() if grad and x.requires_grad else (None, None, None, None)
+    offsets_t, columns_t, permutation, order_t = transposed
+    return (
+        x, weight.values, weight.col_indices, weight.row_offsets, weight.row_order(), bias,
+        row_indices, offsets_t, columns_t, permutation, order_t, backend,
+    )  # fmt: skip
+
+
+def _row_major_product(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    row_order: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_indices: torch.Tensor | None,
+    transposed_offsets: torch.Tensor | None,
+    transposed_columns: torch.Tensor | None,
+    permutation: torch.Tensor | None,
+    transposed_order: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """``[M, N]`` = ``x`` ``[M, K]`` times the CSR weight's transpose, plus ``bias``; operands are trusted
+    (:func:`csr_linear` checks them); the backward's structures are not read here."""
+    if not use_triton(backend, x.device):
+        return _reference(x, values, col_indices, row_offsets, bias)
+    y = torch.empty((x.shape[0], row_offsets.shape[0] - 1), dtype=x.dtype, device=x.device)
+    csr_spmm(_unit_inner_stride(x.t()), values, col_indices, row_offsets, row_order, y, bias)
+    return y
+
+
+def _feature_major_product(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    row_order: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_indices: torch.Tensor | None,
+    transposed_offsets: torch.Tensor | None,
+    transposed_columns: torch.Tensor | None,
+    permutation: torch.Tensor | None,
+    transposed_order: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`_row_major_product` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``
+    (contiguous)."""
+    if not use_triton(backend, x.device):
+        return _reference(x.t(), values, col_indices, row_offsets, bias).t().contiguous()
+    y_t = torch.empty((row_offsets.shape[0] - 1, x.shape[1]), dtype=x.dtype, device=x.device)
+    csr_spmm(_unit_inner_stride(x), values, col_indices, row_offsets, row_order, y_t.t(), bias)
+    return y_t
+
+
+csr_linear_op = torch.library.custom_op("nmspmm::csr_linear", mutates_args=(), schema=_LINEAR_SCHEMA)(
+    _row_major_product
+)
+csr_linear_feature_major_op = torch.library.custom_op(
+    "nmspmm::csr_linear_feature_major", mutates_args=(), schema=_LINEAR_SCHEMA
+)(_feature_major_product)
+
+
+@csr_linear_op.register_fake
+def _csr_linear_fake(x, values, col_indices, row_offsets, *rest):
+    return x.new_empty((x.shape[0], row_offsets.shape[0] - 1))
+
+
+@csr_linear_feature_major_op.register_fake
+def _csr_linear_feature_major_fake(x, values, col_indices, row_offsets, *rest):
+    return x.new_empty((row_offsets.shape[0] - 1, x.shape[1]))
+
+
+def _sampled_product(
+    a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """``(a @ b.T)[row_indices, col_indices]`` ``[nnz]`` in a's dtype, for ``a`` [R, D] and ``b`` [C, D] (any
+    strides): the SDDMM kernel, or on the reference path the dense product in at least fp32, then sampled."""
+    if not use_triton(backend, a.device):
+        compute = torch.promote_types(a.dtype, torch.float32)
+        full = a.to(compute) @ b.to(compute).t()
+        return full[row_indices.long(), col_indices.long()].to(a.dtype)
+    out = a.new_empty(col_indices.shape[0])
+    return sddmm_kernel(_unit_inner_stride(a), _unit_inner_stride(b), row_indices, col_indices, out)
+
+
+csr_sddmm = torch.library.custom_op(
+    "nmspmm::csr_sddmm", mutates_args=(),
+    schema="(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, str backend) -> Tensor",
+)(_sampled_product)
+
+
+@csr_sddmm.register_fake
+def _csr_sddmm_fake(a, b, row_indices, col_indices, backend):
+    return a.new_empty(col_indices.shape[0])
+
+
+@torch.library.custom_op(
+    "nmspmm::csr_linear_grad_input", mutates_args=(),
+    schema=(
+        "(Tensor grad_y, Tensor values, Tensor permutation, Tensor transposed_offsets, Tensor transposed_columns, "
+        "Tensor transposed_order) -> Tensor"
+    ),
+)
+def csr_linear_grad_input(
+    grad_y: torch.Tensor,
+    values: torch.Tensor,
+    permutation: torch.Tensor,
+    transposed_offsets: torch.Tensor,
+    transposed_columns: torch.Tensor,
+    transposed_order: torch.Tensor,
+) -> torch.Tensor:
+    """``grad_y @ W`` ``[M, K]``: the Triton SpMM over the transposed structure, whose values are
+    ``values[permutation]``; an op of its own so compiled backward graphs trace it."""
+    grad_x = grad_y.new_empty((grad_y.shape[0], transposed_offsets.shape[0] - 1))
+    grad_y_t = _unit_inner_stride(grad_y.t())
+    return csr_spmm(grad_y_t, values[permutation], transposed_columns, transposed_offsets, transposed_order, grad_x)
+
+
+@csr_linear_grad_input.register_fake
+def _csr_linear_grad_input_fake(grad_y, values, permutation, transposed_offsets, *rest):
+    return grad_y.new_empty((grad_y.shape[0], transposed_offsets.shape[0] - 1))
+
+
+def _setup_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, values, col_indices, row_offsets, _, bias, row_indices, *transposed, backend = inputs
+    ctx.save_for_backward(x, values, col_indices, row_offsets, row_indices, *transposed)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx, x_rows: torch.Tensor, grad_rows: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for the activations (``dY @ W``, an SpMM over the transposed structure) and for the kept
+    weights only (the SDDMM of ``dY.T`` and ``x.T`` at the kept positions), from ``[M, ...]`` rows."""
+    _, values, col_indices, row_offsets, row_indices, *transposed = ctx.saved_tensors
+    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    rows, cols = row_offsets.shape[0] - 1, x_rows.shape[1]
+    triton_x = need_x and use_triton(ctx.backend, grad_rows.device)
+    if row_indices is None and (need_values or (need_x and (not triton_x or transposed[0] is None))):
+        row_indices = row_indices_of(row_offsets, values.shape[0])
+    grad_x = grad_values = None
+    if need_values:
+        grad_values = csr_sddmm(grad_rows.t(), x_rows.t(), row_indices, col_indices, ctx.backend)
+    if triton_x:
+        if transposed[0] is None:
+            transposed = transposed_structure_of(row_indices, col_indices, cols)
+        offsets_t, columns_t, permutation, order_t = transposed
+        grad_x = csr_linear_grad_input(grad_rows, values, permutation, offsets_t, columns_t, order_t)
+    elif need_x:
+        compute = torch.promote_types(grad_rows.dtype, torch.float32)
+        dense = dense_from_csr(values.to(compute), row_indices, col_indices, (rows, cols))
+        grad_x = (grad_rows.to(compute) @ dense).to(grad_rows.dtype)
+    return grad_x, grad_values
+
+
+def _csr_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+    grad_x, grad_values = _backward(ctx, ctx.saved_tensors[0], grad_y)
+    grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return (grad_x, grad_values, None, None, None, grad_bias) + (None,) * 6
+
+
+def _csr_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, grad_y_t: torch.Tensor) -> tuple:
+    grad_x, grad_values = _backward(ctx, ctx.saved_tensors[0].t(), grad_y_t.t())
+    grad_bias = grad_y_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return (None if grad_x is None else grad_x.t(), grad_values, None, None, None, grad_bias) + (None,) * 6
+
+
+csr_linear_op.register_autograd(_csr_linear_backward, setup_context=_setup_backward)
+csr_linear_feature_major_op.register_autograd(_csr_linear_feature_major_backward, setup_context=_setup_backward)
+
+
+def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [R, C] with unit stride along C, as the kernels read fastest: itself when it has one (or C = 1),
+    else a tiled transposed copy (a transposed view's ``.contiguous()`` reaches a fraction of copy bandwidth)."""
+    if t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    return transpose(t.t())
+
+
+def _reference(
+    rows_in: torch.Tensor,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Dense reference: the product over the densified weight, accumulated in at least fp32."""
+    compute = torch.promote_types(rows_in.dtype, torch.float32)
+    shape = (row_offsets.shape[0] - 1, rows_in.shape[1])
+    dense = dense_from_csr(values.to(compute), row_indices_of(row_offsets, values.shape[0]), col_indices, shape)
+    y = rows_in.to(compute) @ dense.t()
+    if bias is not None:
+        y += bias.to(compute)
+    return y.to(rows_in.dtype)
+
+
+def _check_operands(x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None, feature_axis: int) -> None:
+    """Reject mismatched dtypes, devices and shapes with errors that name the argument."""
+    name = "x" if feature_axis == -1 else "x_t"
+    if not isinstance(weight, CSRWeight):
+        raise TypeError(f"weight: expected an nmspmm.CSRWeight, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: on {x.device}, but weight is on {weight.device}")
+    if x.dim() == 0 or x.shape[feature_axis] != weight.shape[1]:
+        axis = "last" if feature_axis == -1 else "first"
+        raise ValueError(
+            f"{name}: expected {axis} dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    check_bias(bias, weight)
+
+
+def _check_sddmm_operands(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight) -> None:
+    """Check ``a`` [N, D] and ``b`` [K, D] against ``weight`` [N, K]: tensors of its dtype and device, D >= 1."""
+    if not isinstance(weight, CSRWeight):
+        raise TypeError(f"weight: expected an nmspmm.CSRWeight, got {type(weight).__name__}")
+    for name, operand, rows in (("a", a, weight.shape[0]), ("b", b, weight.shape[1])):
+        if not isinstance(operand, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(operand).__name__}")
+        if operand.dtype != weight.dtype:
+            raise TypeError(f"{name}: dtype {operand.dtype} does not match weight dtype {weight.dtype}")
+        if operand.device != weight.device:
+            raise ValueError(f"{name}: on {operand.device}, but weight is on {weight.device}")
+        if operand.dim() != 2 or operand.shape[0] != rows or operand.shape[1] < 1:
+            dim = "N" if name == "a" else "K"
+            raise ValueError(f"{name}: expected shape [{dim}={rows}, D] with D >= 1, got {tuple(operand.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"b: expected D={a.shape[1]} columns like a, got shape {tuple(b.shape)}")

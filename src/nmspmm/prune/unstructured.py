@@ -1,0 +1,35 @@
+"""Unstructured magnitude pruning: keep the largest |w| over the whole matrix, in any positions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..formats.pattern import check_weight_matrix
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Validate a sparsity (the fraction of weights to prune): a real number in [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity: expected a float in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
+    if not (math.isfinite(sparsity) and 0 <= sparsity < 1):
+        raise ValueError(f"sparsity: expected a float in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def unstructured_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """bool ``[N, K]`` mask keeping the ``round((1 - sparsity) * N * K)`` entries of largest |w| over the whole
+    matrix; ties go to the earlier entry in row-major order, so the mask is deterministic."""
+    sparsity = check_sparsity(sparsity)
+    # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
+    check_weight_matrix(weight, 1, 1, 1)
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        row, col = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"weight: expected finite values, got {weight[row, col].item()} at row {row}, column {col}")
+    keep = round((1 - sparsity) * weight.numel())
+    order = torch.sort(weight.detach().abs().flatten(), descending=True, stable=True).indices
+    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    mask[order[:keep]] = True
+    return mask.view(weight.shape)
