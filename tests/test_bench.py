@@ -108,3 +108,29 @@ def test_format_summary_groups_by_regime():
     table = summary_markdown([{**row, "M": 1}, {**row, "M": 256}, {**row, "M": 1024, "speedup": 8.0}])
     assert "| csr | float32 | M >= 256 | 90.0% | 2 | 4.00x | 4.00x | 50% |" in table
     assert "| csr | float32 | M <= 16 | 90.0% | 1 | 2.00x | 4.00x | 50% |" in table
+
+
+def test_format_cases_run_end_to_end_on_cpu(monkeypatch):
+    """The case logic (weights, checks, baselines, model columns) with a stand-in timer that runs each
+    function once; on CUDA machines the real benchmark does this with do_bench."""
+    from nmspmm.bench import formats
+    from nmspmm.perf import DeviceCeilings
+
+    def run_once_ms(functions):
+        functions[0]()
+        return 1.0
+
+    monkeypatch.setattr(formats, "DEVICE", "cpu")
+    monkeypatch.setattr(formats, "median_ms", run_once_ms)
+    ceilings = DeviceCeilings("cpu", {"bfloat16": 1.0, "float16": 1.0, "float32": 1.0, "tf32": 1.0}, 1.0, "")
+    cache = formats._WeightCache()
+    stamp = {"device": "cpu", "date": "2026-11-23"}
+    for case in [
+        formats.FormatCase("csr", 7, 64, 96, 0.9, "float32"),
+        formats.FormatCase("sddmm", 9, 64, 96, 0.7, "float32"),
+        formats.FormatCase("block", 5, 64, 96, 0.75, "float32", (16, 32)),
+    ]:
+        row = formats.run_format_case(case, ceilings, stamp, cache)
+        assert row["correct"] and row["rel_error"] < 1e-5, row
+        assert row["ms"] == 1.0 and row["kind"] == case.kind and 0 < row["bound_ms"]
+    assert 0 < row["kept_magnitude"] <= 1 and 0 < row["nm_kept_magnitude"] <= 1

@@ -28,6 +28,7 @@ BLOCK_TOKENS = (16, 256, 1024, 4096)
 # N:M patterns of the same sparsity as a block-sparse case, for the side-by-side with vector-wise N:M (V=64).
 NM_OF_SPARSITY = {0.5: "16:32", 0.75: "8:32", 0.875: "4:32"}
 NM_VECTOR = 64
+DEVICE = "cuda"  # the benchmark's device; tests run the case logic on "cpu" with a stand-in timer
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ class _WeightCache:
     def get(self, case: FormatCase, dtype: torch.dtype) -> tuple:
         key = (case.kind == "block", case.rows, case.cols, case.sparsity, case.dtype, case.block)
         if key not in self._weights:
-            generator = torch.Generator(device="cuda").manual_seed(hash(key) % 2**31)
-            dense = torch.randn(case.rows, case.cols, device="cuda", generator=generator).to(dtype) * case.cols**-0.5
+            generator = torch.Generator(device=DEVICE).manual_seed(hash(key) % 2**31)
+            dense = torch.randn(case.rows, case.cols, device=DEVICE, generator=generator).to(dtype) * case.cols**-0.5
             if case.kind == "block":
                 weight = BlockShuffledWeight.prune(dense, case.sparsity, case.block)
             else:
@@ -127,7 +128,7 @@ def run_format_case(case: FormatCase, ceilings: DeviceCeilings, stamp: dict[str,
 def _sets(case: FormatCase, element: int, weight_bytes: int) -> int:
     """How many input sets to rotate so that none is still in L2 when it comes round again."""
     set_bytes = (case.tokens * case.cols + case.tokens * case.rows) * element + weight_bytes
-    l2 = torch.cuda.get_device_properties().L2_cache_size
+    l2 = torch.cuda.get_device_properties().L2_cache_size if DEVICE == "cuda" else 0
     return min(32, max(2, math.ceil(2 * l2 / set_bytes) + 1))
 
 
@@ -165,7 +166,7 @@ def _run_csr(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: to
     PyTorch's CSR product (cuSPARSE) on the same row-major x: ``(W_csr @ x.T).T``."""
     element = torch.finfo(dtype).bits // 8
     sets = _sets(case, element, weight.nbytes)
-    xs = [torch.randn(case.tokens, case.cols, device="cuda", dtype=dtype) for _ in range(sets)]
+    xs = [torch.randn(case.tokens, case.cols, device=DEVICE, dtype=dtype) for _ in range(sets)]
     weights = [weight] + [weight._with_values(weight.values.clone()) for _ in range(sets - 1)]
     reference = xs[0].double() @ weight.to_dense().double().t()
     rel_error = _relative_error(linear(xs[0], weight), reference)
@@ -183,8 +184,8 @@ def _run_sddmm(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: 
     feature-major), against the full dense ``dY.T @ X`` (cuBLAS) and ``torch.sparse.sampled_addmm`` (cuSPARSE)."""
     element = torch.finfo(dtype).bits // 8
     sets = _sets(case, element, weight.nbytes)
-    grads = [torch.randn(case.rows, case.tokens, device="cuda", dtype=dtype) for _ in range(sets)]
-    inputs = [torch.randn(case.cols, case.tokens, device="cuda", dtype=dtype) for _ in range(sets)]
+    grads = [torch.randn(case.rows, case.tokens, device=DEVICE, dtype=dtype) for _ in range(sets)]
+    inputs = [torch.randn(case.cols, case.tokens, device=DEVICE, dtype=dtype) for _ in range(sets)]
     mask = weight.mask()
     reference = (grads[0].double() @ inputs[0].double().t())[mask]
     rel_error = _relative_error(sddmm(grads[0], inputs[0], weight).values, reference)
@@ -206,7 +207,7 @@ def _run_block(
     (``peer``), both through nmspmm.linear on row-major x; also the weight magnitude each keeps."""
     element = torch.finfo(dtype).bits // 8
     sets = _sets(case, element, weight.nbytes)
-    xs = [torch.randn(case.tokens, case.cols, device="cuda", dtype=dtype) for _ in range(sets)]
+    xs = [torch.randn(case.tokens, case.cols, device=DEVICE, dtype=dtype) for _ in range(sets)]
     reference = xs[0].double() @ weight.to_dense().double().t()
     rel_error = _relative_error(linear(xs[0], weight), reference)
     correct = rel_error < TOLERANCE[case.dtype]
