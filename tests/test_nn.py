@@ -134,7 +134,7 @@ def test_from_dense_keeps_requires_grad():
         (lambda: (_dense(32, 32), 0.5), TypeError, r"pattern: expected a string"),
         (lambda: (_dense(32, 32), "2:5"), ValueError, r"pattern: m must be one of"),
         (lambda: (_dense(32, 32), "2:4", 16.0), TypeError, r"vector: expected an int"),
-        (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 32, dtype=torch.bool)), ValueError, r"mask: not 2:4"),
+        (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 32, dtype=torch.bool, device=DEVICE)), ValueError, r"mask: not 2:4"),
         (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 16)), ValueError, r"mask: expected shape \(32, 32\)"),
     ],
 )
