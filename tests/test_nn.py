@@ -400,3 +400,102 @@ def test_corrupted_state_dict_refused(corrupt, layer, match):
     # Layers load in order (as in torch): the refused one keeps its tensors.
     for key in (f"{layer}.values", f"{layer}.offsets"):
         assert torch.equal(target.state_dict()[key], before[key])
+
+
+def _three_layer_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 48), nn.Linear(48, 20)).to(DEVICE)
+
+
+FORMAT_CASES = [
+    ({"pattern": "csr", "sparsity": 0.9}, nmspmm.nn.CSRLinear, ["0", "2", "3"]),
+    ({"pattern": "block", "sparsity": 0.75, "block": (16, 16)}, nmspmm.nn.BlockShuffledLinear, ["0", "2"]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs,module_type,swapped", FORMAT_CASES)
+def test_sparsify_other_formats_matches_masked_dense(kwargs, module_type, swapped, backend):
+    model = _three_layer_model(0)
+    dense = {name: layer.weight.detach().clone() for name, layer in model.named_children() if isinstance(layer, nn.Linear)}
+    report = nmspmm.sparsify(model, **kwargs)
+    assert report.swapped == swapped and report.sparse_bytes < report.dense_bytes
+    assert f"sparsity={kwargs['sparsity']:.1%}" in str(report)
+    x = torch.randn(7, 64, device=DEVICE)
+    for name in swapped:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, module_type)
+        layer.backend = backend
+        mask = layer.weight.mask()
+        assert 1 - mask.float().mean().item() == pytest.approx(kwargs["sparsity"], abs=0.01)
+        assert torch.equal(layer.to_dense(), dense[name] * mask)
+        inputs = torch.randn(7, layer.in_features, device=DEVICE)
+        expected = inputs.double() @ layer.to_dense().double().t() + layer.bias.double()
+        assert relative_error(layer(inputs), expected) < TOLERANCE[torch.float32]
+    assert model(x).shape == (7, 20)
+
+
+@pytest.mark.parametrize("kwargs,module_type,swapped", FORMAT_CASES)
+def test_other_formats_fine_tune_and_round_trip(kwargs, module_type, swapped, tmp_path):
+    model = _three_layer_model(1)
+    nmspmm.sparsify(model, **kwargs)
+    first = model.get_submodule(swapped[0])
+    structure = first.weight.mask().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 64, device=DEVICE)
+    before = first.values.detach().clone()
+    model(x).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(first.values.detach(), before) and torch.equal(first.weight.mask(), structure)
+
+    target = _three_layer_model(2)
+    nmspmm.sparsify(target, **kwargs)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    target.load_state_dict(torch.load(tmp_path / "model.pt"))
+    with torch.no_grad():
+        assert torch.equal(target(x), model(x))
+        half = target.half()
+        assert half(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "kwargs,corrupt,match",
+    [
+        (FORMAT_CASES[0][0], lambda s: s["0.col_indices"].fill_(64), r"0.values, 0.col_indices and 0.row_offsets"),
+        (FORMAT_CASES[1][0], lambda s: s["0.row_permutation"].fill_(0), r"0.values, 0.block_columns, .*row_permutation"),
+    ],
+)
+def test_other_formats_refuse_corrupted_state(kwargs, corrupt, match):
+    source, target = _three_layer_model(0), _three_layer_model(1)
+    nmspmm.sparsify(source, **kwargs)
+    nmspmm.sparsify(target, **kwargs)
+    state = {key: value.clone() for key, value in source.state_dict().items()}
+    corrupt(state)
+    with pytest.raises(ValueError, match=rf"state_dict: {match} are not a"):
+        target.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"pattern": "csr"}, ValueError, r"sparsity: pattern 'csr' needs the fraction of weights to prune"),
+        ({"pattern": "csr", "sparsity": 1.0}, ValueError, r"sparsity: expected a float in \[0, 1\)"),
+        ({"pattern": "block", "sparsity": 0.5, "block": (8, 8)}, ValueError, r"block"),
+        ({"pattern": "csr", "sparsity": 0.5, "method": "wanda"}, ValueError, r"method: pattern 'csr' prunes by magnitude"),
+        ({"pattern": "csr", "sparsity": 0.5, "vector": 16}, ValueError, r"vector: applies to n:m patterns only"),
+        ({"pattern": "2:4", "sparsity": 0.5}, ValueError, r"sparsity: an n:m pattern fixes the sparsity"),
+    ],
+)
+def test_sparsify_other_formats_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nmspmm.sparsify(_three_layer_model(0), **kwargs)
+
+
+def test_compile_csr_model_fullgraph():
+    model = _three_layer_model(3)
+    nmspmm.sparsify(model, "csr", sparsity=0.8)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(5, 64, device=DEVICE)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
+    torch._dynamo.reset()

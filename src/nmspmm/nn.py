@@ -1,5 +1,6 @@
-"""Modules: :class:`SparseLinear`, a drop-in for ``nn.Linear`` whose weight is vector-wise N:M sparse, and
-:func:`sparsify`, which swaps a model's ``nn.Linear`` layers for it in place."""
+"""Modules: drop-ins for ``nn.Linear`` with a sparse weight (:class:`SparseLinear` for vector-wise N:M,
+:class:`CSRLinear` for unstructured, :class:`BlockShuffledLinear` for block-sparse after a row permutation),
+and :func:`sparsify`, which swaps a model's ``nn.Linear`` layers for them in place."""
 
 from __future__ import annotations
 
@@ -12,44 +13,112 @@ import torch
 from torch import nn
 
 from . import ops
-from .formats import NMSparseWeight
+from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
+from .formats.block_shuffled import check_block, check_block_weight
 from .prune import prune
+from .prune.block_shuffle import check_block_sparsity
+from .prune.unstructured import check_sparsity
 
 METHODS = ("magnitude", "wanda")
 
 
-class SparseLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` stored in vector-wise N:M form, for ``x`` of shape ``[..., in_features]``.
+class _SparseLinearBase(nn.Module):
+    """What the sparse linear modules share: the weight's kept values as the Parameter ``values`` (so any
+    optimizer fine-tunes them under the fixed structure), its index tensors as buffers (saved in the state
+    dict and validated as one weight when loaded), an optional bias, and the product through
+    :func:`nmspmm.linear`. Subclasses name the format and build its weight from these tensors."""
 
-    The kept weights are the Parameter ``values`` (so any optimizer fine-tunes them under a fixed mask), their
-    positions the uint8 buffer ``offsets`` (saved in the state dict) and the derived ``kept_offsets`` (not saved).
-    """
-
+    FORMAT: type
     values: nn.Parameter
-    offsets: torch.Tensor
-    kept_offsets: torch.Tensor
     bias: nn.Parameter | None
 
-    def __init__(self, weight: NMSparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
-        """Wrap ``weight`` (sharing its tensors) and an optional ``[out_features]`` ``bias``; ``backend`` is
-        passed to :func:`nmspmm.linear` on every call."""
+    def __init__(self, weight: Any, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
         super().__init__()
-        if not isinstance(weight, NMSparseWeight):
-            raise TypeError(f"weight: expected an nmspmm.NMSparseWeight, got {type(weight).__name__}")
+        if not isinstance(weight, self.FORMAT):
+            raise TypeError(f"weight: expected an nmspmm.{self.FORMAT.__name__}, got {type(weight).__name__}")
         ops.check_bias(bias, weight)
         ops.check_backend(backend)
         self.out_features, self.in_features = weight.shape
-        self.pattern = weight.pattern
-        self.vector = weight.vector
         self.backend = backend
-        self.values = nn.Parameter(weight.values.detach())
-        self.register_buffer("offsets", weight.offsets)
-        self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
+        self.fields = {key: value for key, value in weight.state_fields().items() if key != "dtype"}
+        tensors = weight.state_tensors()
+        self.values = nn.Parameter(tensors.pop("values").detach())
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
         if bias is None:
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias.detach())
+
+    @property
+    def weight(self) -> Any:
+        """The sparse weight over this module's tensors (validated when they were built or loaded, not again)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight, zeros where pruned."""
+        return self.weight.to_dense()
+
+    def _describe_weight(self) -> str:
+        return f"{self.FORMAT.__name__} with shape {(self.out_features, self.in_features)}"
+
+    def _derive(self) -> None:
+        """Recompute what the weight derives from its stored tensors (after a load)."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Check the incoming stored tensors (any may come from the module) as one weight of this module's
+        format and shape, raising ValueError if they are not; load; derive again."""
+        names = self.FORMAT.STATE_TENSORS
+        tensors = {name: state_dict.get(prefix + name, getattr(self, name)) for name in names}
+        values = tensors["values"]
+        if isinstance(values, torch.Tensor):
+            values = values.detach()
+            tensors = {name: t.to(values.device) if isinstance(t, torch.Tensor) else t for name, t in tensors.items()}
+            tensors["values"] = values
+        try:
+            dtype = str(values.dtype).removeprefix("torch.") if isinstance(values, torch.Tensor) else None
+            self.FORMAT.from_state(tensors, {**self.fields, "dtype": dtype})
+        except (TypeError, ValueError, AttributeError) as error:
+            stored = [prefix + name for name in names]
+            listed = ", ".join(stored[:-1]) + " and " + stored[-1]
+            raise ValueError(f"state_dict: {listed} are not a {self._describe_weight()}: {error}") from error
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._derive()
+
+
+class SparseLinear(_SparseLinearBase):
+    """``y = x @ W.T + b`` with ``W`` stored in vector-wise N:M form, for ``x`` of shape ``[..., in_features]``.
+
+    The kept weights are the Parameter ``values``, their positions the uint8 buffer ``offsets`` (saved in the
+    state dict) and the derived ``kept_offsets`` (not saved).
+    """
+
+    FORMAT = NMSparseWeight
+    offsets: torch.Tensor
+    kept_offsets: torch.Tensor
+
+    def __init__(self, weight: NMSparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
+        """Wrap ``weight`` (sharing its tensors) and an optional ``[out_features]`` ``bias``; ``backend`` is
+        passed to :func:`nmspmm.linear` on every call."""
+        super().__init__(weight, bias, backend=backend)
+        self.pattern = weight.pattern
+        self.vector = weight.vector
+        self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
 
     @classmethod
     def from_dense(
@@ -63,19 +132,13 @@ class SparseLinear(nn.Module):
     ) -> SparseLinear:
         """Prune ``linear``'s weight to ``pattern`` with V=``vector`` (magnitude pruning, or the N:M ``mask``
         given) into a new module; weight and bias are copied, and keep their ``requires_grad``."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        _check_linear(linear)
         dense = linear.weight.detach()
         if mask is None:
             weight = prune(dense, pattern, vector)
         else:
             weight = NMSparseWeight.from_dense(dense, mask, pattern, vector)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        module = cls(weight, bias, backend=backend)
-        module.values.requires_grad_(linear.weight.requires_grad)
-        if module.bias is not None:
-            module.bias.requires_grad_(linear.bias.requires_grad)
-        return module
+        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
 
     @property
     def weight(self) -> NMSparseWeight:
@@ -84,12 +147,12 @@ class SparseLinear(nn.Module):
         shape = (self.out_features, self.in_features)
         return NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape, self.kept_offsets)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+    def _describe_weight(self) -> str:
+        return f"{self.pattern} weight with vector={self.vector} and shape {(self.out_features, self.in_features)}"
 
-    def to_dense(self) -> torch.Tensor:
-        """The dense ``[out_features, in_features]`` weight, zeros where pruned."""
-        return self.weight.to_dense()
+    def _derive(self) -> None:
+        shape = (self.out_features, self.in_features)
+        self.kept_offsets = NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape).kept_offsets()
 
     def extra_repr(self) -> str:
         backend = f", backend='{self.backend}'" if self.backend != "auto" else ""
@@ -98,35 +161,117 @@ class SparseLinear(nn.Module):
             f"vector={self.vector}, bias={self.bias is not None}{backend}"
         )
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Check the incoming ``values`` and ``offsets`` (either may come from the module) as one weight of this
-        module's pattern, vector and shape, raising ValueError if they are not; load; derive ``kept_offsets``."""
-        values = state_dict.get(prefix + "values", self.values.detach())
-        offsets = state_dict.get(prefix + "offsets", self.offsets)
-        if isinstance(values, torch.Tensor) and isinstance(offsets, torch.Tensor):
-            offsets = offsets.to(values.device)
+
+class CSRLinear(_SparseLinearBase):
+    """``y = x @ W.T + b`` with ``W`` unstructured sparse in CSR form (:class:`CSRWeight`): kept values as the
+    Parameter ``values``, int32 buffers ``col_indices`` and ``row_offsets``. The structures the kernels derive
+    (launch order, transposed structure for gradients) are cached on the module until it moves or loads."""
+
+    FORMAT = CSRWeight
+    col_indices: torch.Tensor
+    row_offsets: torch.Tensor
+
+    def __init__(self, weight: CSRWeight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
+        super().__init__(weight, bias, backend=backend)
+        self._derived: dict[str, Any] = {}
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, sparsity: float, mask: torch.Tensor | None = None, *, backend: str = "auto"
+    ) -> CSRLinear:
+        """Prune ``linear``'s weight by magnitude to ``sparsity`` (or keep the ``mask`` given) into a new module."""
+        _check_linear(linear)
+        dense = linear.weight.detach()
+        weight = CSRWeight.prune(dense, sparsity) if mask is None else CSRWeight.from_dense(dense, mask)
+        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
+
+    @property
+    def weight(self) -> CSRWeight:
         shape = (self.out_features, self.in_features)
-        try:
-            NMSparseWeight(values, offsets, self.pattern, self.vector, shape)
-        except (TypeError, ValueError) as error:
-            raise ValueError(
-                f"state_dict: {prefix}values and {prefix}offsets are not a {self.pattern} weight with "
-                f"vector={self.vector} and shape {shape}: {error}"
-            ) from error
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        return CSRWeight._trusted(self.values, self.col_indices, self.row_offsets, shape, self._derived)
+
+    def _derive(self) -> None:
+        self._derived = {}
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> CSRLinear:
+        self._derived = {}
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}, "
+            f"bias={self.bias is not None}"
         )
-        loaded = NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape)
-        self.kept_offsets = loaded.kept_offsets()
+
+
+class BlockShuffledLinear(_SparseLinearBase):
+    """``y = x @ W.T + b`` with ``W`` block-sparse after a row permutation (:class:`BlockShuffledWeight`): kept
+    blocks as the Parameter ``values``, int32 buffers ``block_columns``, ``block_row_offsets`` and
+    ``row_permutation``, and the derived launch order ``block_row_order`` (not saved)."""
+
+    FORMAT = BlockShuffledWeight
+    block_columns: torch.Tensor
+    block_row_offsets: torch.Tensor
+    row_permutation: torch.Tensor
+    block_row_order: torch.Tensor
+
+    def __init__(
+        self, weight: BlockShuffledWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+    ) -> None:
+        super().__init__(weight, bias, backend=backend)
+        self.block = tuple(weight.block)
+        self.register_buffer("block_row_order", weight.block_row_order, persistent=False)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        sparsity: float,
+        block: tuple[int, int] = (32, 32),
+        *,
+        search: bool = True,
+        backend: str = "auto",
+    ) -> BlockShuffledLinear:
+        """Prune ``linear``'s weight to whole ``block`` tiles after a searched row permutation into a new module."""
+        _check_linear(linear)
+        weight = BlockShuffledWeight.prune(linear.weight.detach(), sparsity, block, search=search)
+        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
+
+    @property
+    def weight(self) -> BlockShuffledWeight:
+        return BlockShuffledWeight._trusted(
+            self.values, self.block_columns, self.block_row_offsets, self.row_permutation,
+            (self.out_features, self.in_features), self.block, self.block_row_order,
+        )
+
+    def _derive(self) -> None:
+        self.block_row_order = BlockShuffledWeight._trusted(
+            self.values, self.block_columns, self.block_row_offsets, self.row_permutation,
+            (self.out_features, self.in_features), self.block,
+        ).block_row_order
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
+            f"blocks={self.block_columns.numel()}, bias={self.bias is not None}"
+        )
+
+
+def _check_linear(linear: Any) -> None:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+
+
+def _bias_copy(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().clone()
+
+
+def _like(module: _SparseLinearBase, linear: nn.Linear) -> _SparseLinearBase:
+    """``module`` with the ``requires_grad`` of ``linear``'s weight and bias."""
+    module.values.requires_grad_(linear.weight.requires_grad)
+    if module.bias is not None:
+        module.bias.requires_grad_(linear.bias.requires_grad)
+    return module
 
 
 @dataclass
@@ -137,6 +282,7 @@ class SparsifyReport:
     pattern: str
     vector: int
     method: str
+    sparsity: float | None = None
     swapped: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     dense_bytes: int = 0
@@ -144,7 +290,7 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         lines = [
-            f"sparsify {self.pattern} (vector={self.vector}, {self.method}): "
+            f"sparsify {self.pattern} ({self._settings()}): "
             f"{len(self.swapped)} linear layers swapped, {len(self.skipped)} skipped"
         ]
         if self.swapped:
@@ -155,6 +301,14 @@ class SparsifyReport:
         lines += [f"  skipped {name or '<model>'}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
+    def _settings(self) -> str:
+        if self.sparsity is None:
+            return f"vector={self.vector}, {self.method}"
+        return f"sparsity={self.sparsity:.1%}, {self.method}"
+
+
+FORMATS = ("csr", "block")
+
 
 def sparsify(
     model: nn.Module,
@@ -163,9 +317,16 @@ def sparsify(
     skip: Callable[[str, nn.Module], bool] | None = None,
     method: str = "magnitude",
     calibration: Iterable[Any] | None = None,
+    *,
+    sparsity: float | None = None,
+    block: tuple[int, int] = (32, 32),
 ) -> SparsifyReport:
-    """Replace, in place, every ``nn.Linear`` of ``model`` that fits ``pattern`` and ``vector`` by a
-    :class:`SparseLinear` pruned with ``method`` ("magnitude", or "wanda" with ``calibration`` batches).
+    """Replace, in place, every ``nn.Linear`` of ``model`` that fits by a sparse module, and report.
+
+    ``pattern`` is an ``"n:m"`` pattern (:class:`SparseLinear`, vector-wise with V=``vector``, pruned with
+    ``method``: "magnitude", or "wanda" with ``calibration`` batches), ``"csr"`` (:class:`CSRLinear`,
+    unstructured magnitude pruning to ``sparsity``) or ``"block"`` (:class:`BlockShuffledLinear`: whole
+    ``block`` tiles after a searched row permutation, to ``sparsity``).
 
     A layer is skipped, with its reason in the report, when ``skip(name, module)`` is true, its shape or dtype
     does not fit, its weight is shared (tied) with another module, it is a subclass of ``nn.Linear`` (whose
@@ -173,16 +334,28 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    n, m = parse_pattern(pattern)
-    check_vector(vector)
     if skip is not None and not callable(skip):
         raise TypeError(f"skip: expected a callable (name, module) -> bool or None, got {type(skip).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if method == "wanda" and calibration is None:
-        raise ValueError("calibration: method 'wanda' needs an iterable of input batches, got None")
-    report = SparsifyReport(pattern, vector, method)
-    targets = eligible_linears(model, n, m, vector, skip, report)
+    if pattern in FORMATS:
+        make, fits = _format_maker(pattern, vector, method, sparsity, block)
+    else:
+        n, m = parse_pattern(pattern)
+        check_vector(vector)
+        if sparsity is not None:
+            raise ValueError(f"sparsity: an n:m pattern fixes the sparsity ({pattern}); got sparsity={sparsity}")
+        if method == "wanda" and calibration is None:
+            raise ValueError("calibration: method 'wanda' needs an iterable of input batches, got None")
+
+        def fits(weight: torch.Tensor) -> None:
+            check_weight_matrix(weight, n, m, vector)
+
+        def make(module: nn.Linear, mask: torch.Tensor | None) -> nn.Module:
+            return SparseLinear.from_dense(module, pattern, vector, mask)
+
+    report = SparsifyReport(pattern, vector, method, sparsity=sparsity)
+    targets = eligible_linears(model, fits, skip, report)
     norms = None
     if method == "wanda":
         from .prune import collect_input_norms, wanda_mask
@@ -191,7 +364,7 @@ def sparsify(
     for name in list(targets):
         module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
         mask = None if norms is None else wanda_mask(module.weight.detach(), norms.pop(name), pattern, vector)
-        sparse = SparseLinear.from_dense(module, pattern, vector, mask)
+        sparse = make(module, mask)
         replace_module(model, name, sparse)
         report.swapped.append(name)
         report.dense_bytes += module.weight.numel() * module.weight.element_size()
@@ -199,16 +372,42 @@ def sparsify(
     return report
 
 
+def _format_maker(
+    pattern: str, vector: int, method: str, sparsity: float | None, block: tuple[int, int]
+) -> tuple[Callable[[nn.Linear, torch.Tensor | None], nn.Module], Callable[[torch.Tensor], None]]:
+    """For ``sparsify`` with ``"csr"`` or ``"block"``: the module builder and the per-layer fit check."""
+    if sparsity is None:
+        raise ValueError(f"sparsity: pattern {pattern!r} needs the fraction of weights to prune, got None")
+    if method != "magnitude":
+        raise ValueError(f"method: pattern {pattern!r} prunes by magnitude only, got {method!r}")
+    if vector != 1:
+        raise ValueError(f"vector: applies to n:m patterns only; pattern {pattern!r} needs vector=1, got {vector}")
+    if pattern == "csr":
+        check_sparsity(sparsity)
+
+        def fits(weight: torch.Tensor) -> None:
+            check_weight_matrix(weight, 1, 1, 1)
+
+        return (lambda module, mask: CSRLinear.from_dense(module, sparsity)), fits
+    check_block(block)
+    check_block_sparsity(sparsity)
+
+    def fits_block(weight: torch.Tensor) -> None:
+        check_weight_matrix(weight, 1, 1, 1)
+        check_block_weight(weight, block)
+
+    return (lambda module, mask: BlockShuffledLinear.from_dense(module, sparsity, block)), fits_block
+
+
 def eligible_linears(
     model: nn.Module,
-    n: int,
-    m: int,
-    vector: int,
+    fits: Callable[[torch.Tensor], None],
     skip: Callable[[str, nn.Module], bool] | None,
     report: SparsifyReport,
 ) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers of ``model`` that can take an n:m weight with V=``vector``, by name; the others
-    go into ``report.skipped`` with the reason (user filter, subclass, the model itself, tied weight, shape)."""
+    """The ``nn.Linear`` layers of ``model`` whose weight ``fits`` (raises no TypeError or ValueError), by name;
+    the others go into ``report.skipped`` with the reason (user filter, subclass, the model itself, tied weight,
+    the error ``fits`` raised)."""
     owners: defaultdict[int, list[str]] = defaultdict(list)
     for name, parameter in model.named_parameters(remove_duplicate=False):
         owners[id(parameter)].append(name)
@@ -227,7 +426,7 @@ def eligible_linears(
             report.skipped[name] = f"weight shared (tied) with {', '.join(others)}"
         else:
             try:
-                check_weight_matrix(module.weight, n, m, vector)
+                fits(module.weight)
             except (TypeError, ValueError) as error:
                 report.skipped[name] = str(error)
             else:

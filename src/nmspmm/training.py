@@ -172,7 +172,10 @@ def prepare_srste(
     if skip is not None and not callable(skip):
         raise TypeError(f"skip: expected a callable (name, module) -> bool or None, got {type(skip).__name__}")
     report = SparsifyReport(pattern, vector, "sr-ste")
-    for name, module in eligible_linears(model, n, m, vector, skip, report).items():
+    def fits(weight: torch.Tensor) -> None:
+        check_weight_matrix(weight, n, m, vector)
+
+    for name, module in eligible_linears(model, fits, skip, report).items():
         layer = SRSTELinear(module, pattern, vector, mask_interval=mask_interval, decay=decay, backend=backend)
         replace_module(model, name, layer)
         report.swapped.append(name)

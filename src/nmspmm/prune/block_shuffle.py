@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.block_shuffled import INDEX_DTYPE, BlockShuffledWeight, check_block, check_block_weight
+from .magnitude import check_finite
 
 DEFAULT_ITERATIONS = 64
 # An exchange must raise the objective by more than this fraction of it (far above float64 rounding).
@@ -27,19 +28,21 @@ _RELATIVE_TOLERANCE = 1e-9
 _POWER_STEPS = 12
 
 
+def check_block_sparsity(sparsity: float) -> None:
+    """Validate the fraction of blocks to prune: a real number in [0, 1]."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity: expected a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity: expected a fraction in [0, 1] of blocks to prune, got {sparsity}")
+
+
 def check_block_prunable(weight: torch.Tensor, block: tuple[int, int], sparsity: float) -> tuple[int, int]:
     """Validate a weight to block-prune (type, shape against ``block``, finite values) and ``sparsity`` (a
     number in [0, 1]); return ``(bn, bk)``."""
     bn, bk = check_block(block)
     check_block_weight(weight, block)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity: expected a float in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity: expected a fraction in [0, 1] of blocks to prune, got {sparsity}")
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        row, col = (~finite).nonzero()[0].tolist()
-        raise ValueError(f"weight: expected finite values, got {weight[row, col].item()} at row {row}, column {col}")
+    check_block_sparsity(sparsity)
+    check_finite(weight)
     return bn, bk
 
 

@@ -15,11 +15,16 @@ def check_prunable(weight: torch.Tensor, pattern: str, vector: int) -> tuple[int
     n, m = parse_pattern(pattern)
     check_vector(vector)
     check_weight_matrix(weight, n, m, vector)
+    check_finite(weight)
+    return n, m
+
+
+def check_finite(weight: torch.Tensor) -> None:
+    """Refuse a weight with a NaN or infinite entry, naming the first one: no pruning rule can rank those."""
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         row, col = (~finite).nonzero()[0].tolist()
         raise ValueError(f"weight: expected finite values, got {weight[row, col].item()} at row {row}, column {col}")
-    return n, m
 
 
 def check_scores(scores: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..formats.pattern import check_weight_matrix
+from .magnitude import check_finite
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -24,10 +25,7 @@ def unstructured_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     sparsity = check_sparsity(sparsity)
     # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
     check_weight_matrix(weight, 1, 1, 1)
-    finite = torch.isfinite(weight)
-    if not bool(finite.all()):
-        row, col = (~finite).nonzero()[0].tolist()
-        raise ValueError(f"weight: expected finite values, got {weight[row, col].item()} at row {row}, column {col}")
+    check_finite(weight)
     keep = round((1 - sparsity) * weight.numel())
     order = torch.sort(weight.detach().abs().flatten(), descending=True, stable=True).indices
     mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
