@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .base import SparseWeightBase
 from .pattern import SUPPORTED_DTYPES
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
@@ -53,7 +54,7 @@ def _check_divisible(shape: tuple[int, ...], block: tuple[int, int], name: str) 
         )
 
 
-class BlockShuffledWeight:
+class BlockShuffledWeight(SparseWeightBase):
     """A pruned ``[N, K]`` weight that is block-sparse after a permutation of its rows.
 
     Permuted row i is original row ``row_permutation[i]``; the permuted weight ``W[row_permutation]`` is stored
@@ -117,14 +118,6 @@ class BlockShuffledWeight:
         self.block_columns = block_columns
         self.block_row_offsets = block_row_offsets
         self.row_permutation = row_permutation
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def block_count(self) -> int:
@@ -286,12 +279,6 @@ class BlockShuffledWeight:
         indices = (self.block_columns, self.block_row_offsets, self.row_permutation)
         moved = (tensor.to(device=values.device) for tensor in indices)
         return BlockShuffledWeight(values, *moved, self.shape, self.block)
-
-    def cuda(self, device: int | str | torch.device | None = None) -> "BlockShuffledWeight":
-        return self.to("cuda" if device is None else device)
-
-    def cpu(self) -> "BlockShuffledWeight":
-        return self.to("cpu")
 
     STATE_TENSORS = ("values", "block_columns", "block_row_offsets", "row_permutation")
     STATE_FIELDS = ("shape", "dtype", "block")

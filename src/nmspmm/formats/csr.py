@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .base import SparseWeightBase
 from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_weight_matrix
 
 INDEX_DTYPE = torch.int32
@@ -28,7 +29,7 @@ class TransposedStructure(NamedTuple):
     """[K]: input features by descending nonzero count (the launch order of the transposed product)."""
 
 
-class CSRWeight:
+class CSRWeight(SparseWeightBase):
     """A pruned ``[N, K]`` weight in CSR form: rows are output features, columns input features.
 
     Storage: ``values`` [nnz], int32 ``col_indices`` [nnz] (strictly ascending within each row) and int32
@@ -88,14 +89,6 @@ class CSRWeight:
         self.col_indices = col_indices
         self.row_offsets = row_offsets
         self._derived = {} if derived is None else derived
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def nnz(self) -> int:
@@ -224,12 +217,6 @@ class CSRWeight:
         col_indices = self.col_indices.to(device=values.device)
         row_offsets = self.row_offsets.to(device=values.device)
         return CSRWeight(values, col_indices, row_offsets, self.shape)
-
-    def cuda(self, device: int | str | torch.device | None = None) -> "CSRWeight":
-        return self.to("cuda" if device is None else device)
-
-    def cpu(self) -> "CSRWeight":
-        return self.to("cpu")
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name (what a file holds; the derived structures are rebuilt on use)."""

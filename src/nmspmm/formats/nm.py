@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 
+from .base import SparseWeightBase
 from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_vector, check_weight_matrix, parse_pattern
 
 OFFSET_DTYPE = torch.uint8
 
 
-class NMSparseWeight:
+class NMSparseWeight(SparseWeightBase):
     """A pruned ``[N, K]`` weight in vector-wise N:M form.
 
     Storage, chosen so that ``nbytes`` is below the dense bytes for every pattern and dtype:
@@ -78,14 +79,6 @@ class NMSparseWeight:
     def stores_dropped(self) -> bool:
         """True when ``offsets`` lists the dropped positions (n > m - n), False when it lists the kept ones."""
         return self.n > self.m - self.n
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def nbytes(self) -> int:
@@ -203,12 +196,6 @@ class NMSparseWeight:
         values = self.values.to(*args, **kwargs)
         offsets = self.offsets.to(device=values.device)
         return NMSparseWeight(values, offsets, self.pattern, self.vector, self.shape)
-
-    def cuda(self, device: int | str | torch.device | None = None) -> "NMSparseWeight":
-        return self.to("cuda" if device is None else device)
-
-    def cpu(self) -> "NMSparseWeight":
-        return self.to("cpu")
 
     STATE_TENSORS = ("values", "offsets")
     STATE_FIELDS = ("pattern", "vector", "shape", "dtype")

@@ -62,3 +62,27 @@ def check_bias(bias: torch.Tensor | None, weight: Any) -> None:
         raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
     if bias.device != weight.device:
         raise ValueError(f"bias: on {bias.device}, but weight is on {weight.device}")
+
+
+def check_operands(
+    x: torch.Tensor, weight: Any, weight_type: type, bias: torch.Tensor | None, feature_axis: int = -1
+) -> None:
+    """Reject a weight of another format and an ``x`` (``x_t`` when ``feature_axis`` is 0) or ``bias`` of
+    another dtype, device or feature count than ``weight``, with errors that name the argument."""
+    name = "x" if feature_axis == -1 else "x_t"
+    if not isinstance(weight, weight_type):
+        raise TypeError(f"weight: expected an nmspmm.{weight_type.__name__}, got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name}: dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: on {x.device}, but weight is on {weight.device}")
+    if x.dim() == 0 or x.shape[feature_axis] != weight.shape[1]:
+        axis = "last" if feature_axis == -1 else "first"
+        raise ValueError(
+            f"{name}: expected {axis} dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    check_bias(bias, weight)

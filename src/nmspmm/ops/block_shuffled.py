@@ -7,7 +7,7 @@ import torch
 
 from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
 from ..kernels.block_sparse import block_sparse_matmul
-from .backend import call_op, check_backend, check_bias, input_precision, use_triton
+from .backend import call_op, check_backend, check_operands, input_precision, use_triton
 
 _OP_SCHEMA = (
     "(Tensor x, Tensor values, Tensor block_columns, Tensor block_row_offsets, Tensor block_row_order, "
@@ -25,7 +25,7 @@ def block_shuffled_linear(
     ``backend="triton"`` forces the kernel, which on the CPU needs ``TRITON_INTERPRET=1``. Differentiable in
     x, the kept values and bias.
     """
-    _check_operands(x, weight, bias)
+    check_operands(x, weight, BlockShuffledWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
     args = (
@@ -112,20 +112,3 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) ->
 
 
 block_shuffled_linear_op.register_autograd(_backward, setup_context=_setup_backward)
-
-
-def _check_operands(x: torch.Tensor, weight: BlockShuffledWeight, bias: torch.Tensor | None) -> None:
-    """Reject mismatched dtypes, devices and shapes with errors that name the argument."""
-    if not isinstance(weight, BlockShuffledWeight):
-        raise TypeError(f"weight: expected an nmspmm.BlockShuffledWeight, got {type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x: dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"x: on {x.device}, but weight is on {weight.device}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: expected last dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    check_bias(bias, weight)

@@ -10,7 +10,7 @@ from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, transposed_
 from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
 from ..kernels.sddmm import sddmm as sddmm_kernel
-from .backend import call_op, check_backend, check_bias, use_triton
+from .backend import call_op, check_backend, check_operands, use_triton
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every
@@ -32,7 +32,7 @@ def csr_linear(
     On CUDA this runs the Triton SpMM (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
-    _check_operands(x, weight, bias, feature_axis=-1)
+    check_operands(x, weight, CSRWeight, bias, )
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
     y = call_op(csr_linear_op, _row_major_product, _op_args(rows_in, weight, bias, backend))
@@ -46,7 +46,7 @@ def csr_linear_feature_major(
 
     No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
     """
-    _check_operands(x_t, weight, bias, feature_axis=0)
+    check_operands(x_t, weight, CSRWeight, bias, feature_axis=0)
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
@@ -267,27 +267,6 @@ def _reference(
     if bias is not None:
         y += bias.to(compute)
     return y.to(rows_in.dtype)
-
-
-def _check_operands(x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None, feature_axis: int) -> None:
-    """Reject mismatched dtypes, devices and shapes with errors that name the argument."""
-    name = "x" if feature_axis == -1 else "x_t"
-    if not isinstance(weight, CSRWeight):
-        raise TypeError(f"weight: expected an nmspmm.CSRWeight, got {type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{name}: dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{name}: on {x.device}, but weight is on {weight.device}")
-    if x.dim() == 0 or x.shape[feature_axis] != weight.shape[1]:
-        axis = "last" if feature_axis == -1 else "first"
-        raise ValueError(
-            f"{name}: expected {axis} dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}"
-        )
-    if x.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    check_bias(bias, weight)
 
 
 def _check_sddmm_operands(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight) -> None:

@@ -10,7 +10,7 @@ from ..formats import NMSparseWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
 from ..perf import choose_vector_config
-from .backend import call_op, check_backend, check_bias, input_precision, use_triton
+from .backend import call_op, check_backend, check_operands, input_precision, use_triton
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
@@ -27,7 +27,7 @@ def linear(
     On CUDA this runs the Triton kernels (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
-    _check_operands(x, weight, bias, feature_axis=-1)
+    check_operands(x, weight, NMSparseWeight, bias, )
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
@@ -42,7 +42,7 @@ def linear_feature_major(
 
     No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
     """
-    _check_operands(x_t, weight, bias, feature_axis=0)
+    check_operands(x_t, weight, NMSparseWeight, bias, feature_axis=0)
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
@@ -266,26 +266,3 @@ def _reference(
     if bias is not None:
         y += bias.to(compute)
     return y.to(rows_in.dtype)
-
-
-def _check_operands(
-    x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None, feature_axis: int
-) -> None:
-    """Reject mismatched dtypes, devices and shapes with errors that name the argument."""
-    name = "x" if feature_axis == -1 else "x_t"
-    if not isinstance(weight, NMSparseWeight):
-        raise TypeError(f"weight: expected an nmspmm.NMSparseWeight, got {type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{name}: dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{name}: on {x.device}, but weight is on {weight.device}")
-    if x.dim() == 0 or x.shape[feature_axis] != weight.shape[1]:
-        axis = "last" if feature_axis == -1 else "first"
-        raise ValueError(
-            f"{name}: expected {axis} dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}"
-        )
-    if x.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    check_bias(bias, weight)
