@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .base import SparseWeightBase
-from .pattern import SUPPORTED_DTYPES
+from .pattern import SUPPORTED_DTYPES, checked_mask
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
 SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
@@ -209,7 +209,7 @@ class BlockShuffledWeight(SparseWeightBase):
         if row_permutation is None:
             row_permutation = torch.arange(rows, dtype=INDEX_DTYPE, device=weight.device)
         _check_permutation_argument(row_permutation, rows, weight.device)
-        mask = _checked_mask(mask, weight)
+        mask = checked_mask(mask, weight)
         permutation = row_permutation.long()
         tiles = mask[permutation].reshape(rows // bn, bn, cols // bk, bk).transpose(1, 2)
         kept_blocks = tiles.all(-1).all(-1)
@@ -383,21 +383,6 @@ def _check_permutation_values(row_permutation: torch.Tensor, rows: int) -> None:
         raise ValueError(
             f"row_permutation: not a permutation of 0..{rows - 1}: row {row} appears {int(counts[row])} times"
         )
-
-
-def _checked_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``mask`` as bool after checking it is a 0/1 tensor of the weight's shape and device."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
-        mask = mask.bool()
-    return mask
 
 
 def _rebuild_block_shuffled_weight(

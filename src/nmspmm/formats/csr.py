@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .base import SparseWeightBase
-from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_weight_matrix
+from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_weight_matrix, checked_mask
 
 INDEX_DTYPE = torch.int32
 _MAX_NNZ = torch.iinfo(INDEX_DTYPE).max
@@ -155,7 +155,7 @@ class CSRWeight(SparseWeightBase):
         kept entries must be finite."""
         # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
         check_weight_matrix(weight, 1, 1, 1)
-        mask = _checked_mask(mask, weight)
+        mask = checked_mask(mask, weight)
         per_row = mask.sum(1)
         if int(per_row.sum()) > _MAX_NNZ:
             raise ValueError(f"mask: keeps {int(per_row.sum())} entries, more than int32 indices address")
@@ -285,21 +285,6 @@ def _check_index_tensor(tensor: torch.Tensor, name: str, shape: tuple[int], devi
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
     if tensor.device != device:
         raise ValueError(f"{name}: on {tensor.device}, but values are on {device}")
-
-
-def _checked_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``mask`` as a bool tensor, after checking it matches ``weight`` in shape and device and holds only 0/1."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != weight.shape:
-        raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
-    if mask.device != weight.device:
-        raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
-    if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-            raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
-        mask = mask.bool()
-    return mask
 
 
 def _rebuild_csr_weight(

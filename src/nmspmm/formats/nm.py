@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from .base import SparseWeightBase
-from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_vector, check_weight_matrix, parse_pattern
+from .pattern import (
+    SUPPORTED_DTYPES,
+    check_state_dtype,
+    check_vector,
+    check_weight_matrix,
+    checked_mask,
+    parse_pattern,
+)
 
 OFFSET_DTYPE = torch.uint8
 
@@ -134,16 +141,7 @@ class NMSparseWeight(SparseWeightBase):
         n, m = parse_pattern(pattern)
         check_vector(vector)
         check_weight_matrix(weight, n, m, vector)
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
-        if mask.shape != weight.shape:
-            raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
-        if mask.device != weight.device:
-            raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
-        if mask.dtype != torch.bool:
-            if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
-                raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
-            mask = mask.bool()
+        mask = checked_mask(mask, weight)
         rows, cols = weight.shape
         groups = mask.reshape(rows // vector, vector, cols // m, m)
         differs = groups != groups[:, :1]

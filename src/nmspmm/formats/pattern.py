@@ -55,3 +55,18 @@ def check_state_dtype(values: torch.Tensor, dtype_name: object) -> None:
     expected = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}.get(dtype_name)
     if expected != values.dtype:
         raise ValueError(f"dtype: metadata says {dtype_name!r}, but the stored values are {values.dtype}")
+
+
+def checked_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor, after checking that it is a 0/1 tensor of ``weight``'s shape and device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask: expected shape {tuple(weight.shape)} like weight, got {tuple(mask.shape)}")
+    if mask.device != weight.device:
+        raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
+        mask = mask.bool()
+    return mask
