@@ -13,6 +13,7 @@ from conftest import DEVICE, TOLERANCE, relative_error
 from nmspmm.formats.csr import CSRWeight
 from nmspmm.kernels.csr_spmm import csr_spmm
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
+from nmspmm.kernels.sddmm import sddmm_tiled, tile_offsets
 from nmspmm.ops.csr import (
     csr_linear,
     csr_linear_feature_major,
@@ -328,6 +329,29 @@ def test_sddmm_kernel(dtype, depth):
     assert relative_error(out, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,depth,sparsity", [(70, 130, 40, 0.9), (64, 64, 64, 0.5), (5, 200, 17, 0.0)])
+def test_sddmm_tiled_kernel(dtype, rows, cols, depth, sparsity):
+    weight = CSRWeight.prune(torch.randn(rows, cols, device=DEVICE).to(dtype), sparsity)
+    a = torch.randn(rows, depth, device=DEVICE).to(dtype)
+    b = torch.randn(cols, depth, device=DEVICE).to(dtype)
+    offsets = tile_offsets(weight.row_indices(), weight.col_indices, rows, cols)
+    assert offsets[-1] == weight.nnz and bool((offsets[1:] >= offsets[:-1]).all())
+    out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_tiled(a, b, offsets, weight.col_indices, out)
+    expected = (a.double() @ b.double().t())[weight.mask()]
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sddmm_op_long_reduction_takes_the_tiled_kernel(backend):
+    weight = _weight(45, 70)
+    a = torch.randn(45, 100, device=DEVICE)
+    b = torch.randn(70, 100, device=DEVICE)
+    expected = (a.double() @ b.double().t()) * weight.mask()
+    assert relative_error(sddmm(a, b, weight, backend=backend).to_dense(), expected) < TOLERANCE[torch.float32]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------------------------
@@ -637,6 +661,9 @@ def test_sddmm_kernel_large(dtype, depth):
     sddmm_kernel(a, b, weight.row_indices(), weight.col_indices, out)
     expected = (a.double() @ b.double().t())[weight.mask()]
     assert relative_error(out, expected) < TOLERANCE[dtype]
+    tiled = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_tiled(a, b, tile_offsets(weight.row_indices(), weight.col_indices, 4096, 4096), weight.col_indices, tiled)
+    assert relative_error(tiled, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.gpu

@@ -1,8 +1,11 @@
 """Sampled dense-dense product (SDDMM): ``out[j] = sum_d a[row[j], d] * b[col[j], d]`` for every nonzero ``j``
-of a sparse structure given in coordinate form (``row``, ``col``).
+of a sparse structure (rows in order, columns ascending within a row). Two kernels, both accumulating in fp32:
 
-Programs take flat chunks of nonzeros, so every program does the same work whatever the row lengths; nonzeros
-of one chunk mostly share a row, whose ``a`` run is then read once from cache. Accumulates in fp32.
+- per nonzero (short reductions): programs take flat chunks of nonzeros, so every program does the same work
+  whatever the row lengths; each nonzero reads its own ``a`` and ``b`` runs, on FMA units.
+- per tile (long reductions): a program computes a dense ``BLOCK_R x BLOCK_C`` tile of ``a @ b.T`` on tensor
+  cores, then picks out the tile's nonzeros. Each ``a`` and ``b`` run is read once per tile instead of once
+  per nonzero, which is what bounds the first kernel when the reduction is long (L2-to-SM traffic).
 """
 
 from __future__ import annotations
@@ -34,6 +37,48 @@ def _sddmm_kernel(
         b = tl.load(b_ptr + col[:, None] * stride_b + d[None, :], mask=valid, other=0.0).to(tl.float32)
         acc += a * b
     tl.store(out_ptr + j, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=j_valid)
+
+
+@triton.jit
+def _sddmm_tiled_kernel(
+    a_ptr, b_ptr, tile_offsets_ptr, cols_ptr, out_ptr,
+    R, C, D, stride_a, stride_b, TILES_PER_ROW,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    row_block = tl.program_id(0)
+    col_block = tl.program_id(1)
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_valid = rows < R
+    entry = rows.to(tl.int64) * TILES_PER_ROW + col_block
+    starts = tl.load(tile_offsets_ptr + entry, mask=row_valid, other=0)
+    ends = tl.load(tile_offsets_ptr + entry + 1, mask=row_valid, other=0)
+    if tl.sum(ends - starts, axis=0) > 0:
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_a + d[None, :],
+                        mask=row_valid[:, None] & (d < D)[None, :], other=0.0)
+            b = tl.load(b_ptr + cols[:, None].to(tl.int64) * stride_b + d[None, :],
+                        mask=(cols < C)[:, None] & (d < D)[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        local = tl.arange(0, BLOCK_C)
+        for r in range(0, BLOCK_R):
+            row_entry = (row_block * BLOCK_R + r).to(tl.int64) * TILES_PER_ROW + col_block
+            in_range = row_block * BLOCK_R + r < R
+            start = tl.load(tile_offsets_ptr + row_entry, mask=in_range, other=0)
+            end = tl.load(tile_offsets_ptr + row_entry + 1, mask=in_range, other=0)
+            # A row of the tile holds at most BLOCK_C nonzeros (distinct columns), so one chunk covers it.
+            j = start + local
+            j_valid = j < end
+            column = tl.load(cols_ptr + j, mask=j_valid, other=0) - col_block * BLOCK_C
+            tile_row = tl.sum(tl.where(tl.arange(0, BLOCK_R)[:, None] == r, acc, 0.0), axis=0)
+            picked = tl.sum(tl.where(local[None, :] == column[:, None], tile_row[None, :], 0.0), axis=1)
+            tl.store(out_ptr + j, picked.to(out_ptr.dtype.element_ty), mask=j_valid)
 
 
 class SddmmBlocks(NamedTuple):
@@ -71,5 +116,46 @@ def sddmm(
         a, b, row_indices.contiguous(), col_indices.contiguous(), out,
         nnz, depth, a.stride(0), b.stride(0),
         BLOCK_NNZ=blocks.block_nnz, BLOCK_D=blocks.block_d, num_warps=blocks.num_warps,
+    )
+    return out
+
+
+# Tile of the per-tile kernel (rows x columns x reduction step); reductions at least this long use it.
+TILE = (64, 64, 32)
+TILED_MIN_DEPTH = 64
+
+
+def tile_offsets(row_indices: torch.Tensor, col_indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """int32 ``[rows * tiles + 1]`` with ``tiles = ceil(cols / TILE[1])``: where each (row, column tile) run of
+    nonzeros starts in CSR order (rows in order, columns ascending), and the end as the last entry."""
+    tiles = triton.cdiv(cols, TILE[1])
+    counts = torch.zeros(rows * tiles, dtype=torch.int32, device=col_indices.device)
+    cells = row_indices.long() * tiles + torch.div(col_indices.long(), TILE[1], rounding_mode="floor")
+    counts.index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
+    offsets = torch.zeros(rows * tiles + 1, dtype=torch.int32, device=col_indices.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
+def sddmm_tiled(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, col_indices: torch.Tensor, out: torch.Tensor,
+    input_precision: str = "ieee",
+) -> torch.Tensor:
+    """:func:`sddmm` by dense tensor-core tiles, for ``offsets`` from :func:`tile_offsets`; ``a`` [R, D] and
+    ``b`` [C, D] with unit stride along D. fp32 operands use ``input_precision`` ("ieee" exact, or "tf32")."""
+    rows, depth = a.shape
+    cols = b.shape[0]
+    if out.numel() == 0:
+        return out
+    if a.stride(1) != 1 or b.stride(1) != 1:
+        raise ValueError(f"a, b: expected unit stride along D, got strides {a.stride()} and {b.stride()}")
+    block_r, block_c, block_d = TILE
+    upcast = interpreter_active() and a.dtype == torch.bfloat16
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    _sddmm_tiled_kernel[grid](
+        a, b, offsets, col_indices.contiguous(), out,
+        rows, cols, depth, a.stride(0), b.stride(0), triton.cdiv(cols, block_c),
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, UPCAST=upcast,
+        INPUT_PRECISION=input_precision if a.dtype == torch.float32 else "ieee", num_warps=4,
     )
     return out

@@ -9,8 +9,9 @@ import torch
 from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, transposed_structure_of
 from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
+from ..kernels.sddmm import TILED_MIN_DEPTH, sddmm_tiled, tile_offsets
 from ..kernels.sddmm import sddmm as sddmm_kernel
-from .backend import call_op, check_backend, check_operands, use_triton
+from .backend import call_op, check_backend, check_operands, input_precision, use_triton
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every
@@ -148,13 +149,18 @@ def _sampled_product(
     a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, backend: str
 ) -> torch.Tensor:
     """``(a @ b.T)[row_indices, col_indices]`` ``[nnz]`` in a's dtype, for ``a`` [R, D] and ``b`` [C, D] (any
-    strides): the SDDMM kernel, or on the reference path the dense product in at least fp32, then sampled."""
+    strides): the SDDMM kernel (per tile on tensor cores for reductions of at least ``TILED_MIN_DEPTH``, else per
+    nonzero), or on the reference path the dense product in at least fp32, then sampled."""
     if not use_triton(backend, a.device):
         compute = torch.promote_types(a.dtype, torch.float32)
         full = a.to(compute) @ b.to(compute).t()
         return full[row_indices.long(), col_indices.long()].to(a.dtype)
     out = a.new_empty(col_indices.shape[0])
-    return sddmm_kernel(_unit_inner_stride(a), _unit_inner_stride(b), row_indices, col_indices, out)
+    a, b = _unit_inner_stride(a), _unit_inner_stride(b)
+    if a.shape[1] >= TILED_MIN_DEPTH:
+        offsets = tile_offsets(row_indices, col_indices, a.shape[0], b.shape[0])
+        return sddmm_tiled(a, b, offsets, col_indices, out, input_precision(a.dtype))
+    return sddmm_kernel(a, b, row_indices, col_indices, out)
 
 
 csr_sddmm = torch.library.custom_op(
