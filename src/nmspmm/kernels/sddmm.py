@@ -3,8 +3,8 @@ of a sparse structure (rows in order, columns ascending within a row). Two kerne
 
 - per nonzero (short reductions): programs take flat chunks of nonzeros, so every program does the same work
   whatever the row lengths; each nonzero reads its own ``a`` and ``b`` runs, on FMA units.
-- per tile (long reductions): a program computes a dense ``BLOCK_R x BLOCK_C`` tile of ``a @ b.T`` on tensor
-  cores, then picks out the tile's nonzeros. Each ``a`` and ``b`` run is read once per tile instead of once
+- per tile (long reductions on tensor cores): a program computes a dense ``BLOCK_R x BLOCK_C`` tile of
+  ``a @ b.T``, then gathers the tile's nonzeros out of it. Each ``a`` and ``b`` run is read once per tile instead of once
   per nonzero, which is what bounds the first kernel when the reduction is long (L2-to-SM traffic).
 """
 
@@ -66,19 +66,14 @@ def _sddmm_tiled_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        # A row of the tile holds at most BLOCK_C nonzeros (distinct columns): one [BLOCK_R, BLOCK_C] gather
+        # picks every nonzero of the tile out of the accumulator.
         local = tl.arange(0, BLOCK_C)
-        for r in range(0, BLOCK_R):
-            row_entry = (row_block * BLOCK_R + r).to(tl.int64) * TILES_PER_ROW + col_block
-            in_range = row_block * BLOCK_R + r < R
-            start = tl.load(tile_offsets_ptr + row_entry, mask=in_range, other=0)
-            end = tl.load(tile_offsets_ptr + row_entry + 1, mask=in_range, other=0)
-            # A row of the tile holds at most BLOCK_C nonzeros (distinct columns), so one chunk covers it.
-            j = start + local
-            j_valid = j < end
-            column = tl.load(cols_ptr + j, mask=j_valid, other=0) - col_block * BLOCK_C
-            tile_row = tl.sum(tl.where(tl.arange(0, BLOCK_R)[:, None] == r, acc, 0.0), axis=0)
-            picked = tl.sum(tl.where(local[None, :] == column[:, None], tile_row[None, :], 0.0), axis=1)
-            tl.store(out_ptr + j, picked.to(out_ptr.dtype.element_ty), mask=j_valid)
+        j = starts[:, None] + local[None, :]
+        j_valid = local[None, :] < (ends - starts)[:, None]
+        column = tl.load(cols_ptr + j, mask=j_valid, other=0) - col_block * BLOCK_C
+        picked = tl.gather(acc, tl.where(j_valid, column, 0), axis=1)
+        tl.store(out_ptr + j, picked.to(out_ptr.dtype.element_ty), mask=j_valid)
 
 
 class SddmmBlocks(NamedTuple):

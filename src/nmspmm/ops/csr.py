@@ -149,17 +149,18 @@ def _sampled_product(
     a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, backend: str
 ) -> torch.Tensor:
     """``(a @ b.T)[row_indices, col_indices]`` ``[nnz]`` in a's dtype, for ``a`` [R, D] and ``b`` [C, D] (any
-    strides): the SDDMM kernel (per tile on tensor cores for reductions of at least ``TILED_MIN_DEPTH``, else per
-    nonzero), or on the reference path the dense product in at least fp32, then sampled."""
+    strides): the SDDMM kernel (per tile on tensor cores for fp16/bf16/tf32 reductions of at least
+    ``TILED_MIN_DEPTH``; per nonzero otherwise, exact fp32 included), or on the reference path the dense product in at least fp32, then sampled."""
     if not use_triton(backend, a.device):
         compute = torch.promote_types(a.dtype, torch.float32)
         full = a.to(compute) @ b.to(compute).t()
         return full[row_indices.long(), col_indices.long()].to(a.dtype)
     out = a.new_empty(col_indices.shape[0])
     a, b = _unit_inner_stride(a), _unit_inner_stride(b)
-    if a.shape[1] >= TILED_MIN_DEPTH:
+    precision = input_precision(a.dtype)
+    if a.shape[1] >= TILED_MIN_DEPTH and (a.dtype != torch.float32 or precision == "tf32"):
         offsets = tile_offsets(row_indices, col_indices, a.shape[0], b.shape[0])
-        return sddmm_tiled(a, b, offsets, col_indices, out, input_precision(a.dtype))
+        return sddmm_tiled(a, b, offsets, col_indices, out, precision)
     return sddmm_kernel(a, b, row_indices, col_indices, out)
 
 
