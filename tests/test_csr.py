@@ -344,12 +344,17 @@ def test_sddmm_tiled_kernel(dtype, rows, cols, depth, sparsity):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sddmm_op_long_reduction_takes_the_tiled_kernel(backend):
-    weight = _weight(45, 70)
-    a = torch.randn(45, 100, device=DEVICE)
-    b = torch.randn(70, 100, device=DEVICE)
+def test_sddmm_op_long_reduction_takes_the_tiled_kernel(backend, monkeypatch):
+    import nmspmm.ops.csr as csr_ops
+
+    calls = []
+    monkeypatch.setattr(csr_ops, "sddmm_tiled", lambda *args: calls.append(1) or sddmm_tiled(*args))
+    weight = _weight(45, 70, torch.float16)
+    a = torch.randn(45, 100, device=DEVICE).half()
+    b = torch.randn(70, 100, device=DEVICE).half()
     expected = (a.double() @ b.double().t()) * weight.mask()
-    assert relative_error(sddmm(a, b, weight, backend=backend).to_dense(), expected) < TOLERANCE[torch.float32]
+    assert relative_error(sddmm(a, b, weight, backend=backend).to_dense(), expected) < TOLERANCE[torch.float16]
+    assert len(calls) == (0 if backend == "reference" else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

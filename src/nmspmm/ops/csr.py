@@ -150,7 +150,8 @@ def _sampled_product(
 ) -> torch.Tensor:
     """``(a @ b.T)[row_indices, col_indices]`` ``[nnz]`` in a's dtype, for ``a`` [R, D] and ``b`` [C, D] (any
     strides): the SDDMM kernel (per tile on tensor cores for fp16/bf16/tf32 reductions of at least
-    ``TILED_MIN_DEPTH``; per nonzero otherwise, exact fp32 included), or on the reference path the dense product in at least fp32, then sampled."""
+    ``TILED_MIN_DEPTH``; per nonzero otherwise, exact fp32 included), or on the reference path the dense
+    product in at least fp32, then sampled."""
     if not use_triton(backend, a.device):
         compute = torch.promote_types(a.dtype, torch.float32)
         full = a.to(compute) @ b.to(compute).t()
