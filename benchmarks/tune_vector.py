@@ -10,31 +10,14 @@ import itertools
 import sys
 
 import torch
-import triton
 
 import nmspmm
+from nmspmm.bench.configs import large_configs, small_configs
 from nmspmm.bench.runner import median_ms
-from nmspmm.kernels import VectorConfig, nm_vector_matmul, transpose
+from nmspmm.kernels import nm_vector_matmul, transpose
 
 LARGE = [(4096, 4096, 4096), (1024, 11008, 4096), (256, 4096, 11008), (2048, 8192, 22016)]
 SMALL = [(1, 4096, 4096), (16, 4096, 4096), (64, 11008, 4096)]
-
-
-def large_configs(vector: int, dtype: torch.dtype):
-    block_n = min(vector, 128)
-    ks = (32, 64) if dtype == torch.float32 else (64, 128)
-    for bm, bk, warps, stages, wf in itertools.product((64, 128, 256), ks, (4, 8), (3, 4), (False, True)):
-        if bm == 256 and warps == 4:
-            continue
-        yield VectorConfig(bm, block_n, bk, warps, stages, 8, 1, wf)
-
-
-def small_configs(vector: int, dtype: torch.dtype, tokens: int):
-    block_n = min(vector, 128)
-    bm = max(16, triton.next_power_of_2(tokens))
-    ks = (32, 64, 128) if dtype == torch.float32 else (64, 128, 256)
-    for bk, split, wf in itertools.product(ks, (1, 2, 4, 8), (False, True)):
-        yield VectorConfig(bm, block_n, bk, 4, 3, 8, split, wf)
 
 
 def main() -> None:

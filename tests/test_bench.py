@@ -11,6 +11,7 @@ import torch
 from nmspmm.bench import Case, quick_cases, suite_cases
 from nmspmm.bench.report import device_slug, merge_csv, plot, summary_markdown
 from nmspmm.cli import main
+from nmspmm.prune import prune as nmspmm_prune
 
 
 def test_suite_matches_the_paper_definition():
@@ -134,3 +135,54 @@ def test_format_cases_run_end_to_end_on_cpu(monkeypatch):
         assert row["correct"] and row["rel_error"] < 1e-5, row
         assert row["ms"] == 1.0 and row["kind"] == case.kind and 0 < row["bound_ms"]
     assert 0 < row["kept_magnitude"] <= 1 and 0 < row["nm_kept_magnitude"] <= 1
+
+
+def test_config_samples_come_from_the_tuners_grid():
+    from nmspmm.bench.configs import large_configs, sample_configs, small_configs, within
+
+    large = list(large_configs(64, torch.bfloat16))
+    assert len(large) == 40 and {c.block_n for c in large} == {64}
+    small = list(small_configs(32, torch.float32, 16))
+    assert len(small) == 24 and {c.block_m for c in small} == {16}
+    sample = sample_configs(4096, 64, torch.bfloat16)
+    assert 12 <= len(sample) <= 20 and all(c in large for c in sample)
+    assert all(c in small for c in sample_configs(16, 32, torch.float32))
+    assert within(1.09, 1.0) and not within(1.11, 1.0)
+
+
+def test_config_summary_counts_cases_within_ten_percent():
+    from nmspmm.bench.report import config_summary
+
+    rows = [
+        {"config_within_10pct": True, "config_chosen_ms": 1.0, "config_best_ms": 1.0},
+        {"config_within_10pct": "False", "config_chosen_ms": 1.5, "config_best_ms": 1.0},
+        {"level": "op"},
+    ]
+    assert config_summary(rows) == (
+        "model's config within 10% of the best config tried: 1 of 2 cases (chosen/best time: geomean 1.225, worst 1.50)"
+    )
+    assert config_summary([{"level": "op"}]) == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the config check; GPUs run it for real")
+def test_config_check_runs_every_sampled_config_under_the_interpreter(monkeypatch):
+    from nmspmm.bench import runner
+    from nmspmm.perf import choose_vector_config
+
+    calls = []
+
+    def one_call_ms(functions):
+        functions[0]()
+        calls.append(1)
+        return float(len(calls))
+
+    monkeypatch.setattr(runner, "median_ms", one_call_ms)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    case = Case(5, 64, 256, "8:32", 32, "float16")
+    weight = nmspmm_prune(torch.randn(64, 256).half(), "8:32", 32)
+    x_ts = [torch.randn(256, 5).half() for _ in range(2)]
+    reference = x_ts[0].double().t() @ weight.to_dense().double().t()
+    chosen = choose_vector_config(5, 64, weight.kept_per_row, 32, torch.float16, x_ts[0].device)
+    result = runner._config_check(case, chosen, weight, x_ts, reference)
+    assert result["configs_tried"] == len(calls) == 13
+    assert result["config_chosen_ms"] == 1.0 and result["config_within_10pct"]

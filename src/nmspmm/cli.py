@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--decode", action="store_true", help="add the decode token counts 1, 8, 16, 64")
     bench.add_argument("--out-dir", default="benchmarks/results", help="where <device>.csv and .png go")
     bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument(
+        "--check-configs", action="store_true",
+        help="also time a sample of the tuner's configs per case: is the model's choice within 10%% of the best?",
+    )
     formats = commands.add_parser(
         "bench-formats", help="CSR SpMM/SDDMM vs cuSPARSE and dense, block-shuffled vs dense and N:M"
     )
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             cases = quick_cases()
         else:
             cases = suite_cases(args.tokens, args.layers, args.patterns, args.vectors, args.dtypes, args.decode)
-        run(cases, args.out_dir, make_plot=not args.no_plot)
+        run(cases, args.out_dir, make_plot=not args.no_plot, check_configs=args.check_configs)
     elif args.command == "bench-formats":
         from .bench.formats import format_cases, quick_format_cases, run_formats
 

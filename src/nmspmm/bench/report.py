@@ -100,6 +100,19 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def config_summary(rows: list[dict]) -> str:
+    """How often the model's config was within 10% of the best config tried (rows of ``--check-configs``)."""
+    checked = [r for r in rows if str(r.get("config_within_10pct", "")) in ("True", "False")]
+    if not checked:
+        return ""
+    hits = sum(str(r["config_within_10pct"]) == "True" for r in checked)
+    ratios = [float(r["config_chosen_ms"]) / float(r["config_best_ms"]) for r in checked]
+    return (
+        f"model's config within 10% of the best config tried: {hits} of {len(checked)} cases "
+        f"(chosen/best time: geomean {geomean(ratios):.3f}, worst {max(ratios):.2f})"
+    )
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Speedup over cuBLAS against sparsity, one panel per dtype/V/level, one line per token count M."""
     import matplotlib

@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import NMSparseWeight
+from ..kernels import VectorConfig, nm_vector_matmul
 from ..ops import linear, linear_feature_major
+from ..ops.backend import input_precision
 from ..perf import DeviceCeilings, choose_vector_config, model_case
+from .configs import sample_configs, within
 from ..prune import prune
 from .cases import Case
 
@@ -72,13 +75,16 @@ def environment() -> dict[str, str]:
     }
 
 
-def run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> list[dict]:
-    """Check and time one case; return its op-level and kernel-level result rows."""
+def run_case(
+    case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check_configs: bool = False
+) -> list[dict]:
+    """Check and time one case; return its op-level and kernel-level result rows. With ``check_configs``
+    the kernel-level row also says how the model's config compares with a sample of the tuner's grid."""
     with matmul_precision(case.dtype):
-        return _run_case(case, ceilings, stamp)
+        return _run_case(case, ceilings, stamp, check_configs)
 
 
-def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> list[dict]:
+def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check_configs: bool) -> list[dict]:
     dtype = torch.float32 if case.dtype in ("float32", "tf32") else getattr(torch, case.dtype)
     scale = case.cols**-0.5
     dense_weight = torch.randn(case.rows, case.cols, device="cuda", dtype=dtype) * scale
@@ -133,7 +139,41 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str]) -> li
             "graph_ms": graph_ms, "dense_graph_ms": dense_graph_ms, "tflops": model.dense_flops / ms / 1e9, "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms,
             **extra, "config": _describe(config) if case.vector > 1 else "element-wise",
         })
+    if check_configs and case.vector > 1 and rows[-1]["correct"]:
+        rows[-1].update(_config_check(case, config, weight, x_ts, reference))
     return rows
+
+
+def _config_check(
+    case: Case, chosen: VectorConfig, weight: NMSparseWeight, x_ts: list[torch.Tensor], reference: torch.Tensor
+) -> dict:
+    """Kernel time (feature-major in and out) of the model's config and of the sample of the tuner's grid
+    (configs that fail to launch or give a wrong result are skipped), and whether the choice is within 10%."""
+    precision = input_precision(weight.dtype)
+    offsets = weight.kept_offsets()
+    out = torch.empty(case.rows, case.tokens, device=x_ts[0].device, dtype=weight.dtype).t()
+
+    def launch(config: VectorConfig, x_t: torch.Tensor) -> None:
+        nm_vector_matmul(x_t, weight.values, offsets, weight.n, weight.m, weight.vector, out, config, None, precision)
+
+    def time_config(config: VectorConfig) -> float:
+        try:
+            launch(config, x_ts[0])
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a config the device cannot launch (resources) is skipped
+            return math.nan
+        if not _relative_error(out, reference) < TOLERANCE[case.dtype]:
+            return math.nan
+        return median_ms([lambda x_t=x_t: launch(config, x_t) for x_t in x_ts])
+
+    chosen_ms = time_config(chosen)
+    timed = [(time_config(config), config) for config in sample_configs(case.tokens, case.vector, weight.dtype)]
+    timed = [(ms, config) for ms, config in timed if not math.isnan(ms)] + [(chosen_ms, chosen)]
+    best_ms, best = min(timed, key=lambda pair: pair[0])
+    return {
+        "config_chosen_ms": chosen_ms, "config_best_ms": best_ms, "config_best": _describe(best),
+        "configs_tried": len(timed), "config_within_10pct": within(chosen_ms, best_ms),
+    }
 
 
 def _semi_structured_ms(xs: list[torch.Tensor], weights: list[NMSparseWeight]) -> float:
