@@ -33,7 +33,7 @@ def csr_linear(
     On CUDA this runs the Triton SpMM (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
-    check_operands(x, weight, CSRWeight, bias, )
+    check_operands(x, weight, CSRWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
     y = call_op(csr_linear_op, _row_major_product, _op_args(rows_in, weight, bias, backend))

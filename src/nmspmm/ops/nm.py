@@ -27,7 +27,7 @@ def linear(
     On CUDA this runs the Triton kernels (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
-    check_operands(x, weight, NMSparseWeight, bias, )
+    check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
