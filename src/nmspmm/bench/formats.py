@@ -17,7 +17,7 @@ from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm
 from ..prune import kept_magnitude, prune
 from .cases import DTYPES, load_suite
 from .report import device_slug, geomean, merge_csv, progress
-from .runner import TOLERANCE, matmul_precision, median_ms
+from .runner import TOLERANCE, matmul_precision, median_ms, relative_error, rotated_dense, rotation_sets
 
 KINDS = ("csr", "sddmm", "block")
 KEY = ("kind", "M", "N", "K", "sparsity", "dtype", "block")
@@ -126,22 +126,9 @@ def run_format_case(case: FormatCase, ceilings: DeviceCeilings, stamp: dict[str,
 
 
 def _sets(case: FormatCase, element: int, weight_bytes: int) -> int:
-    """How many input sets to rotate so that none is still in L2 when it comes round again."""
+    """Input sets to rotate for ``case`` (x, y and the weight of one set)."""
     set_bytes = (case.tokens * case.cols + case.tokens * case.rows) * element + weight_bytes
-    l2 = torch.cuda.get_device_properties().L2_cache_size if DEVICE == "cuda" else 0
-    return min(32, max(2, math.ceil(2 * l2 / set_bytes) + 1))
-
-
-def _rotated_dense(dense: torch.Tensor, sets: int) -> list[torch.Tensor]:
-    scale = dense.shape[1] ** -0.5
-    return [dense] + [torch.randn_like(dense) * scale for _ in range(sets - 1)]
-
-
-def _relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    actual = actual.double()
-    if not bool(torch.isfinite(actual).all()):
-        return math.inf
-    return float((actual - reference).norm() / reference.norm().clamp_min(1e-30))
+    return rotation_sets(set_bytes, torch.cuda.get_device_properties().L2_cache_size if DEVICE == "cuda" else 0)
 
 
 def _try_ms(functions: list) -> float:
@@ -169,9 +156,9 @@ def _run_csr(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: to
     xs = [torch.randn(case.tokens, case.cols, device=DEVICE, dtype=dtype) for _ in range(sets)]
     weights = [weight] + [weight._with_values(weight.values.clone()) for _ in range(sets - 1)]
     reference = xs[0].double() @ weight.to_dense().double().t()
-    rel_error = _relative_error(linear(xs[0], weight), reference)
+    rel_error = relative_error(linear(xs[0], weight), reference)
     correct = rel_error < TOLERANCE[case.dtype]
-    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, _rotated_dense(dense, sets))])
+    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))])
     torch_csr = [w.to_dense().to_sparse_csr() for w in weights]
     peer_ms = _try_ms([lambda x=x, w=w: (w @ x.t()).t() for x, w in zip(xs, torch_csr)])
     ms = median_ms([lambda x=x, w=w: linear(x, w) for x, w in zip(xs, weights)]) if correct else math.nan
@@ -188,7 +175,7 @@ def _run_sddmm(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: 
     inputs = [torch.randn(case.cols, case.tokens, device=DEVICE, dtype=dtype) for _ in range(sets)]
     mask = weight.mask()
     reference = (grads[0].double() @ inputs[0].double().t())[mask]
-    rel_error = _relative_error(sddmm(grads[0], inputs[0], weight).values, reference)
+    rel_error = relative_error(sddmm(grads[0], inputs[0], weight).values, reference)
     correct = rel_error < TOLERANCE[case.dtype]
     dense_ms = median_ms([lambda a=a, b=b: a @ b.t() for a, b in zip(grads, inputs)])
     pattern = weight.to_dense().to_sparse_csr()
@@ -209,9 +196,9 @@ def _run_block(
     sets = _sets(case, element, weight.nbytes)
     xs = [torch.randn(case.tokens, case.cols, device=DEVICE, dtype=dtype) for _ in range(sets)]
     reference = xs[0].double() @ weight.to_dense().double().t()
-    rel_error = _relative_error(linear(xs[0], weight), reference)
+    rel_error = relative_error(linear(xs[0], weight), reference)
     correct = rel_error < TOLERANCE[case.dtype]
-    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, _rotated_dense(dense, sets))])
+    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))])
     nm_weight = prune(dense, NM_OF_SPARSITY[case.sparsity], NM_VECTOR)
     peer_ms = median_ms([lambda x=x: linear(x, nm_weight) for x in xs])
     ms = median_ms([lambda x=x: linear(x, weight) for x in xs]) if correct else math.nan

@@ -91,20 +91,19 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check
     weight = prune(dense_weight, case.pattern, case.vector)
     element = torch.finfo(dtype).bits // 8
     set_bytes = (case.tokens * case.cols + case.rows * case.cols) * element + weight.nbytes
-    l2 = torch.cuda.get_device_properties().L2_cache_size
-    sets = min(32, max(2, math.ceil(2 * l2 / set_bytes) + 1))
+    sets = rotation_sets(set_bytes, torch.cuda.get_device_properties().L2_cache_size)
     xs = [torch.randn(case.tokens, case.cols, device="cuda", dtype=dtype) for _ in range(sets)]
     x_ts = [x.t().contiguous() for x in xs]
     weights = [weight] + [
         NMSparseWeight(weight.values.clone(), weight.offsets.clone(), weight.pattern, weight.vector, weight.shape)
         for _ in range(sets - 1)
     ]
-    dense_weights = [dense_weight] + [torch.randn_like(dense_weight) * scale for _ in range(sets - 1)]
+    dense_weights = rotated_dense(dense_weight, sets)
 
     reference = xs[0].double() @ weight.to_dense().double().t()
     errors = {
-        "op": _relative_error(linear(xs[0], weight), reference),
-        "kernel": _relative_error(linear_feature_major(x_ts[0], weight).t(), reference),
+        "op": relative_error(linear(xs[0], weight), reference),
+        "kernel": relative_error(linear_feature_major(x_ts[0], weight).t(), reference),
     }
     dense = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)]
     dense_ms = median_ms(dense)
@@ -162,7 +161,7 @@ def _config_check(
             torch.cuda.synchronize()
         except Exception:  # noqa: BLE001 - a config the device cannot launch (resources) is skipped
             return math.nan
-        if not _relative_error(out, reference) < TOLERANCE[case.dtype]:
+        if not relative_error(out, reference) < TOLERANCE[case.dtype]:
             return math.nan
         return median_ms([lambda x_t=x_t: launch(config, x_t) for x_t in x_ts])
 
@@ -187,11 +186,23 @@ def _semi_structured_ms(xs: list[torch.Tensor], weights: list[NMSparseWeight]) -
         return math.nan
 
 
-def _relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||actual - reference|| / ||reference||`` in float64 (``reference`` already float64); inf for NaN/Inf."""
     actual = actual.double()
     if not bool(torch.isfinite(actual).all()):
         return math.inf
-    return float((actual - reference).norm() / reference.norm())
+    return float((actual - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def rotation_sets(set_bytes: int, l2_bytes: int) -> int:
+    """How many input sets of ``set_bytes`` to rotate so that none is still in L2 when it comes round again."""
+    return min(32, max(2, math.ceil(2 * l2_bytes / set_bytes) + 1))
+
+
+def rotated_dense(dense: torch.Tensor, sets: int) -> list[torch.Tensor]:
+    """``dense`` and ``sets - 1`` fresh weights of its shape and scale (``K ** -0.5``) for the dense baseline."""
+    scale = dense.shape[1] ** -0.5
+    return [dense] + [torch.randn_like(dense) * scale for _ in range(sets - 1)]
 
 
 def _describe(config) -> str:
