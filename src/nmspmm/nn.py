@@ -15,7 +15,7 @@ from torch import nn
 from . import ops
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
-from .formats.block_shuffled import check_block, check_block_weight
+from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
 from .prune import prune
 from .prune.block_shuffle import check_block_sparsity
 from .prune.unstructured import check_sparsity
@@ -245,10 +245,7 @@ class BlockShuffledLinear(_SparseLinearBase):
         )
 
     def _derive(self) -> None:
-        self.block_row_order = BlockShuffledWeight._trusted(
-            self.values, self.block_columns, self.block_row_offsets, self.row_permutation,
-            (self.out_features, self.in_features), self.block,
-        ).block_row_order
+        self.block_row_order = descending_block_count_order(self.block_row_offsets)
 
     def extra_repr(self) -> str:
         return (

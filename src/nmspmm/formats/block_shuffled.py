@@ -80,7 +80,7 @@ class BlockShuffledWeight(SparseWeightBase):
     ) -> None:
         self._assign(values, block_columns, block_row_offsets, row_permutation, shape, block)
         self.validate()
-        self.block_row_order = _descending_block_count_order(block_row_offsets)
+        self.block_row_order = descending_block_count_order(block_row_offsets)
 
     @classmethod
     def _trusted(
@@ -98,7 +98,7 @@ class BlockShuffledWeight(SparseWeightBase):
         weight = cls.__new__(cls)
         weight._assign(values, block_columns, block_row_offsets, row_permutation, shape, block)
         if block_row_order is None:
-            block_row_order = _descending_block_count_order(block_row_offsets)
+            block_row_order = descending_block_count_order(block_row_offsets)
         weight.block_row_order = block_row_order
         return weight
 
@@ -348,7 +348,7 @@ def inverse_permutation(permutation: torch.Tensor) -> torch.Tensor:
     return inverse.scatter_(0, permutation, torch.arange(permutation.numel(), device=permutation.device))
 
 
-def _descending_block_count_order(block_row_offsets: torch.Tensor) -> torch.Tensor:
+def descending_block_count_order(block_row_offsets: torch.Tensor) -> torch.Tensor:
     """int32 block-rows sorted by descending block count, ties to the lower index."""
     counts = block_row_offsets.long().diff()
     return torch.sort(counts, descending=True, stable=True).indices.to(INDEX_DTYPE)
