@@ -18,7 +18,7 @@ from torch import nn
 from .formats.nm import NMSparseWeight, kept_row_columns
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
 from .nn import SparseLinear, SparsifyReport, eligible_linears, replace_module
-from .ops import check_backend
+from .ops.backend import check_backend, check_operands
 from .ops.nm import grad_input, nm_linear
 from .prune import prune
 
@@ -118,14 +118,7 @@ class SRSTELinear(nn.Module):
             if self.steps % self.mask_interval == 0:
                 self.update_mask()
             self.steps += 1
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"x: dtype {x.dtype} does not match weight dtype {self.weight.dtype}")
-        if x.device != self.weight.device:
-            raise ValueError(f"x: on {x.device}, but weight is on {self.weight.device}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features or x.numel() == 0:
-            raise ValueError(
-                f"x: expected a non-empty tensor with last dimension K={self.in_features}, got shape {tuple(x.shape)}"
-            )
+        check_operands(x, self.weight, torch.Tensor, self.bias)
         rows = x.reshape(-1, self.in_features)
         y = _SRSTEProduct.apply(
             rows, self.weight, self.bias, self.kept_offsets, self.n, self.m, self.vector, self.decay, self.backend
