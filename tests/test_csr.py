@@ -357,6 +357,22 @@ def test_sddmm_op_long_reduction_takes_the_tiled_kernel(backend, monkeypatch):
     assert len(calls) == (1 if backend == "triton" or DEVICE == "cuda" else 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparsity,tiled", [(0.5, True), (0.99, False)])
+def test_exact_fp32_sddmm_takes_the_tiled_kernel_unless_very_sparse(backend, sparsity, tiled, monkeypatch):
+    import nmspmm.ops.csr as csr_ops
+
+    calls = []
+    monkeypatch.setattr(csr_ops, "sddmm_tiled", lambda *args: calls.append(args[-1]) or sddmm_tiled(*args))
+    weight = CSRWeight.prune(torch.randn(64, 160, device=DEVICE), sparsity)
+    a = torch.randn(64, 96, device=DEVICE)
+    b = torch.randn(160, 96, device=DEVICE)
+    expected = (a.double() @ b.double().t()) * weight.mask()
+    assert relative_error(sddmm(a, b, weight, backend=backend).to_dense(), expected) < TOLERANCE[torch.float32]
+    uses_kernels = backend == "triton" or DEVICE == "cuda"
+    assert calls == (["tf32x3"] if tiled and uses_kernels else [])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------------------------

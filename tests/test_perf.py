@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from nmspmm.perf import DeviceCeilings, model_block_case, model_case, model_csr_case, model_sddmm_case
 
+# L2 far faster than anything else, so that each test sees the floor it is about; test_l2_* set a real one.
 CEILINGS = DeviceCeilings(
-    "test", {"bfloat16": 800.0, "float16": 800.0, "float32": 50.0, "tf32": 400.0}, copy_tbps=3.0, torch_version=""
+    "test", {"bfloat16": 800.0, "float16": 800.0, "float32": 50.0, "tf32": 400.0}, copy_tbps=3.0, l2_tbps=1e6,
+    torch_version="",
 )
 
 
@@ -26,6 +30,38 @@ def test_nm_decode_ideal_is_the_byte_ratio():
     weight = 4096 * kept * 2 + 4096 // 64 * kept
     assert model.kernel_bytes == (4096 + 4096) * 2 + weight
     assert model.ideal_speedup == pytest.approx(model.dense_bytes / model.kernel_bytes)
+
+
+def test_l2_floor_counts_one_gather_of_x_per_tile_of_output_features():
+    ceilings = dataclasses.replace(CEILINGS, l2_tbps=7.0)
+    kept = 4096 // 32 * 8
+    for vector, tiles in ((64, 4096 // 64), (128, 4096 // 128), (256, 4096 // 128)):
+        model = model_case(4096, 4096, 4096, 8, 32, vector, torch.bfloat16, "bfloat16", ceilings)
+        weight = 4096 * kept * 2 + 4096 // vector * kept
+        l2_bytes = 4096 * kept * 2 * tiles + weight * (4096 // 256) + 4096 * 4096 * 2
+        assert model.kernel_ms == pytest.approx(l2_bytes / 7e9)
+        assert model.op_ms == pytest.approx((l2_bytes + 2 * 4096 * 4096 * 2) / 7e9)
+    # At V=64 the gathers, not the arithmetic, bound 8:32: the ideal is well under m/n = 4.
+    assert model_case(4096, 4096, 4096, 8, 32, 64, torch.bfloat16, "bfloat16", ceilings).ideal_speedup < 2.5
+
+
+def test_l2_floor_of_block_and_csr_gathers():
+    ceilings = dataclasses.replace(CEILINGS, l2_tbps=7.0)
+    block = model_block_case(2048, 4096, 4096, 4096, (32, 32), torch.float16, "float16", ceilings)
+    weight = 4096 * 32 * 32 * 2 + 4096 * 4 + (4096 // 32 + 1) * 4 + 4096 * 4
+    assert block.kernel_ms == pytest.approx((4096 * 32 * 2048 * 2 + weight * 16 + 2048 * 4096 * 2) / 7e9)
+    nnz = 4096 * 4096 // 10
+    csr = model_csr_case(4096, 4096, 4096, nnz, torch.bfloat16, "bfloat16", ceilings)
+    weight = nnz * 6 + 4097 * 4
+    assert csr.kernel_ms == pytest.approx((nnz * 4096 * 2 + weight * 64 + 4096 * 4096 * 2) / 7e9)
+
+
+def test_exact_fp32_multiplies_at_a_third_of_the_tf32_rate():
+    model = model_case(4096, 4096, 4096, 8, 32, 32, torch.float32, "float32", CEILINGS)
+    assert model.dense_ms == pytest.approx(2 * 4096**3 / 50e9)
+    assert model.kernel_ms == pytest.approx(2 * 4096**3 / 4 / (400e9 / 3))
+    slow_tf32 = dataclasses.replace(CEILINGS, matmul_tflops={**CEILINGS.matmul_tflops, "tf32": 120.0})
+    assert model_case(4096, 4096, 4096, 8, 32, 32, torch.float32, "float32", slow_tf32).ideal_speedup == pytest.approx(4)
 
 
 def test_csr_runs_at_the_fma_rate_and_counts_indices():

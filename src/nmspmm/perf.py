@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,11 +21,14 @@ PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
 
 @dataclass(frozen=True)
 class DeviceCeilings:
-    """Measured rates of one device: dense matmul TFLOP/s per precision and copy bandwidth (read + write)."""
+    """Measured rates of one device: dense matmul TFLOP/s per precision, copy bandwidth (HBM read + write) and
+    the read bandwidth from L2 to the SMs, which bounds kernels that gather the same cached activations into
+    many tiles."""
 
     device: str
     matmul_tflops: dict[str, float]
     copy_tbps: float
+    l2_tbps: float
     torch_version: str
 
 
@@ -37,8 +40,11 @@ def precision_of(dtype: torch.dtype) -> str:
 
 
 def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
-    """Time a large matmul per precision and a large device copy (median of ``triton.testing.do_bench``)."""
+    """Time a large matmul per precision, a large device copy and reads of a 16 MB buffer that stays in L2
+    (median of ``triton.testing.do_bench``)."""
     import triton.testing
+
+    from .kernels import l2_read
 
     device = torch.device(device)
     rates = {}
@@ -58,7 +64,12 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     target = torch.empty_like(source)
     ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
     copy_tbps = 2 * source.numel() * 4 / ms / 1e9
-    return DeviceCeilings(torch.cuda.get_device_name(device), rates, copy_tbps, torch.__version__)
+    cached = torch.randn(8 * 2**20, device=device, dtype=torch.bfloat16)
+    programs = 16 * torch.cuda.get_device_properties(device).multi_processor_count
+    sums = torch.empty(programs * 4096, device=device)
+    read = l2_read(cached, programs, 64, sums)
+    ms = triton.testing.do_bench(lambda: l2_read(cached, programs, 64, sums), return_mode="median")
+    return DeviceCeilings(torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__)
 
 
 def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) -> DeviceCeilings:
@@ -67,7 +78,7 @@ def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) 
     cache = Path(os.environ.get("NMSPMM_CACHE", Path.home() / ".cache" / "nmspmm")) / "ceilings.json"
     known = json.loads(cache.read_text()) if cache.exists() else {}
     key = f"{name}|torch {torch.__version__}"
-    if key in known and not refresh:
+    if key in known and set(known[key]) == {f.name for f in fields(DeviceCeilings)} and not refresh:
         return DeviceCeilings(**known[key])
     ceilings = measure_ceilings(device)
     known[key] = asdict(ceilings)
@@ -106,25 +117,40 @@ def model_case(
     ceilings: DeviceCeilings,
 ) -> CaseModel:
     """FLOPs and fewest bytes (x, values, offsets, y; the op adds x's transpose) and the time bounds they
-    give at the device's measured matmul rate and copy bandwidth."""
+    give at the device's measured matmul rate, copy bandwidth and L2 bandwidth. In L2 traffic, every tile of
+    output features (at most ``min(V, 128)`` wide: a tile may not mix choices of kept inputs) gathers its own
+    kept x rows for all tokens, and the kept weights are read once per band of 256 tokens (the widest tile)."""
     size = torch.finfo(dtype).bits // 8
     kept = cols // m * n
     offsets = rows // vector * kept if vector > 1 else rows * kept
+    weight_bytes = rows * kept * size + offsets
+    gathered_x = tokens * kept * size * (rows // min(vector, 128))
+    l2_bytes = gathered_x + weight_bytes * triton.cdiv(tokens, 256) + tokens * rows * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * rows * kept, rows * kept * size + offsets,
-        ceilings.matmul_tflops[precision], ceilings.matmul_tflops[precision], ceilings, transposes_x=True,
+        tokens, rows, cols, size, 2.0 * tokens * rows * kept, weight_bytes, l2_bytes,
+        ceilings.matmul_tflops[precision], tensor_core_tflops(precision, ceilings), ceilings, transposes_x=True,
     )
+
+
+def tensor_core_tflops(precision: str, ceilings: DeviceCeilings) -> float:
+    """The rate nmspmm's tensor-core kernels multiply at: the dtype's matmul rate, but exact fp32 runs as three
+    tf32 products (see ``nmspmm.ops.backend.input_precision``), a third of the tf32 rate where that beats FMA."""
+    if precision == "float32":
+        return max(ceilings.matmul_tflops["float32"], ceilings.matmul_tflops["tf32"] / 3)
+    return ceilings.matmul_tflops[precision]
 
 
 def model_csr_case(
     tokens: int, rows: int, cols: int, nnz: int, dtype: torch.dtype, precision: str, ceilings: DeviceCeilings
 ) -> CaseModel:
     """:func:`model_case` for a CSR weight with ``nnz`` kept entries (values, int32 columns, int32 row offsets):
-    its products run on FMA units, so the sparse arithmetic bound is the exact-fp32 matmul rate."""
+    its products run on FMA units, so the sparse arithmetic bound is the exact-fp32 matmul rate. In L2 traffic
+    every nonzero gathers its x row for all tokens (rows of a random mask share few columns)."""
     size = torch.finfo(dtype).bits // 8
     weight_bytes = nnz * (size + 4) + (rows + 1) * 4
+    l2_bytes = nnz * tokens * size + weight_bytes * triton.cdiv(tokens, 64) + tokens * rows * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes,
+        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes, l2_bytes,
         ceilings.matmul_tflops[precision], ceilings.matmul_tflops["float32"], ceilings, transposes_x=True,
     )
 
@@ -135,13 +161,15 @@ def model_block_case(
 ) -> CaseModel:
     """:func:`model_case` for a block-sparse weight after a row permutation: ``kept_blocks`` dense
     ``block`` tiles on tensor cores, int32 block columns, block-row offsets and row permutation; x is read
-    row-major, so the op needs no transpose (op and kernel bounds are equal)."""
+    row-major, so the op needs no transpose (op and kernel bounds are equal). In L2 traffic every block reads
+    its ``block[1]`` x columns for all tokens (x is reused only across the ``block[0]`` rows of a block)."""
     size = torch.finfo(dtype).bits // 8
     kept = kept_blocks * block[0] * block[1]
     weight_bytes = kept * size + kept_blocks * 4 + (rows // block[0] + 1) * 4 + rows * 4
-    rate = ceilings.matmul_tflops[precision]
+    l2_bytes = kept_blocks * block[1] * tokens * size + weight_bytes * triton.cdiv(tokens, 128) + tokens * rows * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * kept, weight_bytes, rate, rate, ceilings, transposes_x=False
+        tokens, rows, cols, size, 2.0 * tokens * kept, weight_bytes, l2_bytes,
+        ceilings.matmul_tflops[precision], tensor_core_tflops(precision, ceilings), ceilings, transposes_x=False,
     )
 
 
@@ -165,27 +193,30 @@ def model_sddmm_case(
 
 
 def _linear_model(
-    tokens: int, rows: int, cols: int, size: int, sparse_flops: float, weight_bytes: float,
+    tokens: int, rows: int, cols: int, size: int, sparse_flops: float, weight_bytes: float, l2_bytes: float,
     dense_tflops: float, sparse_tflops: float, ceilings: DeviceCeilings, transposes_x: bool,
 ) -> CaseModel:
     """Counts and bounds of ``Y[M, N] = X[M, K] @ W.T``, dense against a sparse ``W`` of ``weight_bytes``
-    doing ``sparse_flops``; ``transposes_x`` adds the op's pass that makes x feature-major (read + write)."""
+    doing ``sparse_flops`` and reading ``l2_bytes`` from L2; ``transposes_x`` adds the op's pass that makes x
+    feature-major (read + write). The dense product's tiles reuse operands enough that L2 does not bound it."""
     dense_flops = 2.0 * tokens * rows * cols
     activations = tokens * cols * size + tokens * rows * size
     dense_bytes = activations + rows * cols * size
     kernel_bytes = activations + weight_bytes
-    op_bytes = kernel_bytes + (2 * tokens * cols * size if transposes_x else 0)
+    transpose_bytes = 2 * tokens * cols * size if transposes_x else 0
+    op_bytes = kernel_bytes + transpose_bytes
     return CaseModel(
         dense_flops, sparse_flops, dense_bytes, kernel_bytes, op_bytes,
         _bound(dense_flops, dense_bytes, dense_tflops, ceilings),
-        _bound(sparse_flops, kernel_bytes, sparse_tflops, ceilings),
-        _bound(sparse_flops, op_bytes, sparse_tflops, ceilings),
+        _bound(sparse_flops, kernel_bytes, sparse_tflops, ceilings, l2_bytes),
+        _bound(sparse_flops, op_bytes, sparse_tflops, ceilings, l2_bytes + transpose_bytes),
     )
 
 
-def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings) -> float:
-    """The time (ms) below which no kernel can do ``flops`` at ``tflops`` and move ``moved`` bytes."""
-    return max(flops / (tflops * 1e9), moved / (ceilings.copy_tbps * 1e9))
+def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings, l2_moved: float = 0.0) -> float:
+    """The time (ms) below which no kernel can do ``flops`` at ``tflops``, move ``moved`` bytes through HBM and
+    ``l2_moved`` bytes from L2 to the SMs."""
+    return max(flops / (tflops * 1e9), moved / (ceilings.copy_tbps * 1e9), l2_moved / (ceilings.l2_tbps * 1e9))
 
 
 # Tiles for more than 64 tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
@@ -205,25 +236,51 @@ _HALF_TABLE = {
 def choose_vector_config(
     tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device
 ) -> VectorConfig:
-    """The vector-wise kernel's config for a case. Few tokens (<= 64) are bound by weight bytes: small
-    token tiles, and split-K until the grid covers the multiprocessors twice. More tokens take tiles from
-    a small table tuned offline; fp32 uses narrower K steps (its tiles take twice the shared memory)."""
-    if interpreter_active():
+    """The vector-wise kernel's config for a case. Few tokens (<= 64) are bound by weight bytes: narrow tiles
+    of output features streamed in long K steps, split over K only where a long reduction would leave too few
+    programs. More tokens take tiles from a small table tuned offline. Cached: the host time of a call matters
+    when there are few tokens."""
+    return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_vector_config(
+    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device, interpreted: bool
+) -> VectorConfig:
+    if interpreted:
         return interpreter_config(vector)
-    block_n = min(vector, 128)
     if tokens <= 64:
-        block_m = max(16, triton.next_power_of_2(tokens))
-        block_k = 64 if dtype == torch.float32 else 128
-        tiles = rows // block_n
-        sms = _multiprocessors(device)
-        split_k = 1
-        while tiles * split_k < 2 * sms and kept // (block_k * split_k * 2) >= 2:
-            split_k *= 2
-        return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, vector >= 64)
+        return _few_tokens_config(tokens, rows, kept, vector, dtype, _multiprocessors(device))
+    block_n = min(vector, 128)
     if dtype == torch.float32:
-        return VectorConfig(128, block_n, 32, 8 if block_n >= 64 else 4, 3)
+        # Tuned for "tf32x3" (nmspmm's exact fp32) on an H100, 2026-11-23: 16:32-4:32 on 4096x4096,
+        # 11008x4096 and 4096x11008 at 256-4096 tokens; tf32 shares them.
+        return VectorConfig(128, block_n, 64 if block_n <= 32 else 32, 4 if block_n <= 32 else 8, 3)
     block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
     return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)
+
+
+# A program's share of the weight (elements) above which few-token launches split K, while the grid is short.
+_SPLIT_K_WORK = 48 * 1024
+
+
+def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
+    """Tiles for up to 64 tokens, from a sweep of bf16 V=64 at 1, 16 and 64 tokens on 4096x4096, 11008x4096
+    and 4096x11008 (2:4, 8:32, 4:32; CUDA-graph times, H100, 2026-11-23): 32 output features by 256 kept
+    inputs, 4 stages, was best or within 10% in most cases without split-K. Split-K (fp32 partials, then a sum
+    kernel: one more launch) paid only for up to 16 tokens, a long reduction and a grid under two waves, e.g.
+    4096x11008 8:32 at one token: 15.6 us split four ways against 22.7 us unsplit."""
+    block_n = min(vector, 32)
+    block_m = max(16, triton.next_power_of_2(tokens))
+    block_k = 128 if dtype == torch.float32 else 256
+    tiles = rows // block_n
+    split_k = 1
+    while (
+        tokens <= 16 and tiles * split_k < 2 * sms and block_n * kept // split_k > _SPLIT_K_WORK
+        and kept >= 2 * block_k * split_k
+    ):
+        split_k *= 2
+    return VectorConfig(block_m, block_n, block_k, 4, 4, 8, split_k, block_n >= 32)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,19 +26,20 @@ def large_configs(vector: int, dtype: torch.dtype) -> Iterator[VectorConfig]:
 
 
 def small_configs(vector: int, dtype: torch.dtype, tokens: int) -> Iterator[VectorConfig]:
-    """The tuner's grid for few tokens: K step, split-K and operand order at the smallest token tile."""
-    block_n = min(vector, 128)
+    """The tuner's grid for few tokens: tile width, K step and split-K at the smallest token tile."""
     bm = max(16, triton.next_power_of_2(tokens))
-    steps = (32, 64, 128) if dtype == torch.float32 else (64, 128, 256)
-    for bk, split, weight_first in itertools.product(steps, (1, 2, 4, 8), (False, True)):
-        yield VectorConfig(bm, block_n, bk, 4, 3, 8, split, weight_first)
+    steps = (64, 128) if dtype == torch.float32 else (128, 256)
+    widths = sorted({min(vector, 32), min(vector, 64)})
+    for bn, bk, split in itertools.product(widths, steps, (1, 2, 4)):
+        yield VectorConfig(bm, bn, bk, 4, 4, 8, split, bn >= 32)
 
 
 def sample_configs(tokens: int, vector: int, dtype: torch.dtype) -> list[VectorConfig]:
-    """The sample the benchmark times beside the model's choice: every other config of the tuner's grid (12-20
-    configs), enough to see a poor choice at a fraction of a full sweep's time."""
-    grid = list(small_configs(vector, dtype, tokens) if tokens <= SMALL_TOKENS else large_configs(vector, dtype))
-    return grid[::2]
+    """The sample the benchmark times beside the model's choice: the few-token grid whole (6-12 configs), every
+    other config of the larger grid (20), enough to see a poor choice at a fraction of a full sweep's time."""
+    if tokens <= SMALL_TOKENS:
+        return list(small_configs(vector, dtype, tokens))
+    return list(large_configs(vector, dtype))[::2]
 
 
 def within(chosen_ms: float, best_ms: float, tolerance: float = 0.10) -> bool:

@@ -1,5 +1,6 @@
 """Triton kernels and their launchers; they take plain tensors and know nothing of formats or modules."""
 
+from .bandwidth import l2_read
 from .block_sparse import BlockSparseConfig, block_sparse_matmul, choose_block_sparse_config
 from .csr_spmm import SpmmBlocks, csr_spmm, spmm_blocks
 from .nm_backward import BackwardConfig, default_backward_config, nm_grad_input, nm_grad_values
@@ -22,6 +23,7 @@ __all__ = [
     "VectorConfig",
     "default_backward_config",
     "interpreter_config",
+    "l2_read",
     "nm_element_matmul",
     "nm_grad_input",
     "nm_grad_values",

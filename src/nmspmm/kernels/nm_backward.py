@@ -18,8 +18,8 @@
   columns, so FMA units (SIMT) over a 3-D tile.
 
 ``X`` is read feature-major (``x_t = X.T``, [K, M]) as in the forward kernels, so every gathered
-feature is one contiguous row of tokens. Accumulation is fp32 throughout; fp32 inputs use exact fp32
-FMA (``input_precision="ieee"``) unless told otherwise.
+feature is one contiguous row of tokens. Accumulation is fp32 throughout; fp32 inputs multiply as
+``input_precision`` says (``"ieee"`` FMA by default; ``nmspmm.ops`` passes ``"tf32x3"`` or ``"tf32"``).
 """
 
 from __future__ import annotations

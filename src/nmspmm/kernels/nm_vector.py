@@ -139,8 +139,8 @@ def nm_vector_matmul(
     """Write ``xt.T @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for a vector-wise N:M ``W`` given
     as ``values`` [N, K*n/m] and uint8 ``kept_offsets`` [N/V, K*n/m]; ``xt`` is [K, M].
 
-    ``input_precision`` is ``"ieee"`` (exact fp32 FMA for fp32 inputs) or ``"tf32"``; fp16/bf16 use tensor
-    cores either way. Shapes are trusted: ``nmspmm.ops`` validates them and ``nmspmm.perf`` picks ``config``.
+    For fp32 inputs ``input_precision`` is ``"ieee"`` (FMA), ``"tf32x3"`` (fp32 accuracy from three
+    tf32 tensor-core products) or ``"tf32"``; fp16/bf16 use tensor cores either way. Shapes are trusted: ``nmspmm.ops`` validates them and ``nmspmm.perf`` picks ``config``.
     """
     tokens = xt.shape[1]
     rows, kept = values.shape

@@ -9,7 +9,7 @@ import torch
 from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, transposed_structure_of
 from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
-from ..kernels.sddmm import TILED_MIN_DEPTH, sddmm_tiled, tile_offsets
+from ..kernels.sddmm import TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled, tile_offsets
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import call_op, check_backend, check_operands, input_precision, use_triton
 
@@ -149,9 +149,9 @@ def _sampled_product(
     a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, backend: str
 ) -> torch.Tensor:
     """``(a @ b.T)[row_indices, col_indices]`` ``[nnz]`` in a's dtype, for ``a`` [R, D] and ``b`` [C, D] (any
-    strides): the SDDMM kernel (per tile on tensor cores for fp16/bf16/tf32 reductions of at least
-    ``TILED_MIN_DEPTH``; per nonzero otherwise, exact fp32 included), or on the reference path the dense
-    product in at least fp32, then sampled."""
+    strides): the SDDMM kernel (per tile on tensor cores for reductions of at least ``TILED_MIN_DEPTH``,
+    except exact fp32 below ``TILED_MIN_DENSITY_EXACT``; per nonzero otherwise), or on the reference path the
+    dense product in at least fp32, then sampled."""
     if not use_triton(backend, a.device):
         compute = torch.promote_types(a.dtype, torch.float32)
         full = a.to(compute) @ b.to(compute).t()
@@ -159,7 +159,8 @@ def _sampled_product(
     out = a.new_empty(col_indices.shape[0])
     a, b = _unit_inner_stride(a), _unit_inner_stride(b)
     precision = input_precision(a.dtype)
-    if a.shape[1] >= TILED_MIN_DEPTH and (a.dtype != torch.float32 or precision == "tf32"):
+    density = col_indices.shape[0] / max(1, a.shape[0] * b.shape[0])
+    if a.shape[1] >= TILED_MIN_DEPTH and (precision != "tf32x3" or density >= TILED_MIN_DENSITY_EXACT):
         offsets = tile_offsets(row_indices, col_indices, a.shape[0], b.shape[0])
         return sddmm_tiled(a, b, offsets, col_indices, out, precision)
     return sddmm_kernel(a, b, row_indices, col_indices, out)
