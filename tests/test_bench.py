@@ -106,9 +106,12 @@ def test_format_summary_groups_by_regime():
 
     row = {"kind": "csr", "dtype": "float32", "sparsity": 0.9, "speedup": 2.0, "speedup_vs_peer": 4.0,
            "fraction_of_bound": 0.5}
-    table = summary_markdown([{**row, "M": 1}, {**row, "M": 256}, {**row, "M": 1024, "speedup": 8.0}])
-    assert "| csr | float32 | M >= 256 | 90.0% | 2 | 4.00x | 4.00x | 50% |" in table
-    assert "| csr | float32 | M <= 16 | 90.0% | 1 | 2.00x | 4.00x | 50% |" in table
+    graphed = {"graph_ms": "0.01", "dense_graph_ms": "0.03"}
+    table = summary_markdown(
+        [{**row, "M": 1, **graphed}, {**row, "M": 256, "graph_ms": ""}, {**row, "M": 1024, "speedup": 8.0}]
+    )
+    assert "| csr | float32 | M >= 256 | 90.0% | 2 | 4.00x | 4.00x | 50% |  |" in table
+    assert "| csr | float32 | M <= 16 | 90.0% | 1 | 2.00x | 4.00x | 50% | 3.00x |" in table
 
 
 def test_format_cases_run_end_to_end_on_cpu(monkeypatch):

@@ -17,7 +17,10 @@ from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm
 from ..prune import kept_magnitude, prune
 from .cases import DTYPES, load_suite
 from .report import device_slug, geomean, merge_csv, progress
-from .runner import TOLERANCE, matmul_precision, median_ms, relative_error, rotated_dense, rotation_sets
+from .runner import (
+    GRAPH_TOKENS, TOLERANCE, graph_median_ms, matmul_precision, median_ms, relative_error, rotated_dense,
+    rotation_sets,
+)
 
 KINDS = ("csr", "sddmm", "block")
 KEY = ("kind", "M", "N", "K", "sparsity", "dtype", "block")
@@ -148,6 +151,21 @@ def _timings(ms: float, dense_ms: float, peer_ms: float, model, rel_error: float
     }
 
 
+NOT_GRAPHED = {"graph_ms": math.nan, "dense_graph_ms": math.nan, "peer_graph_ms": math.nan}
+
+
+def _graphed(tokens: int, correct: bool, ours: list, dense: list, peer: list | None = None) -> dict:
+    """For few tokens on CUDA, the same calls replayed from CUDA graphs: GPU time without the host's launch
+    overhead, which otherwise decides (and scatters) eager times of a few microseconds. cuSPARSE is not graphed."""
+    if tokens > GRAPH_TOKENS or DEVICE != "cuda":
+        return NOT_GRAPHED
+    return {
+        "graph_ms": graph_median_ms(ours) if correct else math.nan,
+        "dense_graph_ms": graph_median_ms(dense),
+        "peer_graph_ms": graph_median_ms(peer) if peer is not None else math.nan,
+    }
+
+
 def _run_csr(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: torch.dtype, ceilings) -> dict:
     """nmspmm.linear (row-major x in and y out, the transpose counted) against x @ W.T (cuBLAS, dense W) and
     PyTorch's CSR product (cuSPARSE) on the same row-major x: ``(W_csr @ x.T).T``."""
@@ -158,12 +176,14 @@ def _run_csr(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: to
     reference = xs[0].double() @ weight.to_dense().double().t()
     rel_error = relative_error(linear(xs[0], weight), reference)
     correct = rel_error < TOLERANCE[case.dtype]
-    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))])
+    dense_calls = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))]
+    dense_ms = median_ms(dense_calls)
     torch_csr = [w.to_dense().to_sparse_csr() for w in weights]
     peer_ms = _try_ms([lambda x=x, w=w: (w @ x.t()).t() for x, w in zip(xs, torch_csr)])
-    ms = median_ms([lambda x=x, w=w: linear(x, w) for x, w in zip(xs, weights)]) if correct else math.nan
+    calls = [lambda x=x, w=w: linear(x, w) for x, w in zip(xs, weights)]
+    ms = median_ms(calls) if correct else math.nan
     model = model_csr_case(case.tokens, case.rows, case.cols, weight.nnz, dtype, case.dtype, ceilings)
-    return _timings(ms, dense_ms, peer_ms, model, rel_error, correct)
+    return {**_timings(ms, dense_ms, peer_ms, model, rel_error, correct), **_graphed(case.tokens, correct, calls, dense_calls)}
 
 
 def _run_sddmm(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: torch.dtype, ceilings) -> dict:
@@ -184,7 +204,7 @@ def _run_sddmm(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: 
     ])
     ms = median_ms([lambda a=a, b=b: sddmm(a, b, weight) for a, b in zip(grads, inputs)]) if correct else math.nan
     model = model_sddmm_case(case.rows, case.cols, case.tokens, weight.nnz, dtype, case.dtype, ceilings)
-    return _timings(ms, dense_ms, peer_ms, model, rel_error, correct)
+    return {**_timings(ms, dense_ms, peer_ms, model, rel_error, correct), **NOT_GRAPHED}
 
 
 def _run_block(
@@ -198,14 +218,18 @@ def _run_block(
     reference = xs[0].double() @ weight.to_dense().double().t()
     rel_error = relative_error(linear(xs[0], weight), reference)
     correct = rel_error < TOLERANCE[case.dtype]
-    dense_ms = median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))])
+    dense_calls = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))]
+    dense_ms = median_ms(dense_calls)
     nm_weight = prune(dense, NM_OF_SPARSITY[case.sparsity], NM_VECTOR)
-    peer_ms = median_ms([lambda x=x: linear(x, nm_weight) for x in xs])
-    ms = median_ms([lambda x=x: linear(x, weight) for x in xs]) if correct else math.nan
+    peer_calls = [lambda x=x: linear(x, nm_weight) for x in xs]
+    peer_ms = median_ms(peer_calls)
+    calls = [lambda x=x: linear(x, weight) for x in xs]
+    ms = median_ms(calls) if correct else math.nan
     kept_blocks = int(weight.block_columns.numel())
     model = model_block_case(case.tokens, case.rows, case.cols, kept_blocks, case.block, dtype, case.dtype, ceilings)
     return {
         **_timings(ms, dense_ms, peer_ms, model, rel_error, correct),
+        **_graphed(case.tokens, correct, calls, dense_calls, peer_calls),
         "kept_magnitude": kept_magnitude(dense, weight.mask()),
         "nm_kept_magnitude": kept_magnitude(dense, nm_weight.mask()),
     }
@@ -213,10 +237,10 @@ def _run_block(
 
 def summary_markdown(rows: list[dict]) -> str:
     """Geomean speedup over dense (and over the peer: cuSPARSE, or N:M V=64 for blocks) per kind, dtype and
-    sparsity, for M >= 256 and for M <= 16."""
+    sparsity, for M >= 256 and for M <= 16 (there also with both sides replayed from CUDA graphs)."""
     lines = [
-        "| kind | dtype | tokens | sparsity | cases | vs dense | vs peer | fraction of bound |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| kind | dtype | tokens | sparsity | cases | vs dense | vs peer | fraction of bound | graphed vs dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -226,9 +250,17 @@ def summary_markdown(rows: list[dict]) -> str:
         dense = geomean([float(r["speedup"]) for r in members])
         peer = geomean([float(r["speedup_vs_peer"]) for r in members])
         bound = geomean([float(r["fraction_of_bound"]) for r in members])
+        graphed = geomean([_graphed_speedup(r) for r in members])
         cells = [f"{dense:.2f}x", "" if math.isnan(peer) else f"{peer:.2f}x", f"{bound:.0%}"]
+        cells.append("" if math.isnan(graphed) else f"{graphed:.2f}x")
         lines.append(f"| {kind} | {dtype} | {regime} | {sparsity:.1%} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _graphed_speedup(row: dict) -> float:
+    """Dense over nmspmm, both replayed from CUDA graphs; NaN where not graphed (rows from older runs included)."""
+    ours, dense = row.get("graph_ms", ""), row.get("dense_graph_ms", "")
+    return math.nan if "" in (ours, dense) else float(dense) / float(ours)
 
 
 def plot(rows: list[dict], path: Path) -> None:
