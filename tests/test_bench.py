@@ -63,6 +63,15 @@ def test_summary_is_a_geomean():
     assert "| bfloat16 | 64 | op | 3 | 4.00x (100%) | 3.00x (75%) |" in table
 
 
+def test_rows_show_eager_and_semi_structured_ratios():
+    from nmspmm.bench.report import format_rows
+
+    row = {**_row(256, "2:4", "op", 2.0), "eager_ms": 0.5, "dense_eager_ms": 1.0, "semi_structured_ms": 1.5}
+    line = format_rows([row]).splitlines()[1]
+    assert line.split()[-2:] == ["3.00x", "2.00x"]
+    assert format_rows([_row(256, "8:32", "op", 2.0)]).splitlines()[1].split()[-1] == "50.0"
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "plot.png"
@@ -180,7 +189,7 @@ def test_config_check_runs_every_sampled_config_under_the_interpreter(monkeypatc
         calls.append(1)
         return float(len(calls))
 
-    monkeypatch.setattr(runner, "median_ms", one_call_ms)
+    monkeypatch.setattr(runner, "graph_median_ms", one_call_ms)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     case = Case(5, 64, 256, "8:32", 32, "float16")
     weight = nmspmm_prune(torch.randn(64, 256).half(), "8:32", 32)
