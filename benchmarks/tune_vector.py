@@ -1,6 +1,8 @@
 """Offline tuning of the vector-wise kernel's configs on a GPU: for each case, check and time a grid of
 configs (kernel level: feature-major x in; both output layouts), write every row to a CSV and print the
-best per case. The table in ``nmspmm.perf`` is built from its output; nothing here runs at import."""
+best per case. Times replay CUDA graphs (GPU time, as the benchmark's headline), and fp32 multiplies as the
+library does (``nmspmm.ops.backend.input_precision``). The table in ``nmspmm.perf`` is built from its output;
+nothing here runs at import."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 
 import nmspmm
 from nmspmm.bench.configs import large_configs, small_configs
-from nmspmm.bench.runner import median_ms
+from nmspmm.bench.runner import graph_median_ms
 from nmspmm.kernels import nm_vector_matmul, transpose
+from nmspmm.ops.backend import input_precision
 
 LARGE = [(4096, 4096, 4096), (1024, 11008, 4096), (256, 4096, 11008), (2048, 8192, 22016)]
 SMALL = [(1, 4096, 4096), (16, 4096, 4096), (64, 11008, 4096)]
@@ -44,9 +47,10 @@ def main() -> None:
             xts = [transpose(x) for x in xs]
             dense_w = weight.to_dense()
             reference = (xs[0].float() @ dense_w.float().t())
-            dense_ms = median_ms([lambda x=x: x @ dense_w.t() for x in xs])
-            transpose_ms = median_ms([lambda x=x: transpose(x) for x in xs])
+            dense_ms = graph_median_ms([lambda x=x: x @ dense_w.t() for x in xs])
+            transpose_ms = graph_median_ms([lambda x=x: transpose(x) for x in xs])
             configs = large_configs(vector, dtype) if tokens > 64 else small_configs(vector, dtype, tokens)
+            precision = input_precision(dtype)
             best = {}
             for config in configs:
                 for layout in ("row", "feature"):
@@ -56,7 +60,10 @@ def main() -> None:
                         out = torch.empty(out_f, tokens, device="cuda", dtype=dtype).t()
                     try:
                         out.fill_(float("nan"))
-                        nm_vector_matmul(xts[0], weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config)
+                        nm_vector_matmul(
+                            xts[0], weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config,
+                            None, precision,
+                        )
                         torch.cuda.synchronize()
                     except Exception as error:  # noqa: BLE001 - out-of-resources configs are skipped
                         print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
@@ -65,9 +72,10 @@ def main() -> None:
                     ok = err < (2e-2 if dtype != torch.float32 else 1e-4)
                     ms = float("nan")
                     if ok:
-                        ms = median_ms([
+                        ms = graph_median_ms([
                             lambda xt=xt: nm_vector_matmul(
-                                xt, weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config
+                                xt, weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config,
+                                None, precision,
                             )
                             for xt in xts
                         ])
