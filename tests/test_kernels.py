@@ -87,3 +87,18 @@ def test_transpose(shape, dtype):
     out = torch.full((shape[1], shape[0]), float("nan"), dtype=dtype, device=DEVICE)
     transpose(x, out)
     assert torch.equal(out, x.t())
+
+
+def test_l2_probe_sums_the_chunks_it_reads():
+    from nmspmm.kernels import L2_PROBE_BLOCK, l2_read
+
+    chunks, programs, reads = 3, 2, 4
+    buffer = torch.randn(chunks * L2_PROBE_BLOCK + 5, device=DEVICE).bfloat16()
+    out = torch.full((programs * L2_PROBE_BLOCK,), float("nan"), device=DEVICE)
+    assert l2_read(buffer, programs, reads, out) == programs * reads * L2_PROBE_BLOCK * 2
+    rows = buffer[: chunks * L2_PROBE_BLOCK].float().view(chunks, L2_PROBE_BLOCK)
+    for program in range(programs):
+        expected = sum(rows[(program * 7 + step * 13) % chunks] for step in range(reads))
+        assert torch.allclose(out.view(programs, -1)[program], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="buffer, out: need at least 4096 buffer elements"):
+        l2_read(buffer[:100], programs, reads, out)

@@ -44,7 +44,7 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     (median of ``triton.testing.do_bench``)."""
     import triton.testing
 
-    from .kernels import l2_read
+    from .kernels import L2_PROBE_BLOCK, l2_read
 
     device = torch.device(device)
     rates = {}
@@ -66,7 +66,7 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     copy_tbps = 2 * source.numel() * 4 / ms / 1e9
     cached = torch.randn(8 * 2**20, device=device, dtype=torch.bfloat16)
     programs = 16 * torch.cuda.get_device_properties(device).multi_processor_count
-    sums = torch.empty(programs * 4096, device=device)
+    sums = torch.empty(programs * L2_PROBE_BLOCK, device=device)
     read = l2_read(cached, programs, 64, sums)
     ms = triton.testing.do_bench(lambda: l2_read(cached, programs, 64, sums), return_mode="median")
     return DeviceCeilings(torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__)

@@ -1,6 +1,6 @@
 """Triton kernels and their launchers; they take plain tensors and know nothing of formats or modules."""
 
-from .bandwidth import l2_read
+from .bandwidth import L2_PROBE_BLOCK, l2_read
 from .block_sparse import BlockSparseConfig, block_sparse_matmul, choose_block_sparse_config
 from .csr_spmm import SpmmBlocks, csr_spmm, spmm_blocks
 from .nm_backward import BackwardConfig, default_backward_config, nm_grad_input, nm_grad_values
@@ -10,6 +10,7 @@ from .sddmm import SddmmBlocks, sddmm, sddmm_blocks
 from .transpose import transpose
 
 __all__ = [
+    "L2_PROBE_BLOCK",
     "BlockSparseConfig",
     "SddmmBlocks",
     "SpmmBlocks",
