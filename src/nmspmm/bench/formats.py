@@ -183,7 +183,10 @@ def _run_csr(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: to
     calls = [lambda x=x, w=w: linear(x, w) for x, w in zip(xs, weights)]
     ms = median_ms(calls) if correct else math.nan
     model = model_csr_case(case.tokens, case.rows, case.cols, weight.nnz, dtype, case.dtype, ceilings)
-    return {**_timings(ms, dense_ms, peer_ms, model, rel_error, correct), **_graphed(case.tokens, correct, calls, dense_calls)}
+    return {
+        **_timings(ms, dense_ms, peer_ms, model, rel_error, correct),
+        **_graphed(case.tokens, correct, calls, dense_calls),
+    }
 
 
 def _run_sddmm(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: torch.dtype, ceilings) -> dict:

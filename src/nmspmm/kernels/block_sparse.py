@@ -94,8 +94,8 @@ def block_sparse_matmul(
     given by its row permutation and the block-CSR form of ``W[row_permutation]``: ``values`` [nblocks, BN, BK]
     (contiguous), int32 ``block_columns``, ``block_row_offsets`` [N / BN + 1], ``block_row_order`` (the launch
     order of the block-rows, a permutation of them) and ``row_permutation`` [N]. ``bias`` [N] is in the original
-    order. Accumulates in fp32; ``input_precision`` is ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` for fp32 operands. Block-rows
-    without blocks write the bias (or zeros). Shapes are trusted: ``nmspmm.ops`` validates them."""
+    order. Accumulates in fp32; ``input_precision`` is ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` for fp32
+    operands. Block-rows without blocks write the bias (or zeros). Shapes are trusted: ``nmspmm.ops`` validates them."""
     tokens = x.shape[0]
     _, bn, bk = values.shape
     if config is None:

@@ -140,7 +140,8 @@ def nm_vector_matmul(
     as ``values`` [N, K*n/m] and uint8 ``kept_offsets`` [N/V, K*n/m]; ``xt`` is [K, M].
 
     For fp32 inputs ``input_precision`` is ``"ieee"`` (FMA), ``"tf32x3"`` (fp32 accuracy from three
-    tf32 tensor-core products) or ``"tf32"``; fp16/bf16 use tensor cores either way. Shapes are trusted: ``nmspmm.ops`` validates them and ``nmspmm.perf`` picks ``config``.
+    tf32 tensor-core products) or ``"tf32"``; fp16/bf16 use tensor cores either way. Shapes are trusted:
+    ``nmspmm.ops`` validates them and ``nmspmm.perf`` picks ``config``.
     """
     tokens = xt.shape[1]
     rows, kept = values.shape

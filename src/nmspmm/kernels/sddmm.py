@@ -4,8 +4,8 @@ of a sparse structure (rows in order, columns ascending within a row). Two kerne
 - per nonzero (short reductions): programs take flat chunks of nonzeros, so every program does the same work
   whatever the row lengths; each nonzero reads its own ``a`` and ``b`` runs, on FMA units.
 - per tile (long reductions on tensor cores): a program computes a dense ``BLOCK_R x BLOCK_C`` tile of
-  ``a @ b.T``, then gathers the tile's nonzeros out of it. Each ``a`` and ``b`` run is read once per tile instead of once
-  per nonzero, which is what bounds the first kernel when the reduction is long (L2-to-SM traffic).
+  ``a @ b.T``, then gathers the tile's nonzeros out of it. Each ``a`` and ``b`` run is read once per tile instead
+  of once per nonzero, which is what bounds the first kernel when the reduction is long (L2-to-SM traffic).
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def sddmm(
 # Tile of the per-tile kernel (rows x columns x reduction step); reductions at least this long use it.
 TILE = (64, 64, 32)
 TILED_MIN_DEPTH = 64
-# Exact fp32 (three tf32 products per tile) does the whole dense product at about 100 TFLOP/s, the per-nonzero
-# kernel only the kept dot products at about 4 TFLOP/s of FMA (H100, 4096^3 at 98%, 2026-11-23): below this
-# density the per-nonzero kernel is the faster.
-TILED_MIN_DENSITY_EXACT = 0.04
+# Exact fp32 (three tf32 products per tile) costs the whole dense product, 2.5-2.8 ms at 4096^3 whatever the
+# density; the per-nonzero kernel costs the kept dot products, 0.7 ms at 2% density (H100, 2026-11-23). They
+# cross near 7%; below it the per-nonzero kernel is the faster.
+TILED_MIN_DENSITY_EXACT = 0.07
 
 
 def tile_offsets(row_indices: torch.Tensor, col_indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

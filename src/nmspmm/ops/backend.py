@@ -37,7 +37,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
 def input_precision(dtype: torch.dtype) -> str:
     """How ``tl.dot`` multiplies fp32 operands: tf32 when torch's matmul precision allows it (as torch.matmul
     does), else fp32 accuracy from three tf32 tensor-core products ("tf32x3": each operand split into a tf32
-    part and its tf32 remainder). On an H100 this ran the vector-wise kernel 1.6-1.9x faster than FMA
+    part and its tf32 remainder). On an H100 this ran the vector-wise kernel 1.7-1.9x faster than FMA
     ("ieee") with a relative error of 1.5-2.6e-7 against float64, below cuBLAS fp32's 1.2e-6 (4096^3, 2026-11-23).
     Other dtypes ignore it."""
     if dtype != torch.float32:
