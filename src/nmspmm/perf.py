@@ -125,9 +125,8 @@ def model_case(
     offsets = rows // vector * kept if vector > 1 else rows * kept
     weight_bytes = rows * kept * size + offsets
     gathered_x = tokens * kept * size * (rows // min(vector, 128))
-    l2_bytes = gathered_x + weight_bytes * triton.cdiv(tokens, 256) + tokens * rows * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * rows * kept, weight_bytes, l2_bytes,
+        tokens, rows, cols, size, 2.0 * tokens * rows * kept, weight_bytes, gathered_x, 256,
         ceilings.matmul_tflops[precision], tensor_core_tflops(precision, ceilings), ceilings, transposes_x=True,
     )
 
@@ -148,9 +147,8 @@ def model_csr_case(
     every nonzero gathers its x row for all tokens (rows of a random mask share few columns)."""
     size = torch.finfo(dtype).bits // 8
     weight_bytes = nnz * (size + 4) + (rows + 1) * 4
-    l2_bytes = nnz * tokens * size + weight_bytes * triton.cdiv(tokens, 64) + tokens * rows * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes, l2_bytes,
+        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes, nnz * tokens * size, 64,
         ceilings.matmul_tflops[precision], ceilings.matmul_tflops["float32"], ceilings, transposes_x=True,
     )
 
@@ -166,9 +164,8 @@ def model_block_case(
     size = torch.finfo(dtype).bits // 8
     kept = kept_blocks * block[0] * block[1]
     weight_bytes = kept * size + kept_blocks * 4 + (rows // block[0] + 1) * 4 + rows * 4
-    l2_bytes = kept_blocks * block[1] * tokens * size + weight_bytes * triton.cdiv(tokens, 128) + tokens * rows * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * kept, weight_bytes, l2_bytes,
+        tokens, rows, cols, size, 2.0 * tokens * kept, weight_bytes, kept_blocks * block[1] * tokens * size, 128,
         ceilings.matmul_tflops[precision], tensor_core_tflops(precision, ceilings), ceilings, transposes_x=False,
     )
 
@@ -193,12 +190,14 @@ def model_sddmm_case(
 
 
 def _linear_model(
-    tokens: int, rows: int, cols: int, size: int, sparse_flops: float, weight_bytes: float, l2_bytes: float,
-    dense_tflops: float, sparse_tflops: float, ceilings: DeviceCeilings, transposes_x: bool,
+    tokens: int, rows: int, cols: int, size: int, sparse_flops: float, weight_bytes: float, gathered_x: float,
+    weight_band: int, dense_tflops: float, sparse_tflops: float, ceilings: DeviceCeilings, transposes_x: bool,
 ) -> CaseModel:
     """Counts and bounds of ``Y[M, N] = X[M, K] @ W.T``, dense against a sparse ``W`` of ``weight_bytes``
-    doing ``sparse_flops`` and reading ``l2_bytes`` from L2; ``transposes_x`` adds the op's pass that makes x
-    feature-major (read + write). The dense product's tiles reuse operands enough that L2 does not bound it."""
+    doing ``sparse_flops``. From L2 the kernel reads ``gathered_x`` bytes of x, the weight once per band of
+    ``weight_band`` tokens, and writes y. ``transposes_x`` adds the op's pass that makes x feature-major (read +
+    write). The dense product's tiles reuse operands enough that L2 does not bound it."""
+    l2_bytes = gathered_x + weight_bytes * triton.cdiv(tokens, weight_band) + tokens * rows * size
     dense_flops = 2.0 * tokens * rows * cols
     activations = tokens * cols * size + tokens * rows * size
     dense_bytes = activations + rows * cols * size

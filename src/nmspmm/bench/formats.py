@@ -16,7 +16,7 @@ from ..ops import linear, sddmm
 from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm_case
 from ..prune import kept_magnitude, prune
 from .cases import DTYPES, load_suite
-from .report import device_slug, geomean, merge_csv, progress
+from .report import device_slug, geomean, merge_csv, progress, speedup_of
 from .runner import (
     GRAPH_TOKENS, TOLERANCE, graph_median_ms, matmul_precision, median_ms, relative_error, rotated_dense,
     rotation_sets,
@@ -253,17 +253,11 @@ def summary_markdown(rows: list[dict]) -> str:
         dense = geomean([float(r["speedup"]) for r in members])
         peer = geomean([float(r["speedup_vs_peer"]) for r in members])
         bound = geomean([float(r["fraction_of_bound"]) for r in members])
-        graphed = geomean([_graphed_speedup(r) for r in members])
+        graphed = geomean([speedup_of(r.get("graph_ms"), r.get("dense_graph_ms")) for r in members])
         cells = [f"{dense:.2f}x", "" if math.isnan(peer) else f"{peer:.2f}x", f"{bound:.0%}"]
         cells.append("" if math.isnan(graphed) else f"{graphed:.2f}x")
         lines.append(f"| {kind} | {dtype} | {regime} | {sparsity:.1%} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _graphed_speedup(row: dict) -> float:
-    """Dense over nmspmm, both replayed from CUDA graphs; NaN where not graphed (rows from older runs included)."""
-    ours, dense = row.get("graph_ms", ""), row.get("dense_graph_ms", "")
-    return math.nan if "" in (ours, dense) else float(dense) / float(ours)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -66,11 +66,16 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def speedup_of(ms: object, dense_ms: object) -> float:
+    """``dense_ms / ms`` from result fields (numbers or CSV strings); NaN where either time is missing."""
+    if ms in (None, "") or dense_ms in (None, ""):
+        return math.nan
+    return float(dense_ms) / float(ms)
+
+
 def _ratio(ms: object, dense_ms: object) -> str:
     """``dense_ms / ms`` as 'N.NNx', or blank where either time is missing."""
-    if ms in (None, "") or dense_ms in (None, ""):
-        return ""
-    value = float(dense_ms) / float(ms)
+    value = speedup_of(ms, dense_ms)
     return "" if math.isnan(value) else f"{value:.2f}x"
 
 

@@ -54,6 +54,14 @@ def call_op(op: Callable[..., torch.Tensor], implementation: Callable[..., torch
     return implementation(*args)
 
 
+def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: Any) -> None:
+    """Reject a tensor argument ``name`` of another dtype or device than ``weight`` (any format)."""
+    if tensor.dtype != weight.dtype:
+        raise TypeError(f"{name}: dtype {tensor.dtype} does not match weight dtype {weight.dtype}")
+    if tensor.device != weight.device:
+        raise ValueError(f"{name}: on {tensor.device}, but weight is on {weight.device}")
+
+
 def check_bias(bias: torch.Tensor | None, weight: Any) -> None:
     """Reject a bias that is not None or an ``[N]`` tensor of the weight's dtype and device (any format)."""
     if bias is None:
@@ -62,10 +70,7 @@ def check_bias(bias: torch.Tensor | None, weight: Any) -> None:
         raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if bias.dtype != weight.dtype:
-        raise TypeError(f"bias: dtype {bias.dtype} does not match weight dtype {weight.dtype}")
-    if bias.device != weight.device:
-        raise ValueError(f"bias: on {bias.device}, but weight is on {weight.device}")
+    check_dtype_and_device("bias", bias, weight)
 
 
 def check_operands(
@@ -78,10 +83,7 @@ def check_operands(
         raise TypeError(f"weight: expected an nmspmm.{weight_type.__name__}, got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{name}: dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"{name}: on {x.device}, but weight is on {weight.device}")
+    check_dtype_and_device(name, x, weight)
     if x.dim() == 0 or x.shape[feature_axis] != weight.shape[1]:
         axis = "last" if feature_axis == -1 else "first"
         raise ValueError(

@@ -11,7 +11,7 @@ from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
 from ..kernels.sddmm import TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled, tile_offsets
 from ..kernels.sddmm import sddmm as sddmm_kernel
-from .backend import call_op, check_backend, check_operands, input_precision, use_triton
+from .backend import call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every
@@ -285,10 +285,7 @@ def _check_sddmm_operands(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight) -
     for name, operand, rows in (("a", a, weight.shape[0]), ("b", b, weight.shape[1])):
         if not isinstance(operand, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(operand).__name__}")
-        if operand.dtype != weight.dtype:
-            raise TypeError(f"{name}: dtype {operand.dtype} does not match weight dtype {weight.dtype}")
-        if operand.device != weight.device:
-            raise ValueError(f"{name}: on {operand.device}, but weight is on {weight.device}")
+        check_dtype_and_device(name, operand, weight)
         if operand.dim() != 2 or operand.shape[0] != rows or operand.shape[1] < 1:
             dim = "N" if name == "a" else "K"
             raise ValueError(f"{name}: expected shape [{dim}={rows}, D] with D >= 1, got {tuple(operand.shape)}")
