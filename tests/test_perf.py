@@ -65,6 +65,14 @@ def test_exact_fp32_multiplies_at_a_third_of_the_tf32_rate():
     assert fma_bound.ideal_speedup == pytest.approx(4)
 
 
+def test_tensor_core_rate_rejects_an_unknown_precision():
+    from nmspmm.perf import tensor_core_tflops
+
+    assert tensor_core_tflops("bfloat16", CEILINGS) == 800.0
+    with pytest.raises(ValueError, match=r"precision: expected one of \['bfloat16', .*\], got 'int8'"):
+        tensor_core_tflops("int8", CEILINGS)
+
+
 def test_csr_runs_at_the_fma_rate_and_counts_indices():
     nnz = 4096 * 4096 // 10
     model = model_csr_case(4096, 4096, 4096, nnz, torch.bfloat16, "bfloat16", CEILINGS)

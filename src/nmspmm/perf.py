@@ -134,6 +134,8 @@ def model_case(
 def tensor_core_tflops(precision: str, ceilings: DeviceCeilings) -> float:
     """The rate nmspmm's tensor-core kernels multiply at: the dtype's matmul rate, but exact fp32 runs as three
     tf32 products (see ``nmspmm.ops.backend.input_precision``), a third of the tf32 rate where that beats FMA."""
+    if precision not in ceilings.matmul_tflops:
+        raise ValueError(f"precision: expected one of {sorted(ceilings.matmul_tflops)}, got {precision!r}")
     if precision == "float32":
         return max(ceilings.matmul_tflops["float32"], ceilings.matmul_tflops["tf32"] / 3)
     return ceilings.matmul_tflops[precision]
