@@ -221,17 +221,30 @@ def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings, 
 
 
 # Tiles for more than 64 tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
-# (vector, tokens <= 512) -> (block_m, block_k, num_warps, num_stages, weight_first).
+# (vector, tokens <= 512) -> (block_m, block_k, num_warps, num_stages, weight_first). V=64 is chosen by
+# _half_tile_v64 instead.
 _HALF_TABLE = {
     (16, True): (128, 128, 4, 3, False),
     (16, False): (128, 64, 4, 3, False),
     (32, True): (256, 128, 8, 3, False),
     (32, False): (256, 64, 8, 3, False),
-    (64, True): (64, 128, 8, 3, True),
-    (64, False): (128, 64, 4, 3, True),
     (128, True): (64, 128, 8, 3, True),
     (128, False): (128, 64, 8, 3, True),
 }
+
+
+def _half_tile_v64(tokens: int, rows: int, sms: int) -> tuple[int, int, int, int, bool]:
+    """bf16/fp16 tiles at V=64 by how many 128-token tiles the grid holds: under one wave, long K steps of a
+    64-token tile with 8 warps; up to two waves, 64-token tiles with short K steps; beyond, 128-token tiles with
+    short K steps. From a CUDA-graph sweep (18 configs, 256 and 512 tokens, 4096x4096, 11008x4096, 4096x11008,
+    2048x5632, 16:32 and 8:32, both output layouts; H100, 2026-11-23): within 3.5% of each case's best in
+    geomean (worst 12%), where the earlier table by token count was 21% off (worst 60%)."""
+    programs = triton.cdiv(tokens, 128) * (rows // 64)
+    if programs <= sms:
+        return 64, 128, 8, 3, True
+    if programs <= 2 * sms:
+        return 64, 64, 4, 3, True
+    return 128, 64, 4, 3, True
 
 
 def choose_vector_config(
@@ -239,7 +252,8 @@ def choose_vector_config(
 ) -> VectorConfig:
     """The vector-wise kernel's config for a case. Few tokens (<= 64) are bound by weight bytes: narrow tiles
     of output features streamed in long K steps, split over K only where a long reduction would leave too few
-    programs. More tokens take tiles from a small table tuned offline. Cached: the host time of a call matters
+    programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
+    table. Cached: the host time of a call matters
     when there are few tokens."""
     return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
 
@@ -257,7 +271,10 @@ def _choose_vector_config(
         # Tuned for "tf32x3" (nmspmm's exact fp32) on an H100, 2026-11-23: 16:32-4:32 on 4096x4096,
         # 11008x4096 and 4096x11008 at 256-4096 tokens; tf32 shares them.
         return VectorConfig(128, block_n, 64 if block_n <= 32 else 32, 4 if block_n <= 32 else 8, 3)
-    block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
+    if vector == 64:
+        block_m, block_k, warps, stages, weight_first = _half_tile_v64(tokens, rows, _multiprocessors(device))
+    else:
+        block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
     return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)
 
 
@@ -268,13 +285,15 @@ _SPLIT_K_WORK = 48 * 1024
 def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
     """Tiles for up to 64 tokens, from a sweep of bf16 V=64 at 1, 16 and 64 tokens on 4096x4096, 11008x4096
     and 4096x11008 (2:4, 8:32, 4:32; CUDA-graph times, H100, 2026-11-23): 32 output features by 256 kept
-    inputs, 4 stages, was best or within 10% in most cases without split-K. Split-K (fp32 partials, then a sum
-    kernel: one more launch) paid only for up to 16 tokens, a long reduction and a grid under two waves, e.g.
-    4096x11008 8:32 at one token: 15.6 us split four ways against 22.7 us unsplit."""
+    inputs, 4 stages, was best or within 10% in most cases without split-K. Where the tiles outnumber the
+    SMs, half-precision K steps shrink to 128 so that two programs share an SM: 16.1 against 23.2 us for
+    11008x4096 8:32 at 64 tokens (a second sweep, 16 and 64 tokens on four layers). Split-K (fp32 partials,
+    then a sum kernel: one more launch) paid only for up to 16 tokens, a long reduction and a grid under two
+    waves, e.g. 4096x11008 8:32 at one token: 15.6 us split four ways against 22.7 us unsplit."""
     block_n = min(vector, 32)
     block_m = max(16, triton.next_power_of_2(tokens))
-    block_k = 128 if dtype == torch.float32 else 256
     tiles = rows // block_n
+    block_k = 128 if dtype == torch.float32 or tiles > sms else 256
     split_k = 1
     while (
         tokens <= 16 and tiles * split_k < 2 * sms and block_n * kept // split_k > _SPLIT_K_WORK

@@ -27,9 +27,10 @@ def run(
     stamp = environment()
     ceilings = device_ceilings()
     rows: list[dict] = []
+    dense_times: dict[tuple, dict[str, float]] = {}
     for done, case in enumerate(cases):
         progress(done, len(cases), f"{case.tokens}x{case.rows}x{case.cols} {case.pattern} V={case.vector} {case.dtype}")
-        rows += run_case(case, ceilings, stamp, check_configs)
+        rows += run_case(case, ceilings, stamp, check_configs, dense_times)
     progress(len(cases), len(cases), "done")
     out = Path(out_dir) / f"{device_slug(stamp['device'])}.csv"
     every_row = merge_csv(rows, out)

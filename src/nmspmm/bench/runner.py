@@ -81,15 +81,21 @@ def environment() -> dict[str, str]:
 
 
 def run_case(
-    case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check_configs: bool = False
+    case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check_configs: bool = False,
+    dense_times: dict[tuple, dict[str, float]] | None = None,
 ) -> list[dict]:
     """Check and time one case; return its op-level and kernel-level result rows. With ``check_configs``
-    the kernel-level row also says how the model's config compares with a sample of the tuner's grid."""
+    the kernel-level row also says how the model's config compares with a sample of the tuner's grid.
+    ``dense_times`` holds the cuBLAS times of shapes already timed in this run, so that the patterns and
+    vectors of one shape share one measurement of the dense product."""
     with matmul_precision(case.dtype):
-        return _run_case(case, ceilings, stamp, check_configs)
+        return _run_case(case, ceilings, stamp, check_configs, {} if dense_times is None else dense_times)
 
 
-def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check_configs: bool) -> list[dict]:
+def _run_case(
+    case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check_configs: bool,
+    dense_times: dict[tuple, dict[str, float]],
+) -> list[dict]:
     dtype = torch.float32 if case.dtype in ("float32", "tf32") else getattr(torch, case.dtype)
     scale = case.cols**-0.5
     dense_weight = torch.randn(case.rows, case.cols, device="cuda", dtype=dtype) * scale
@@ -103,22 +109,19 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check
         NMSparseWeight(weight.values.clone(), weight.offsets.clone(), weight.pattern, weight.vector, weight.shape)
         for _ in range(sets - 1)
     ]
-    dense_weights = rotated_dense(dense_weight, sets)
 
     reference = xs[0].double() @ weight.to_dense().double().t()
     errors = {
         "op": relative_error(linear(xs[0], weight), reference),
         "kernel": relative_error(linear_feature_major(x_ts[0], weight).t(), reference),
     }
-    dense = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)]
-    dense_eager_ms = median_ms(dense)
-    dense_ms = graph_median_ms(dense)
-    extra = {"semi_structured_ms": math.nan, "dense_tf32_ms": math.nan}
+    shape = (case.tokens, case.rows, case.cols, case.dtype)
+    if shape not in dense_times:
+        dense_times[shape] = _dense_times(case.dtype, xs, rotated_dense(dense_weight, sets))
+    dense = dense_times[shape]
+    semi_structured_ms = math.nan
     if case.pattern == "2:4" and dtype != torch.float32:
-        extra["semi_structured_ms"] = _semi_structured_ms(xs, weights)
-    if case.dtype == "float32":
-        with matmul_precision("tf32"):
-            extra["dense_tf32_ms"] = graph_median_ms([lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)])
+        semi_structured_ms = _semi_structured_ms(xs, weights)
     timed = {
         "op": [lambda x=x, w=w: linear(x, w) for x, w in zip(xs, weights)],
         "kernel": [lambda x=x, w=w: linear_feature_major(x, w) for x, w in zip(x_ts, weights)],
@@ -138,16 +141,27 @@ def _run_case(case: Case, ceilings: DeviceCeilings, stamp: dict[str, str], check
         rows.append({
             **stamp,
             "M": case.tokens, "N": case.rows, "K": case.cols, "pattern": case.pattern, "vector": case.vector,
-            "dtype": case.dtype, "level": level, "ms": ms, "dense_ms": dense_ms,
-            "speedup": dense_ms / ms, "ideal_speedup": model.dense_ms / bound_ms,
+            "dtype": case.dtype, "level": level, "ms": ms, "dense_ms": dense["dense_ms"],
+            "speedup": dense["dense_ms"] / ms, "ideal_speedup": model.dense_ms / bound_ms,
             "fraction_of_bound": bound_ms / ms, "rel_error": errors[level], "correct": correct,
-            "eager_ms": eager_ms, "dense_eager_ms": dense_eager_ms, "tflops": model.dense_flops / ms / 1e9,
-            "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms,
-            **extra, "config": _describe(config) if case.vector > 1 else "element-wise",
+            "eager_ms": eager_ms, "dense_eager_ms": dense["dense_eager_ms"], "tflops": model.dense_flops / ms / 1e9,
+            "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms, "semi_structured_ms": semi_structured_ms,
+            "dense_tf32_ms": dense["dense_tf32_ms"],
+            "config": _describe(config) if case.vector > 1 else "element-wise",
         })
     if check_configs and case.vector > 1 and rows[-1]["correct"]:
         rows[-1].update(_config_check(case, config, weight, x_ts, reference))
     return rows
+
+
+def _dense_times(dtype_name: str, xs: list[torch.Tensor], dense_weights: list[torch.Tensor]) -> dict[str, float]:
+    """torch.matmul (cuBLAS) on the rotated inputs: graph-replayed and eager, and for exact fp32 also in tf32."""
+    dense = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, dense_weights)]
+    times = {"dense_eager_ms": median_ms(dense), "dense_ms": graph_median_ms(dense), "dense_tf32_ms": math.nan}
+    if dtype_name == "float32":
+        with matmul_precision("tf32"):
+            times["dense_tf32_ms"] = graph_median_ms(dense)
+    return times
 
 
 def _config_check(
