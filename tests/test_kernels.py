@@ -32,6 +32,7 @@ def _poisoned(tokens: int, rows: int, dtype: torch.dtype, feature_major: bool) -
     "tokens,rows,cols,pattern,vector",
     [
         (1, 64, 64, "2:4", 16),
+        (8, 64, 96, "4:8", 32),
         (7, 128, 128, "8:32", 64),
         (33, 96, 96, "3:8", 32),
         (20, 128, 128, "4:64", 128),

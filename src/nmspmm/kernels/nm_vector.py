@@ -22,8 +22,14 @@ def _nm_vector_kernel(
     N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     SPLIT_K: tl.constexpr, WEIGHT_FIRST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
 ):
+    # Triton assumes alignment only of arguments divisible by 16. Rounding down to multiples of these
+    # constants, which divide them (the values are unchanged), tells it that rows of tokens start aligned,
+    # so their loads and stores stay vectorised when M is, say, 8.
+    M = M // TOKEN_ALIGN * TOKEN_ALIGN
+    stride_xk = stride_xk // TOKEN_ALIGN * TOKEN_ALIGN
+    stride_yn = stride_yn // Y_ROW_ALIGN * Y_ROW_ALIGN
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = N // BLOCK_N
@@ -124,6 +130,14 @@ def interpreter_config(vector: int) -> VectorConfig:
     return VectorConfig(block_m=16, block_n=min(vector, 32), block_k=16, num_warps=4, num_stages=1)
 
 
+def _alignment(*values: int) -> int:
+    """The largest power of two up to 16 that divides every value (a token count, strides between token rows)."""
+    alignment = 16
+    while any(value % alignment for value in values):
+        alignment //= 2
+    return alignment
+
+
 def nm_vector_matmul(
     xt: torch.Tensor,
     values: torch.Tensor,
@@ -161,6 +175,8 @@ def nm_vector_matmul(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_SIZE_M=config.group_size_m, SPLIT_K=split_k, WEIGHT_FIRST=config.weight_first,
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+        TOKEN_ALIGN=_alignment(tokens, xt.stride(0)),
+        Y_ROW_ALIGN=_alignment(target.stride(-1)) if target.stride(-2) == 1 else 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
