@@ -93,3 +93,31 @@ def test_sddmm_against_the_full_dense_product():
     model = model_sddmm_case(4096, 4096, 1024, 4096 * 4096 // 50, torch.float32, "float32", CEILINGS)
     assert model.dense_flops == 2 * 4096 * 4096 * 1024
     assert model.ideal_speedup == pytest.approx(50.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vector", [16, 32, 64, 128])
+def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
+    """Every suite shape and token count (decode included) gets a launchable config on a 132-SM device: tiles
+    that stay inside a V-group and divide N, and split-K only for few tokens."""
+    from nmspmm import perf
+    from nmspmm.bench.cases import load_suite
+
+    monkeypatch.setattr(perf, "_multiprocessors", lambda device: 132)
+    suite = load_suite()
+    for tokens in suite["tokens_M"] + suite["decode_tokens_M"] + [7, 333]:
+        for rows, cols in suite["layers_NK"]:
+            kept = cols // 32 * 8
+            config = perf._choose_vector_config(tokens, rows, kept, vector, dtype, torch.device("cuda"), False)
+            assert vector % config.block_n == 0 and rows % config.block_n == 0
+            assert config.split_k == 1 or tokens <= 16
+            assert config.block_m >= min(tokens, 16)
+
+
+def test_v64_half_tiles_follow_the_grid_size():
+    from nmspmm.perf import _half_tile_v64
+
+    assert _half_tile_v64(256, 4096, 132) == (64, 128, 8, 3, True)  # 128 tiles of 128 tokens: one wave
+    assert _half_tile_v64(512, 4096, 132) == (64, 64, 4, 3, True)  # 256: two waves
+    assert _half_tile_v64(256, 11008, 132) == (128, 64, 4, 3, True)  # 344: more
+    assert _half_tile_v64(4096, 4096, 132) == (128, 64, 4, 3, True)
