@@ -21,6 +21,9 @@ from nmspmm.ops.backend import input_precision
 
 LARGE = [(4096, 4096, 4096), (1024, 11008, 4096), (256, 4096, 11008), (2048, 8192, 22016)]
 SMALL = [(1, 4096, 4096), (16, 4096, 4096), (64, 11008, 4096)]
+# 65-512 tokens, grids from under one wave of SMs to five: the cases behind perf._half_tile_v64.
+MID = [(tokens, n, k) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (2048, 5632)) for tokens in (256, 512)]
+SHAPE_SETS = {"large": LARGE, "mid": MID, "small": SMALL}
 
 
 def main() -> None:
@@ -29,12 +32,12 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--patterns", default="16:32,8:32,4:32")
     parser.add_argument("--vectors", default="32,64,128")
-    parser.add_argument("--shapes", default="large,small")
+    parser.add_argument("--shapes", default="large,small", help="comma-separated: large, mid, small")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     rows_out = []
-    shapes = (LARGE if "large" in args.shapes else []) + (SMALL if "small" in args.shapes else [])
+    shapes = [shape for name in args.shapes.split(",") for shape in SHAPE_SETS[name]]
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for (tokens, out_f, in_f), pattern, vector in itertools.product(

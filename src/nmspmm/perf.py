@@ -236,9 +236,10 @@ _HALF_TABLE = {
 def _half_tile_v64(tokens: int, rows: int, sms: int) -> tuple[int, int, int, int, bool]:
     """bf16/fp16 tiles at V=64 by how many 128-token tiles the grid holds: under one wave, long K steps of a
     64-token tile with 8 warps; up to two waves, 64-token tiles with short K steps; beyond, 128-token tiles with
-    short K steps. From a CUDA-graph sweep (18 configs, 256 and 512 tokens, 4096x4096, 11008x4096, 4096x11008,
-    2048x5632, 16:32 and 8:32, both output layouts; H100, 2026-11-23): within 3.5% of each case's best in
-    geomean (worst 12%), where the earlier table by token count was 21% off (worst 60%)."""
+    short K steps. From a CUDA-graph sweep (18 configs of the tuner's large grid on its "mid" shapes: 256 and
+    512 tokens on 4096x4096, 11008x4096, 4096x11008 and 2048x5632, at 16:32 and 8:32, both output layouts;
+    H100, 2026-11-23): within 3.5% of each case's best in geomean (worst 12%), where the earlier table by
+    token count was 21% off (worst 60%)."""
     programs = triton.cdiv(tokens, 128) * (rows // 64)
     if programs <= sms:
         return 64, 128, 8, 3, True
