@@ -254,8 +254,7 @@ def choose_vector_config(
     """The vector-wise kernel's config for a case. Few tokens (<= 64) are bound by weight bytes: narrow tiles
     of output features streamed in long K steps, split over K only where a long reduction would leave too few
     programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
-    table. Cached: the host time of a call matters
-    when there are few tokens."""
+    table. Cached: the host time of a call matters when there are few tokens."""
     return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
 
 
