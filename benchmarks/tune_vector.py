@@ -37,6 +37,9 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     rows_out = []
+    unknown = set(args.shapes.split(",")) - set(SHAPE_SETS)
+    if unknown:
+        parser.error(f"--shapes: expected names from {sorted(SHAPE_SETS)}, got {sorted(unknown)}")
     shapes = [shape for name in args.shapes.split(",") for shape in SHAPE_SETS[name]]
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
