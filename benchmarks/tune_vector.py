@@ -34,12 +34,12 @@ def main() -> None:
     parser.add_argument("--vectors", default="32,64,128")
     parser.add_argument("--shapes", default="large,small", help="comma-separated: large, mid, small")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    device = torch.cuda.get_device_name()
-    rows_out = []
     unknown = set(args.shapes.split(",")) - set(SHAPE_SETS)
     if unknown:
         parser.error(f"--shapes: expected names from {sorted(SHAPE_SETS)}, got {sorted(unknown)}")
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    rows_out = []
     shapes = [shape for name in args.shapes.split(",") for shape in SHAPE_SETS[name]]
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
