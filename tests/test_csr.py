@@ -4,16 +4,17 @@ ops, their gradients, torch.compile and opcheck, and every bad-input error."""
 
 from __future__ import annotations
 
+import importlib
 import io
 
 import pytest
 import torch
 
 from conftest import DEVICE, TOLERANCE, relative_error
-from nmspmm.formats.csr import CSRWeight
+from nmspmm.formats.csr import CSRWeight, tile_offsets_of
 from nmspmm.kernels.csr_spmm import csr_spmm
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
-from nmspmm.kernels.sddmm import sddmm_tiled, tile_offsets
+from nmspmm.kernels.sddmm import CELL, SddmmTile, sddmm_tiled
 from nmspmm.ops.csr import (
     csr_linear,
     csr_linear_feature_major,
@@ -335,12 +336,46 @@ def test_sddmm_tiled_kernel(dtype, rows, cols, depth, sparsity):
     weight = CSRWeight.prune(torch.randn(rows, cols, device=DEVICE).to(dtype), sparsity)
     a = torch.randn(rows, depth, device=DEVICE).to(dtype)
     b = torch.randn(cols, depth, device=DEVICE).to(dtype)
-    offsets = tile_offsets(weight.row_indices(), weight.col_indices, rows, cols)
-    assert offsets[-1] == weight.nnz and bool((offsets[1:] >= offsets[:-1]).all())
     out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
-    sddmm_tiled(a, b, offsets, weight.col_indices, out)
+    sddmm_tiled(a, b, weight.tile_offsets(CELL), weight.col_indices, out)
     expected = (a.double() @ b.double().t())[weight.mask()]
     assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sddmm_tiled_kernel_wide_tiles_stop_at_the_last_cell(dtype, monkeypatch):
+    # 150 columns make 3 cells of 64; the second 128-wide tile covers only the third, not the next row's first.
+    sddmm_module = importlib.import_module("nmspmm.kernels.sddmm")  # the package exports a function of that name
+    monkeypatch.setattr(sddmm_module, "sddmm_tile", lambda depth, dtype: SddmmTile(32, 2 * CELL, 32, 4, 1))
+    weight = CSRWeight.prune(torch.randn(40, 150, device=DEVICE).to(dtype), 0.3)
+    a = torch.randn(40, 48, device=DEVICE).to(dtype)
+    b = torch.randn(150, 48, device=DEVICE).to(dtype)
+    out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_tiled(a, b, weight.tile_offsets(CELL), weight.col_indices, out)
+    assert relative_error(out, (a.double() @ b.double().t())[weight.mask()]) < TOLERANCE[dtype]
+
+
+def test_sddmm_tiled_kernel_checks_the_offsets_shape():
+    weight = _weight(20, 130)
+    a, b = torch.randn(20, 64, device=DEVICE), torch.randn(130, 64, device=DEVICE)
+    out = torch.empty(weight.nnz, device=DEVICE)
+    with pytest.raises(ValueError, match="cell_offsets: expected 61 entries"):
+        sddmm_tiled(a, b, weight.tile_offsets(32), weight.col_indices, out)
+
+
+@pytest.mark.parametrize("rows,cols,width", [(9, 130, 64), (1, 64, 64), (12, 7, 4)])
+def test_tile_offsets_start_every_run_of_a_row_tile(rows, cols, width):
+    mask = torch.rand(rows, cols) < 0.4
+    mask[rows // 2] = False  # an empty row
+    weight = CSRWeight.from_dense(torch.randn(rows, cols), mask)
+    offsets = tile_offsets_of(weight.row_indices(), weight.col_indices, rows, cols, width)
+    tiles = -(-cols // width)
+    counts = torch.zeros(rows, tiles, dtype=torch.int64)
+    for r, c in mask.nonzero().tolist():
+        counts[r, c // width] += 1
+    expected = torch.cat([torch.zeros(1, dtype=torch.int64), counts.flatten().cumsum(0)])
+    assert offsets.dtype == torch.int32 and torch.equal(offsets.long(), expected)
+    assert weight.tile_offsets(width) is weight.tile_offsets(width)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -492,7 +527,8 @@ def _op_inputs(weight: CSRWeight, x: torch.Tensor, bias: torch.Tensor | None, ba
     transposed = weight.transposed_structure()
     return (
         x, weight.values, weight.col_indices, weight.row_offsets, weight.row_order(), bias,
-        weight.row_indices(), *transposed[:2], transposed.permutation, transposed.row_order, backend,
+        weight.row_indices(), weight.tile_offsets(CELL), *transposed[:2], transposed.permutation,
+        transposed.row_order, backend,
     )  # fmt: skip
 
 
@@ -501,10 +537,10 @@ def test_gradcheck_reference_float64():
     values = weight.values.double().requires_grad_()
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    _, _, columns, offsets, order, _, rows, *transposed, _ = _op_inputs(weight, x, bias, "reference")
+    _, _, columns, offsets, order, _, rows, cells, *transposed, _ = _op_inputs(weight, x, bias, "reference")
 
     def product(x, values, bias):
-        return csr_linear_op(x, values, columns, offsets, order, bias, rows, *transposed, "reference")
+        return csr_linear_op(x, values, columns, offsets, order, bias, rows, cells, *transposed, "reference")
 
     assert torch.autograd.gradcheck(product, (x, values, bias))
 
@@ -554,7 +590,7 @@ def test_backward_derives_missing_structures(backend):
     x = torch.randn(5, 70, device=DEVICE, requires_grad=True)
     values = weight.values.clone().requires_grad_()
     grad_y = torch.randn(5, 21, device=DEVICE)
-    args = (x, values, weight.col_indices, weight.row_offsets, weight.row_order(), None) + (None,) * 5
+    args = (x, values, weight.col_indices, weight.row_offsets, weight.row_order(), None) + (None,) * 6
     csr_linear_op(*args, backend).backward(grad_y)
     dense_w = weight.to_dense().double()
     assert relative_error(x.grad, grad_y.double() @ dense_w) < TOLERANCE[torch.float32]
@@ -628,8 +664,9 @@ def _op_samples() -> list[object]:
         feature_major = (x.t().contiguous(), *args[1:])
         samples.append(pytest.param(csr_linear_feature_major_op, feature_major, id=f"feature_major-{backend}"))
         a, b = torch.randn(8, 3, device=DEVICE), torch.randn(12, 3, device=DEVICE)
-        sddmm_args = (a, b, weight.row_indices(), weight.col_indices, backend)
+        sddmm_args = (a, b, weight.row_indices(), weight.col_indices, weight.tile_offsets(CELL), backend)
         samples.append(pytest.param(csr_sddmm, sddmm_args, id=f"csr_sddmm-{backend}"))
+        samples.append(pytest.param(csr_sddmm, (*sddmm_args[:4], None, backend), id=f"csr_sddmm-derived-{backend}"))
     transposed = weight.transposed_structure()
     grad_input_args = (torch.randn(3, 8, device=DEVICE), weight.values, transposed.permutation, *transposed[:2],
                        transposed.row_order)  # fmt: skip
@@ -683,7 +720,7 @@ def test_sddmm_kernel_large(dtype, depth):
     expected = (a.double() @ b.double().t())[weight.mask()]
     assert relative_error(out, expected) < TOLERANCE[dtype]
     tiled = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
-    sddmm_tiled(a, b, tile_offsets(weight.row_indices(), weight.col_indices, 4096, 4096), weight.col_indices, tiled)
+    sddmm_tiled(a, b, weight.tile_offsets(CELL), weight.col_indices, tiled)
     assert relative_error(tiled, expected) < TOLERANCE[dtype]
 
 

@@ -99,7 +99,8 @@ def test_sddmm_against_the_full_dense_product():
 @pytest.mark.parametrize("vector", [16, 32, 64, 128])
 def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
     """Every suite shape and token count (decode included) gets a launchable config on a 132-SM device: tiles
-    that stay inside a V-group and divide N, and split-K only for few tokens."""
+    that stay inside a V-group and divide N, pipelined operand tiles within the H100's shared memory, and split-K
+    only for few tokens."""
     from nmspmm import perf
     from nmspmm.bench.cases import load_suite
 
@@ -113,8 +114,26 @@ def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
                 tokens, rows, kept, vector, dtype, torch.device("cuda"), False
             )
             assert vector % config.block_n == 0 and rows % config.block_n == 0
-            assert config.split_k == 1 or tokens <= 16
+            assert config.split_k == 1 or tokens <= 64
             assert config.block_m >= min(tokens, 16)
+            element = torch.finfo(dtype).bits // 8
+            staged = config.num_stages * config.block_k * (config.block_m + config.block_n) * element
+            assert staged <= 232448, (tokens, rows, config)
+
+
+def test_few_token_tiles_widen_and_split_where_the_grid_is_short():
+    from nmspmm.perf import _few_tokens_config
+
+    def tile(tokens, rows, kept, dtype=torch.bfloat16):
+        config = _few_tokens_config(tokens, rows, kept, 64, dtype, 132)
+        return config.block_m, config.block_n, config.block_k, config.num_stages, config.split_k
+
+    assert tile(16, 4096, 2048) == (16, 32, 256, 3, 2)  # 128 tiles, 64K weights each: split two ways
+    assert tile(16, 11008, 2048) == (16, 32, 128, 3, 1)  # 344 tiles: shorter K steps, no split
+    assert tile(64, 4096, 2048) == (64, 64, 128, 3, 4)  # 64 tiles of 64 features, split four ways
+    assert tile(64, 4096, 512) == (64, 64, 128, 3, 1)  # 32K weights a tile: not worth a second launch
+    assert tile(64, 11008, 2048) == (64, 64, 128, 3, 1)  # 172 tiles fill the SMs
+    assert tile(64, 4096, 2048, torch.float32)[2] == 64
 
 
 def test_v64_half_tiles_follow_the_grid_size():

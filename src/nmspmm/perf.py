@@ -283,24 +283,28 @@ _SPLIT_K_WORK = 48 * 1024
 
 
 def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
-    """Tiles for up to 64 tokens, from a sweep of bf16 V=64 at 1, 16 and 64 tokens on 4096x4096, 11008x4096
-    and 4096x11008 (2:4, 8:32, 4:32; CUDA-graph times, H100, 2026-11-23): 32 output features by 256 kept
-    inputs, 4 stages, was best or within 10% in most cases without split-K. Where the tiles outnumber the
-    SMs, half-precision K steps shrink to 128 so that two programs share an SM: 16.1 against 23.2 us for
-    11008x4096 8:32 at 64 tokens (a second sweep, 16 and 64 tokens on four layers). Split-K (fp32 partials,
-    then a sum kernel: one more launch) paid only for up to 16 tokens, a long reduction and a grid under two
-    waves, e.g. 4096x11008 8:32 at one token: 15.6 us split four ways against 22.7 us unsplit."""
-    block_n = min(vector, 32)
+    """Tiles for up to 64 tokens, streamed 3 stages deep, from two graph-replayed sweeps of bf16 V=64 (H100,
+    2026-11-23). Up to 16 tokens: 32 output features by 256 kept inputs (128 where the tiles outnumber the SMs, so
+    that two programs share an SM). From 17 tokens the gathered x rows cost as much as the weight, so tiles take
+    64 output features (half the gathers) by 128 kept inputs. Where the tiles number fewer than the SMs and a
+    program's share of the weight is large, K is split (fp32 partials, then a sum kernel). Session 5's sweep (16
+    and 64 tokens; 2048x2048, 4096x4096, 4096x11008, 11008x4096; 16:32 and 4:32; 13 tiles x split-K 1-8) put this
+    rule within 4% of each case's best in geomean (worst 14%), where the session-4 rule (32-wide tiles, 4 stages,
+    split only up to 16 tokens) was 11% off at 16 tokens and 28% off at 64, e.g. 4096x11008 16:32 at 64 tokens:
+    24.4 us split four ways against 36.5 us. Finishing the split in the kernel (the last program of a tile sums
+    the partials) saved nothing over the second launch."""
+    few = tokens <= 16
+    block_n = min(vector, 32 if few else 64)
     block_m = max(16, triton.next_power_of_2(tokens))
     tiles = rows // block_n
-    block_k = 128 if dtype == torch.float32 or tiles > sms else 256
+    if dtype == torch.float32:
+        block_k = 128 if few else 64
+    else:
+        block_k = 256 if few and tiles <= sms else 128
     split_k = 1
-    while (
-        tokens <= 16 and tiles * split_k < 2 * sms and block_n * kept // split_k > _SPLIT_K_WORK
-        and kept >= 2 * block_k * split_k
-    ):
+    while tiles * split_k < sms and block_n * kept // split_k > _SPLIT_K_WORK and kept >= 2 * block_k * split_k:
         split_k *= 2
-    return VectorConfig(block_m, block_n, block_k, 4, 4, 8, split_k, block_n >= 32)
+    return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, block_n >= 32)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ class CSRWeight(SparseWeightBase):
     Storage: ``values`` [nnz], int32 ``col_indices`` [nnz] (strictly ascending within each row) and int32
     ``row_offsets`` [N + 1] (row ``r`` holds nonzeros ``row_offsets[r]`` to ``row_offsets[r + 1]``).
     Kernels also read structures derived from these once, then cached on the object (never stored):
-    :meth:`row_order`, :meth:`row_indices` and :meth:`transposed_structure`.
+    :meth:`row_order`, :meth:`row_indices`, :meth:`tile_offsets` and :meth:`transposed_structure`.
     """
 
     STATE_TENSORS = ("values", "col_indices", "row_offsets")
@@ -194,6 +194,14 @@ class CSRWeight(SparseWeightBase):
             self._derived["row_indices"] = row_indices_of(self.row_offsets, self.nnz)
         return self._derived["row_indices"]
 
+    def tile_offsets(self, width: int) -> torch.Tensor:
+        """int32 ``[N * ceil(K / width) + 1]``: where the nonzeros of each (row, tile of ``width`` columns) start,
+        in storage order, and ``nnz`` last (the tiled SDDMM reads it)."""
+        key = f"tile_offsets_{width}"
+        if key not in self._derived:
+            self._derived[key] = tile_offsets_of(self.row_indices(), self.col_indices, *self.shape, width)
+        return self._derived[key]
+
     def transposed_structure(self) -> TransposedStructure:
         """The structure of the transposed ``[K, N]`` weight (for the input gradient); its values are
         ``values[permutation]``."""
@@ -248,6 +256,18 @@ def row_indices_of(row_offsets: torch.Tensor, nnz: int) -> torch.Tensor:
     """int32 [nnz]: the row of every nonzero, from non-decreasing int32 ``row_offsets``; unchecked."""
     positions = torch.arange(nnz, dtype=row_offsets.dtype, device=row_offsets.device)
     return torch.searchsorted(row_offsets, positions, right=True, out_int32=True) - 1
+
+
+def tile_offsets_of(
+    row_indices: torch.Tensor, col_indices: torch.Tensor, rows: int, cols: int, width: int
+) -> torch.Tensor:
+    """int32 ``[rows * ceil(cols / width) + 1]``: where each (row, column tile) run of nonzeros starts, for
+    coordinates in CSR order (rows ascending, columns ascending within a row), and the nonzero count last;
+    unchecked. The runs' keys ``row * tiles + column // width`` never decrease, so one binary search finds all."""
+    tiles = -(-cols // width)
+    keys = row_indices.long() * tiles + torch.div(col_indices.long(), width, rounding_mode="floor")
+    cells = torch.arange(rows * tiles + 1, dtype=torch.int64, device=col_indices.device)
+    return torch.searchsorted(keys, cells, out_int32=True)
 
 
 def launch_order(row_offsets: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@ from .launch import interpreter_active
 def _nm_vector_kernel(
     xt_ptr, values_ptr, offsets_ptr, bias_ptr, y_ptr,
     M, N, KEPT,
-    stride_xk, stride_xm, stride_ys, stride_ym, stride_yn,
+    stride_xk, stride_xm, stride_ys, stride_ym, stride_yn, SPLIT_K,
     N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, WEIGHT_FIRST: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
 ):
     # Triton assumes alignment only of arguments divisible by 16. Rounding down to multiples of these
@@ -171,9 +171,10 @@ def nm_vector_matmul(
         xt, values, kept_offsets, bias if bias is not None and split_k == 1 else values, target,
         tokens, rows, kept,
         xt.stride(0), xt.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2), target.stride(-1),
+        split_k,
         N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None and split_k == 1,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_SIZE_M=config.group_size_m, SPLIT_K=split_k, WEIGHT_FIRST=config.weight_first,
+        GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
         TOKEN_ALIGN=_alignment(tokens, xt.stride(0)),
         Y_ROW_ALIGN=_alignment(target.stride(-1)) if target.stride(-2) == 1 else 1,

@@ -41,9 +41,9 @@ def _sddmm_kernel(
 
 @triton.jit
 def _sddmm_tiled_kernel(
-    a_ptr, b_ptr, tile_offsets_ptr, cols_ptr, out_ptr,
-    R, C, D, stride_a, stride_b, TILES_PER_ROW,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    a_ptr, b_ptr, cell_offsets_ptr, cols_ptr, out_ptr,
+    R, C, D, stride_a, stride_b, CELLS_PER_ROW,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, CELL: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     row_block = tl.program_id(0)
@@ -51,9 +51,12 @@ def _sddmm_tiled_kernel(
     rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
     row_valid = rows < R
-    entry = rows.to(tl.int64) * TILES_PER_ROW + col_block
-    starts = tl.load(tile_offsets_ptr + entry, mask=row_valid, other=0)
-    ends = tl.load(tile_offsets_ptr + entry + 1, mask=row_valid, other=0)
+    # The tile spans BLOCK_C // CELL cells of the offsets; within a row, consecutive cells' runs are adjacent.
+    first_cell = col_block * (BLOCK_C // CELL)
+    end_cell = min(first_cell + BLOCK_C // CELL, CELLS_PER_ROW)
+    row_base = rows.to(tl.int64) * CELLS_PER_ROW
+    starts = tl.load(cell_offsets_ptr + row_base + first_cell, mask=row_valid, other=0)
+    ends = tl.load(cell_offsets_ptr + row_base + end_cell, mask=row_valid, other=0)
     if tl.sum(ends - starts, axis=0) > 0:
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -115,46 +118,65 @@ def sddmm(
     return out
 
 
-# Tile of the per-tile kernel (rows x columns x reduction step); reductions at least this long use it.
-TILE = (64, 64, 32)
+# Column granularity of the offsets the per-tile kernel reads (``CSRWeight.tile_offsets(CELL)``); its column
+# tiles are multiples of it. Reductions at least TILED_MIN_DEPTH long use the per-tile kernel.
+CELL = 64
 TILED_MIN_DEPTH = 64
-# Exact fp32 (three tf32 products per tile) costs the whole dense product, 2.5-2.8 ms at 4096^3 whatever the
-# density; the per-nonzero kernel costs the kept dot products, 0.7 ms at 2% density (H100, 2026-11-23). They
-# cross near 7%; below it the per-nonzero kernel is the faster.
-TILED_MIN_DENSITY_EXACT = 0.07
+# Exact fp32 (three tf32 products per tile) costs the whole dense product, 1.8 ms at 4096^3 whatever the density
+# (session 5's tiles); the per-nonzero kernel costs the kept dot products, 0.7 ms at 2% density (H100,
+# 2026-11-23). Scaling the latter linearly, they cross near 5%; below it the per-nonzero kernel is the faster.
+TILED_MIN_DENSITY_EXACT = 0.05
 
 
-def tile_offsets(row_indices: torch.Tensor, col_indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """int32 ``[rows * tiles + 1]`` with ``tiles = ceil(cols / TILE[1])``: where each (row, column tile) run of
-    nonzeros starts in CSR order (rows in order, columns ascending), and the end as the last entry."""
-    tiles = triton.cdiv(cols, TILE[1])
-    counts = torch.zeros(rows * tiles, dtype=torch.int32, device=col_indices.device)
-    cells = row_indices.long() * tiles + torch.div(col_indices.long(), TILE[1], rounding_mode="floor")
-    counts.index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
-    offsets = torch.zeros(rows * tiles + 1, dtype=torch.int32, device=col_indices.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return offsets
+class SddmmTile(NamedTuple):
+    """Tile of one per-tile SDDMM program: ``block_r`` x ``block_c`` outputs, ``block_d`` reduction elements a step."""
+
+    block_r: int
+    block_c: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def sddmm_tile(depth: int, dtype: torch.dtype) -> SddmmTile:
+    """The per-tile kernel's tile. From a sweep of nine tiles on 4096 x 4096 at 50% and 90%, depth 256 and 4096
+    (H100, 2026-11-23): 128 x 64 x 32 with 4 warps for fp32 (1.84 against 2.36 ms for 64 x 64 at depth 4096) and
+    for short half-precision reductions; 128 x 128 x 64 with 8 warps and 4 stages for half precision from a depth
+    of 1024 (0.33 against 0.59 ms at depth 4096). Small tiles under the interpreter."""
+    if interpreter_active():
+        return SddmmTile(64, CELL, 32, 4, 1)
+    if dtype != torch.float32 and depth >= 1024:
+        return SddmmTile(128, 2 * CELL, 64, 8, 4)
+    return SddmmTile(128, CELL, 32, 4, 3)
 
 
 def sddmm_tiled(
-    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, col_indices: torch.Tensor, out: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, cell_offsets: torch.Tensor, col_indices: torch.Tensor, out: torch.Tensor,
     input_precision: str = "ieee",
 ) -> torch.Tensor:
-    """:func:`sddmm` by dense tensor-core tiles, for ``offsets`` from :func:`tile_offsets`; ``a`` [R, D] and
-    ``b`` [C, D] with unit stride along D. fp32 operands use ``input_precision`` ("ieee" FMA, "tf32x3" or "tf32")."""
+    """:func:`sddmm` by dense tensor-core tiles, for ``cell_offsets`` from ``CSRWeight.tile_offsets(CELL)`` (or
+    ``nmspmm.formats.csr.tile_offsets_of`` with width ``CELL``); ``a`` [R, D] and ``b`` [C, D] with unit stride
+    along D. fp32 operands use ``input_precision`` ("ieee" FMA, "tf32x3" or "tf32")."""
     rows, depth = a.shape
     cols = b.shape[0]
     if out.numel() == 0:
         return out
     if a.stride(1) != 1 or b.stride(1) != 1:
         raise ValueError(f"a, b: expected unit stride along D, got strides {a.stride()} and {b.stride()}")
-    block_r, block_c, block_d = TILE
+    cells_per_row = triton.cdiv(cols, CELL)
+    if cell_offsets.numel() != rows * cells_per_row + 1:
+        raise ValueError(
+            f"cell_offsets: expected {rows * cells_per_row + 1} entries for a [{rows}, {cols}] structure in cells "
+            f"of {CELL} columns, got {cell_offsets.numel()}"
+        )
+    tile = sddmm_tile(depth, a.dtype)
     upcast = interpreter_active() and a.dtype == torch.bfloat16
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    grid = (triton.cdiv(rows, tile.block_r), triton.cdiv(cols, tile.block_c))
     _sddmm_tiled_kernel[grid](
-        a, b, offsets, col_indices.contiguous(), out,
-        rows, cols, depth, a.stride(0), b.stride(0), triton.cdiv(cols, block_c),
-        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d, UPCAST=upcast,
-        INPUT_PRECISION=input_precision if a.dtype == torch.float32 else "ieee", num_warps=4,
+        a, b, cell_offsets, col_indices.contiguous(), out,
+        rows, cols, depth, a.stride(0), b.stride(0), cells_per_row,
+        BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, BLOCK_D=tile.block_d, CELL=CELL, UPCAST=upcast,
+        INPUT_PRECISION=input_precision if a.dtype == torch.float32 else "ieee",
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, transposed_structure_of
+from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, tile_offsets_of, transposed_structure_of
 from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
-from ..kernels.sddmm import TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled, tile_offsets
+from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every
-# nonzero (for the weight gradient) and the transposed structure (for the input gradient). Callers pass them,
+# nonzero and the offsets of the tiled SDDMM (for the weight gradient) and the transposed structure (for the
+# input gradient). Callers pass them,
 # cached on the weight, only when autograd will need them; the backward derives any that are missing.
 _LINEAR_SCHEMA = (
     "(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, Tensor row_order, Tensor? bias, "
-    "Tensor? row_indices, Tensor? transposed_offsets, Tensor? transposed_columns, Tensor? permutation, "
+    "Tensor? row_indices, Tensor? cell_offsets, Tensor? transposed_offsets, Tensor? transposed_columns, Tensor? permutation, "
     "Tensor? transposed_order, str backend) -> Tensor"
 )
 
@@ -64,7 +65,9 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str =
     check_backend(backend)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         raise ValueError("a, b: sddmm is not differentiable; pass detached tensors (or call it under torch.no_grad())")
-    values = call_op(csr_sddmm, _sampled_product, (a, b, weight.row_indices(), weight.col_indices, backend))
+    cell_offsets = weight.tile_offsets(CELL) if use_triton(backend, a.device) else None
+    args = (a, b, weight.row_indices(), weight.col_indices, cell_offsets, backend)
+    values = call_op(csr_sddmm, _sampled_product, args)
     return weight._with_values(values)
 
 
@@ -72,12 +75,14 @@ def _op_args(x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None, back
     """The products' arguments: the forward structure, and the backward's structures where autograd will need
     them (they cost memory, so inference never derives them)."""
     grad = torch.is_grad_enabled()
-    row_indices = weight.row_indices() if grad and weight.values.requires_grad else None
+    grad_values = grad and weight.values.requires_grad
+    row_indices = weight.row_indices() if grad_values else None
+    cell_offsets = weight.tile_offsets(CELL) if grad_values and use_triton(backend, x.device) else None
     transposed = weight.transposed_structure() if grad and x.requires_grad else (None, None, None, None)
     offsets_t, columns_t, permutation, order_t = transposed
     return (
         x, weight.values, weight.col_indices, weight.row_offsets, weight.row_order(), bias,
-        row_indices, offsets_t, columns_t, permutation, order_t, backend,
+        row_indices, cell_offsets, offsets_t, columns_t, permutation, order_t, backend,
     )  # fmt: skip
 
 
@@ -89,6 +94,7 @@ def _row_major_product(
     row_order: torch.Tensor,
     bias: torch.Tensor | None,
     row_indices: torch.Tensor | None,
+    cell_offsets: torch.Tensor | None,
     transposed_offsets: torch.Tensor | None,
     transposed_columns: torch.Tensor | None,
     permutation: torch.Tensor | None,
@@ -112,6 +118,7 @@ def _feature_major_product(
     row_order: torch.Tensor,
     bias: torch.Tensor | None,
     row_indices: torch.Tensor | None,
+    cell_offsets: torch.Tensor | None,
     transposed_offsets: torch.Tensor | None,
     transposed_columns: torch.Tensor | None,
     permutation: torch.Tensor | None,
@@ -146,12 +153,18 @@ def _csr_linear_feature_major_fake(x, values, col_indices, row_offsets, *rest):
 
 
 def _sampled_product(
-    a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, backend: str
+    a: torch.Tensor,
+    b: torch.Tensor,
+    row_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    cell_offsets: torch.Tensor | None,
+    backend: str,
 ) -> torch.Tensor:
     """``(a @ b.T)[row_indices, col_indices]`` ``[nnz]`` in a's dtype, for ``a`` [R, D] and ``b`` [C, D] (any
     strides): the SDDMM kernel (per tile on tensor cores for reductions of at least ``TILED_MIN_DEPTH``,
     except exact fp32 below ``TILED_MIN_DENSITY_EXACT``; per nonzero otherwise), or on the reference path the
-    dense product in at least fp32, then sampled."""
+    dense product in at least fp32, then sampled. ``cell_offsets`` (the structure's offsets per ``CELL`` columns,
+    cached on the weight) spare the tiled kernel deriving them."""
     if not use_triton(backend, a.device):
         compute = torch.promote_types(a.dtype, torch.float32)
         full = a.to(compute) @ b.to(compute).t()
@@ -161,19 +174,20 @@ def _sampled_product(
     precision = input_precision(a.dtype)
     density = col_indices.shape[0] / max(1, a.shape[0] * b.shape[0])
     if a.shape[1] >= TILED_MIN_DEPTH and (precision != "tf32x3" or density >= TILED_MIN_DENSITY_EXACT):
-        offsets = tile_offsets(row_indices, col_indices, a.shape[0], b.shape[0])
-        return sddmm_tiled(a, b, offsets, col_indices, out, precision)
+        if cell_offsets is None:
+            cell_offsets = tile_offsets_of(row_indices, col_indices, a.shape[0], b.shape[0], CELL)
+        return sddmm_tiled(a, b, cell_offsets, col_indices, out, precision)
     return sddmm_kernel(a, b, row_indices, col_indices, out)
 
 
 csr_sddmm = torch.library.custom_op(
     "nmspmm::csr_sddmm", mutates_args=(),
-    schema="(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, str backend) -> Tensor",
+    schema="(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, Tensor? cell_offsets, str backend) -> Tensor",
 )(_sampled_product)
 
 
 @csr_sddmm.register_fake
-def _csr_sddmm_fake(a, b, row_indices, col_indices, backend):
+def _csr_sddmm_fake(a, b, row_indices, col_indices, cell_offsets, backend):
     return a.new_empty(col_indices.shape[0])
 
 
@@ -205,8 +219,8 @@ def _csr_linear_grad_input_fake(grad_y, values, permutation, transposed_offsets,
 
 
 def _setup_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-    x, values, col_indices, row_offsets, _, bias, row_indices, *transposed, backend = inputs
-    ctx.save_for_backward(x, values, col_indices, row_offsets, row_indices, *transposed)
+    x, values, col_indices, row_offsets, _, bias, row_indices, cell_offsets, *transposed, backend = inputs
+    ctx.save_for_backward(x, values, col_indices, row_offsets, row_indices, cell_offsets, *transposed)
     ctx.backend = backend
     ctx.has_bias = bias is not None
 
@@ -216,7 +230,7 @@ def _backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients for the activations (``dY @ W``, an SpMM over the transposed structure) and for the kept
     weights only (the SDDMM of ``dY.T`` and ``x.T`` at the kept positions), from ``[M, ...]`` rows."""
-    _, values, col_indices, row_offsets, row_indices, *transposed = ctx.saved_tensors
+    _, values, col_indices, row_offsets, row_indices, cell_offsets, *transposed = ctx.saved_tensors
     need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     rows, cols = row_offsets.shape[0] - 1, x_rows.shape[1]
     triton_x = need_x and use_triton(ctx.backend, grad_rows.device)
@@ -224,7 +238,7 @@ def _backward(
         row_indices = row_indices_of(row_offsets, values.shape[0])
     grad_x = grad_values = None
     if need_values:
-        grad_values = csr_sddmm(grad_rows.t(), x_rows.t(), row_indices, col_indices, ctx.backend)
+        grad_values = csr_sddmm(grad_rows.t(), x_rows.t(), row_indices, col_indices, cell_offsets, ctx.backend)
     if triton_x:
         if transposed[0] is None:
             transposed = transposed_structure_of(row_indices, col_indices, cols)
@@ -240,13 +254,13 @@ def _backward(
 def _csr_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
     grad_x, grad_values = _backward(ctx, ctx.saved_tensors[0], grad_y)
     grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return (grad_x, grad_values, None, None, None, grad_bias) + (None,) * 6
+    return (grad_x, grad_values, None, None, None, grad_bias) + (None,) * 7
 
 
 def _csr_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, grad_y_t: torch.Tensor) -> tuple:
     grad_x, grad_values = _backward(ctx, ctx.saved_tensors[0].t(), grad_y_t.t())
     grad_bias = grad_y_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return (None if grad_x is None else grad_x.t(), grad_values, None, None, None, grad_bias) + (None,) * 6
+    return (None if grad_x is None else grad_x.t(), grad_values, None, None, None, grad_bias) + (None,) * 7
 
 
 csr_linear_op.register_autograd(_csr_linear_backward, setup_context=_setup_backward)
