@@ -13,7 +13,7 @@ import torch
 
 from conftest import DEVICE, TOLERANCE, relative_error
 from nmspmm.formats.block_shuffled import BlockShuffledWeight
-from nmspmm.kernels.block_sparse import block_sparse_matmul
+from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
 from nmspmm.ops.block_shuffled import block_shuffled_linear, block_shuffled_linear_op
 from nmspmm.prune import kept_magnitude
 from nmspmm.prune.block_shuffle import kept_block_count, search_row_permutation, tile_magnitudes
@@ -407,6 +407,42 @@ def test_kernel_all_empty_strided_operands_and_tf32():
     out.fill_(float("nan"))
     _launch(x, sparse, out, None, "tf32")
     assert relative_error(out, _reference(x, sparse, None)) < TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_kernel_split_over_blocks_sums_every_share(dtype, split_k):
+    # Block-rows of 0 to 5 blocks split three ways leave some programs without blocks: their slices must be zeros.
+    sparse, _, _ = make_weight(64, 80, (16, 16), dtype, density=0.6, empty_block_rows=(2,), seed=split_k,
+                               device=DEVICE)
+    x = torch.randn(7, 80, device=DEVICE).to(dtype)
+    bias = torch.randn(64, device=DEVICE).to(dtype)
+    config = BlockSparseConfig(block_m=16, num_warps=4, num_stages=1, split_k=split_k)
+    for with_bias in (None, bias):
+        out = torch.full((64, 7), float("nan"), dtype=dtype, device=DEVICE).t()
+        block_sparse_matmul(
+            x, sparse.values, sparse.block_columns, sparse.block_row_offsets, sparse.block_row_order,
+            sparse.row_permutation, out, with_bias, config=config,
+        )
+        assert relative_error(out, _reference(x, sparse, with_bias)) < TOLERANCE[dtype]
+
+
+def test_few_tokens_split_short_grids_over_their_blocks(monkeypatch):
+    import nmspmm.kernels.block_sparse as block_sparse
+
+    monkeypatch.setattr(block_sparse, "interpreter_active", lambda: False)
+    monkeypatch.setattr(block_sparse, "multiprocessors", lambda device: 132)
+
+    def split(tokens, rows, kept_blocks, block=(32, 32)):
+        return block_sparse.choose_block_sparse_config(
+            tokens, block, torch.bfloat16, rows, kept_blocks, torch.device("cuda")
+        ).split_k
+
+    blocks_4096 = (4096 // 32) ** 2
+    assert split(16, 4096, blocks_4096 // 4) == 4  # 75%: 128 block-rows of 32 blocks, 8 blocks a program
+    assert split(16, 4096, blocks_4096 // 8) == 2  # 87.5%: 16 blocks a block-row
+    assert split(16, 11008, 11008 // 32 * 32) == 1  # 344 block-rows fill the SMs
+    assert split(1024, 4096, blocks_4096 // 4) == 1  # many tokens: enough token tiles
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

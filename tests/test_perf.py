@@ -7,12 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from nmspmm.perf import DeviceCeilings, model_block_case, model_case, model_csr_case, model_sddmm_case
+from nmspmm.perf import (
+    DeviceCeilings, _columns_per_sm, model_block_case, model_case, model_csr_case, model_sddmm_case,
+)
 
 # L2 far faster than anything else, so that each test sees the floor it is about; test_l2_* set a real one.
 CEILINGS = DeviceCeilings(
     "test", {"bfloat16": 800.0, "float16": 800.0, "float32": 50.0, "tf32": 400.0}, copy_tbps=3.0, l2_tbps=1e6,
-    torch_version="",
+    torch_version="", multiprocessors=132,
 )
 
 
@@ -53,7 +55,11 @@ def test_l2_floor_of_block_and_csr_gathers():
     nnz = 4096 * 4096 // 10
     csr = model_csr_case(4096, 4096, 4096, nnz, torch.bfloat16, "bfloat16", ceilings)
     weight = nnz * 6 + 4097 * 4
-    assert csr.kernel_ms == pytest.approx((nnz * 4096 * 2 + weight * 64 + 4096 * 4096 * 2) / 7e9)
+    # Each of the 132 SMs runs 31 rows, which at 10% density use all but 0.9**31 of the 4096 columns.
+    gathered = 132 * 4096 * (1 - 0.9 ** (4096 / 132)) * 4096 * 2
+    assert csr.kernel_ms == pytest.approx((gathered + weight * 64 + 4096 * 4096 * 2) / 7e9)
+    # Very sparse: the rows of an SM share hardly any column, and the floor nears one gather per nonzero.
+    assert 132 * _columns_per_sm(4096, 4096, 1000, ceilings) == pytest.approx(1000, rel=0.01)
 
 
 def test_exact_fp32_multiplies_at_a_third_of_the_tf32_rate():
@@ -95,6 +101,20 @@ def test_sddmm_against_the_full_dense_product():
     assert model.ideal_speedup == pytest.approx(50.0, rel=1e-3)
 
 
+def test_sddmm_bound_is_the_cheaper_algorithm():
+    # Half precision at 50%: the dense tiles on tensor cores beat dot products on FMA units by 8x.
+    half = model_sddmm_case(4096, 4096, 4096, 4096 * 4096 // 2, torch.bfloat16, "bfloat16", CEILINGS)
+    assert half.kernel_ms == pytest.approx(2 * 4096**3 / 800e9)
+    assert half.ideal_speedup == pytest.approx(1.0)
+    # Exact fp32 at 2%: 2% of the products on FMA units (50) beat all of them at a third of tf32 (400 / 3).
+    exact = model_sddmm_case(4096, 4096, 4096, 4096 * 4096 // 50, torch.float32, "float32", CEILINGS)
+    assert exact.kernel_ms == pytest.approx(2 * 4096 * 4096 * 4096 / 50 / 50e9)
+    # With a real L2, the tiles' operand reads (depth x 256 rows per 128 x 128 tile) bound them.
+    ceilings = dataclasses.replace(CEILINGS, l2_tbps=7.0)
+    tiled = model_sddmm_case(4096, 4096, 4096, 4096 * 4096 // 2, torch.bfloat16, "bfloat16", ceilings)
+    assert tiled.kernel_ms == pytest.approx((4096**3 * 2 / 64 + 4096 * 4096 // 2 * 6) / 7e9)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("vector", [16, 32, 64, 128])
 def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
@@ -104,7 +124,7 @@ def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
     from nmspmm import perf
     from nmspmm.bench.cases import load_suite
 
-    monkeypatch.setattr(perf, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(perf, "multiprocessors", lambda device: 132)
     suite = load_suite()
     for tokens in suite["tokens_M"] + suite["decode_tokens_M"] + [7, 333]:
         for rows, cols in suite["layers_NK"]:
@@ -130,6 +150,7 @@ def test_few_token_tiles_widen_and_split_where_the_grid_is_short():
 
     assert tile(16, 4096, 2048) == (16, 32, 256, 3, 2)  # 128 tiles, 64K weights each: split two ways
     assert tile(16, 11008, 2048) == (16, 32, 128, 3, 1)  # 344 tiles: shorter K steps, no split
+    assert tile(1, 8192, 2752) == (16, 32, 128, 3, 2)  # 256 tiles: under two waves of 32-wide tiles
     assert tile(64, 4096, 2048) == (64, 64, 128, 3, 4)  # 64 tiles of 64 features, split four ways
     assert tile(64, 4096, 512) == (64, 64, 128, 3, 1)  # 32K weights a tile: not worth a second launch
     assert tile(64, 11008, 2048) == (64, 64, 128, 3, 1)  # 172 tiles fill the SMs

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from .kernels import VectorConfig, interpreter_config
-from .kernels.launch import interpreter_active
+from .kernels.launch import interpreter_active, multiprocessors
 
 PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
 
@@ -23,13 +23,14 @@ PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
 class DeviceCeilings:
     """Measured rates of one device: dense matmul TFLOP/s per precision, copy bandwidth (HBM read + write) and
     the read bandwidth from L2 to the SMs, which bounds kernels that gather the same cached activations into
-    many tiles."""
+    many tiles; and its number of SMs, which bounds how much of that gathering their L1 caches can absorb."""
 
     device: str
     matmul_tflops: dict[str, float]
     copy_tbps: float
     l2_tbps: float
     torch_version: str
+    multiprocessors: int
 
 
 def precision_of(dtype: torch.dtype) -> str:
@@ -65,11 +66,14 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     ms = triton.testing.do_bench(lambda: target.copy_(source), return_mode="median")
     copy_tbps = 2 * source.numel() * 4 / ms / 1e9
     cached = torch.randn(8 * 2**20, device=device, dtype=torch.bfloat16)
-    programs = 16 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 16 * multiprocessors(device)
     sums = torch.empty(programs * L2_PROBE_BLOCK, device=device)
     read = l2_read(cached, programs, 64, sums)
     ms = triton.testing.do_bench(lambda: l2_read(cached, programs, 64, sums), return_mode="median")
-    return DeviceCeilings(torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__)
+    return DeviceCeilings(
+        torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__,
+        multiprocessors(device),
+    )
 
 
 def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) -> DeviceCeilings:
@@ -145,14 +149,23 @@ def model_csr_case(
     tokens: int, rows: int, cols: int, nnz: int, dtype: torch.dtype, precision: str, ceilings: DeviceCeilings
 ) -> CaseModel:
     """:func:`model_case` for a CSR weight with ``nnz`` kept entries (values, int32 columns, int32 row offsets):
-    its products run on FMA units, so the sparse arithmetic bound is the exact-fp32 matmul rate. In L2 traffic
-    every nonzero gathers its x row for all tokens (rows of a random mask share few columns)."""
+    its products run on FMA units, so the sparse arithmetic bound is the exact-fp32 matmul rate. From L2 every SM
+    reads, at least once, the x row of every column its rows use (:func:`_columns_per_sm`); its L1 may serve
+    the re-reads, so this floor is below the kernel's one gather per nonzero."""
     size = torch.finfo(dtype).bits // 8
     weight_bytes = nnz * (size + 4) + (rows + 1) * 4
+    gathered_x = min(nnz, ceilings.multiprocessors * _columns_per_sm(rows, cols, nnz, ceilings)) * tokens * size
     return _linear_model(
-        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes, nnz * tokens * size, 64,
+        tokens, rows, cols, size, 2.0 * tokens * nnz, weight_bytes, gathered_x, 64,
         ceilings.matmul_tflops[precision], ceilings.matmul_tflops["float32"], ceilings, transposes_x=True,
     )
+
+
+def _columns_per_sm(rows: int, cols: int, nnz: int, ceilings: DeviceCeilings) -> float:
+    """Expected distinct columns among the rows of one SM, with the rows spread evenly over the SMs and the
+    ``nnz`` kept entries placed at random: the fewest x (or b) rows its loads must bring in from L2."""
+    rows_per_sm = max(rows / ceilings.multiprocessors, 1.0)
+    return cols * (1.0 - (1.0 - nnz / (rows * cols)) ** rows_per_sm)
 
 
 def model_block_case(
@@ -176,16 +189,26 @@ def model_sddmm_case(
     rows: int, cols: int, depth: int, nnz: int, dtype: torch.dtype, precision: str, ceilings: DeviceCeilings
 ) -> CaseModel:
     """The sampled product ``(A @ B.T)`` at ``nnz`` positions of a ``[rows, cols]`` CSR structure, for
-    ``A`` ``[rows, depth]`` and ``B`` ``[cols, depth]``, against the full dense ``A @ B.T``; the sampled
-    dot products run on FMA units (exact-fp32 rate), the dense one at the dtype's matmul rate."""
+    ``A`` ``[rows, depth]`` and ``B`` ``[cols, depth]``, against the full dense ``A @ B.T``. The sparse bound is
+    the lower of nmspmm's two algorithms: per nonzero, dot products on FMA units (exact-fp32 rate) whose SMs read
+    their rows of ``A`` and the ``B`` rows their nonzeros touch from L2 (see :func:`_columns_per_sm`); or per tile,
+    the dense product on tensor cores in tiles of 128 x 128 (each reads 256 operand rows from L2) with the
+    nonzeros picked out of it."""
     size = torch.finfo(dtype).bits // 8
     operands = (rows + cols) * depth * size
     dense_flops = 2.0 * rows * cols * depth
     sparse_flops = 2.0 * nnz * depth
     dense_bytes = operands + rows * cols * size
-    sparse_bytes = operands + nnz * (size + 8)
     dense_ms = _bound(dense_flops, dense_bytes, ceilings.matmul_tflops[precision], ceilings)
-    sparse_ms = _bound(sparse_flops, sparse_bytes, ceilings.matmul_tflops["float32"], ceilings)
+    rows_per_sm = max(rows / ceilings.multiprocessors, 1.0)
+    per_sm_rows = rows_per_sm + _columns_per_sm(rows, cols, nnz, ceilings)
+    nonzero_l2 = min(2 * nnz, ceilings.multiprocessors * per_sm_rows) * depth * size
+    nonzero_bytes = operands + nnz * (size + 8)
+    nonzero_ms = _bound(sparse_flops, nonzero_bytes, ceilings.matmul_tflops["float32"], ceilings, nonzero_l2)
+    tile_bytes = operands + nnz * (size + 4) + rows * triton.cdiv(cols, 64) * 4
+    tile_l2 = rows * cols * depth * size / 64 + nnz * (size + 4)
+    tile_ms = _bound(dense_flops, tile_bytes, tensor_core_tflops(precision, ceilings), ceilings, tile_l2)
+    sparse_bytes, sparse_ms = min((nonzero_bytes, nonzero_ms), (tile_bytes, tile_ms), key=lambda pair: pair[1])
     return CaseModel(
         dense_flops, sparse_flops, dense_bytes, sparse_bytes, sparse_bytes, dense_ms, sparse_ms, sparse_ms
     )
@@ -265,14 +288,14 @@ def _choose_vector_config(
     if interpreted:
         return interpreter_config(vector)
     if tokens <= 64:
-        return _few_tokens_config(tokens, rows, kept, vector, dtype, _multiprocessors(device))
+        return _few_tokens_config(tokens, rows, kept, vector, dtype, multiprocessors(device))
     block_n = min(vector, 128)
     if dtype == torch.float32:
         # Tuned for "tf32x3" (nmspmm's exact fp32) on an H100, 2026-11-23: 16:32-4:32 on 4096x4096,
         # 11008x4096 and 4096x11008 at 256-4096 tokens; tf32 shares them.
         return VectorConfig(128, block_n, 64 if block_n <= 32 else 32, 4 if block_n <= 32 else 8, 3)
     if vector == 64:
-        block_m, block_k, warps, stages, weight_first = _half_tile_v64(tokens, rows, _multiprocessors(device))
+        block_m, block_k, warps, stages, weight_first = _half_tile_v64(tokens, rows, multiprocessors(device))
     else:
         block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
     return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)
@@ -283,16 +306,17 @@ _SPLIT_K_WORK = 48 * 1024
 
 
 def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
-    """Tiles for up to 64 tokens, streamed 3 stages deep, from two graph-replayed sweeps of bf16 V=64 (H100,
+    """Tiles for up to 64 tokens, streamed 3 stages deep, from graph-replayed sweeps of bf16 V=64 (H100,
     2026-11-23). Up to 16 tokens: 32 output features by 256 kept inputs (128 where the tiles outnumber the SMs, so
     that two programs share an SM). From 17 tokens the gathered x rows cost as much as the weight, so tiles take
-    64 output features (half the gathers) by 128 kept inputs. Where the tiles number fewer than the SMs and a
-    program's share of the weight is large, K is split (fp32 partials, then a sum kernel). Session 5's sweep (16
-    and 64 tokens; 2048x2048, 4096x4096, 4096x11008, 11008x4096; 16:32 and 4:32; 13 tiles x split-K 1-8) put this
-    rule within 4% of each case's best in geomean (worst 14%), where the session-4 rule (32-wide tiles, 4 stages,
-    split only up to 16 tokens) was 11% off at 16 tokens and 28% off at 64, e.g. 4096x11008 16:32 at 64 tokens:
-    24.4 us split four ways against 36.5 us. Finishing the split in the kernel (the last program of a tile sums
-    the partials) saved nothing over the second launch."""
+    64 output features (half the gathers) by 128 kept inputs. K is split (fp32 partials, then a sum kernel) while
+    a program's share of the weight is large and the grid holds fewer than 64 output features per SM per split:
+    two waves of 32-wide tiles, one of 64-wide ones. Session 5's sweep (16 and 64 tokens; 2048x2048, 4096x4096,
+    4096x11008, 11008x4096; 16:32 and 4:32; 13 tiles x split-K 1-8) put this rule within 4% of each case's best
+    in geomean (worst 14%); the session-4 rule (32-wide tiles and 4 stages at 64 tokens, no split there) took
+    1.3-1.4x longer at 64 tokens over the suite, e.g. 4096x11008 16:32: 36.5 us against 24.4 us split four
+    ways. Finishing the split in the kernel (the last program of a tile sums the partials) saved nothing over
+    the second launch."""
     few = tokens <= 16
     block_n = min(vector, 32 if few else 64)
     block_m = max(16, triton.next_power_of_2(tokens))
@@ -302,11 +326,8 @@ def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: to
     else:
         block_k = 256 if few and tiles <= sms else 128
     split_k = 1
-    while tiles * split_k < sms and block_n * kept // split_k > _SPLIT_K_WORK and kept >= 2 * block_k * split_k:
+    while (
+        rows * split_k < 64 * sms and block_n * kept // split_k > _SPLIT_K_WORK and kept >= 2 * block_k * split_k
+    ):
         split_k *= 2
     return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, block_n >= 32)
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -10,20 +10,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
+from .launch import interpreter_active, multiprocessors
+from .split_k import sum_split_k
 
 
 @triton.jit
 def _block_sparse_kernel(
     x_ptr, values_ptr, block_columns_ptr, block_row_offsets_ptr, block_row_order_ptr, row_permutation_ptr,
     bias_ptr, out_ptr,
-    M, stride_xm, stride_xk, stride_om, stride_on,
+    M, stride_xm, stride_xk, stride_os, stride_om, stride_on, SPLIT_K,
     BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block_row = tl.load(block_row_order_ptr + tl.program_id(0))
-    first = tl.load(block_row_offsets_ptr + block_row)
-    last = tl.load(block_row_offsets_ptr + block_row + 1)
+    # Split-K: program pid_k multiplies its share of the block-row's blocks into its own fp32 slice of out.
+    pid_k = tl.program_id(2)
+    row_first = tl.load(block_row_offsets_ptr + block_row)
+    row_last = tl.load(block_row_offsets_ptr + block_row + 1)
+    share = tl.cdiv(row_last - row_first, SPLIT_K)
+    first = row_first + pid_k * share
+    last = min(row_last, first + share)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < M
     offs_n = tl.arange(0, BN)
@@ -45,27 +51,36 @@ def _block_sparse_kernel(
     original_rows = tl.load(row_permutation_ptr + block_row * BN + offs_n)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + original_rows).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + original_rows.to(tl.int64)[None, :] * stride_on
+    out_ptrs = (
+        out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
+        + original_rows.to(tl.int64)[None, :] * stride_on
+    )
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
 
 
 @dataclass(frozen=True)
 class BlockSparseConfig:
-    """Token tile and pipelining of one launch of the block-sparse kernel."""
+    """Token tile, pipelining and split-K of one launch of the block-sparse kernel."""
 
     block_m: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
 # Shared memory a launch may plan for its pipeline stages (H100 has 228 KiB per SM; leave room for the epilogue).
 _SHARED_MEMORY_BUDGET = 160 * 1024
 
 
-def choose_block_sparse_config(tokens: int, block: tuple[int, int], dtype: torch.dtype) -> BlockSparseConfig:
+def choose_block_sparse_config(
+    tokens: int, block: tuple[int, int], dtype: torch.dtype, rows: int, kept_blocks: int, device: torch.device
+) -> BlockSparseConfig:
     """Token tile from the token count (the smallest power of two >= 16 holding them, at most 128, or 64 when
     fp32 blocks are large), stages as many as the shared-memory budget holds (1 to 5: deep pipelines hide the
-    latency of the block-column loads, 1.5x faster at M = 16 on an H100); small tiles under the interpreter."""
+    latency of the block-column loads, 1.5x faster at M = 16 on an H100); small tiles under the interpreter.
+    Up to 64 tokens a ``rows``-row weight of ``kept_blocks`` blocks is split over its blocks, as the vector-wise
+    N:M kernel splits K (``nmspmm.perf``): while the grid holds fewer than 64 output features per SM and each
+    program keeps at least 8 blocks (a 4096-row weight of 32x32 blocks has only 128 block-rows)."""
     if interpreter_active():
         return BlockSparseConfig(block_m=16, num_warps=4, num_stages=1)
     bn, bk = block
@@ -75,7 +90,12 @@ def choose_block_sparse_config(tokens: int, block: tuple[int, int], dtype: torch
     stage_bytes = (block_m * bk + bk * bn) * element
     stages = max(1, min(5, _SHARED_MEMORY_BUDGET // stage_bytes))
     warps = 8 if block_m * bn >= 128 * 64 else 4
-    return BlockSparseConfig(block_m=block_m, num_warps=warps, num_stages=stages)
+    blocks_per_row = kept_blocks / max(rows // bn, 1)
+    split_k = 1
+    if tokens <= 64:
+        while rows * split_k < 64 * multiprocessors(device) and blocks_per_row >= 16 * split_k:
+            split_k *= 2
+    return BlockSparseConfig(block_m=block_m, num_warps=warps, num_stages=stages, split_k=split_k)
 
 
 def block_sparse_matmul(
@@ -97,17 +117,25 @@ def block_sparse_matmul(
     order. Accumulates in fp32; ``input_precision`` is ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` for fp32
     operands. Block-rows without blocks write the bias (or zeros). Shapes are trusted: ``nmspmm.ops`` validates them."""
     tokens = x.shape[0]
-    _, bn, bk = values.shape
+    kept_blocks, bn, bk = values.shape
+    rows = row_permutation.shape[0]
     if config is None:
-        config = choose_block_sparse_config(tokens, (bn, bk), values.dtype)
+        config = choose_block_sparse_config(
+            tokens, (bn, bk), values.dtype, rows, kept_blocks, values.device
+        )
     upcast = interpreter_active() and values.dtype == torch.bfloat16
-    grid = (block_row_order.shape[0], triton.cdiv(tokens, config.block_m))
+    split_k = config.split_k
+    target = out if split_k == 1 else torch.empty((split_k, tokens, rows), dtype=torch.float32, device=out.device)
+    grid = (block_row_order.shape[0], triton.cdiv(tokens, config.block_m), split_k)
     _block_sparse_kernel[grid](
         x, values, block_columns, block_row_offsets, block_row_order, row_permutation,
-        bias if bias is not None else values, out,
-        tokens, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None,
+        bias if bias is not None and split_k == 1 else values, target,
+        tokens, x.stride(0), x.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2),
+        target.stride(-1), split_k,
+        BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None and split_k == 1,
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if split_k > 1:
+        sum_split_k(target, out, bias)
     return out

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreter_active
+from .split_k import sum_split_k
 
 
 @triton.jit
@@ -94,23 +95,6 @@ def _nm_vector_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None])
 
 
-@triton.jit
-def _split_k_sum_kernel(
-    partial_ptr, bias_ptr, y_ptr, M, N,
-    stride_ps, stride_pm, stride_ym, stride_yn,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for split in range(SPLIT_K):
-        acc += tl.load(partial_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], mask=valid)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=valid)
-
-
 @dataclass(frozen=True)
 class VectorConfig:
     """Tile shape, pipelining, split-K and operand order of one launch of the vector-wise kernel."""
@@ -181,10 +165,5 @@ def nm_vector_matmul(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split_k > 1:
-        block = 32
-        _split_k_sum_kernel[(triton.cdiv(tokens, block), triton.cdiv(rows, block))](
-            target, bias if bias is not None else target, out, tokens, rows,
-            target.stride(0), target.stride(1), out.stride(0), out.stride(1),
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK_M=block, BLOCK_N=block, num_warps=4,
-        )
+        sum_split_k(target, out, bias)
     return out
