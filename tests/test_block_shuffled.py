@@ -427,22 +427,18 @@ def test_kernel_split_over_blocks_sums_every_share(dtype, split_k):
         assert relative_error(out, _reference(x, sparse, with_bias)) < TOLERANCE[dtype]
 
 
-def test_few_tokens_split_short_grids_over_their_blocks(monkeypatch):
+def test_few_tokens_split_long_block_rows_in_two(monkeypatch):
     import nmspmm.kernels.block_sparse as block_sparse
 
     monkeypatch.setattr(block_sparse, "interpreter_active", lambda: False)
-    monkeypatch.setattr(block_sparse, "multiprocessors", lambda device: 132)
 
     def split(tokens, rows, kept_blocks, block=(32, 32)):
-        return block_sparse.choose_block_sparse_config(
-            tokens, block, torch.bfloat16, rows, kept_blocks, torch.device("cuda")
-        ).split_k
+        return block_sparse.choose_block_sparse_config(tokens, block, torch.bfloat16, rows, kept_blocks).split_k
 
     blocks_4096 = (4096 // 32) ** 2
-    assert split(16, 4096, blocks_4096 // 4) == 4  # 75%: 128 block-rows of 32 blocks, 8 blocks a program
-    assert split(16, 4096, blocks_4096 // 8) == 2  # 87.5%: 16 blocks a block-row
-    assert split(16, 11008, 11008 // 32 * 32) == 1  # 344 block-rows fill the SMs
-    assert split(1024, 4096, blocks_4096 // 4) == 1  # many tokens: enough token tiles
+    assert split(16, 4096, blocks_4096 // 2) == 2  # 50%: 64 blocks a block-row
+    assert split(16, 4096, blocks_4096 // 4) == 1  # 75%: 32
+    assert split(1024, 4096, blocks_4096 // 2) == 1  # many tokens: enough token tiles
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
