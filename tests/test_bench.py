@@ -119,8 +119,12 @@ def test_format_summary_groups_by_regime():
     table = summary_markdown(
         [{**row, "M": 1, **graphed}, {**row, "M": 256, "graph_ms": ""}, {**row, "M": 1024, "speedup": 8.0}]
     )
-    assert "| csr | float32 | M >= 256 | 90.0% | 2 | 4.00x | 4.00x | 50% |  |" in table
-    assert "| csr | float32 | M <= 16 | 90.0% | 1 | 2.00x | 4.00x | 50% | 3.00x |" in table
+    assert "| csr | float32 | M >= 256 | 90.0% | 2 | 4.00x | 4.00x | 50% |  |  |" in table
+    assert "| csr | float32 | M <= 16 | 90.0% | 1 | 2.00x | 4.00x | 50% | 3.00x |  |" in table
+    block = {**row, "kind": "block", "M": 16, "sparsity": 0.75, **graphed, "peer_graph_ms": "0.005"}
+    table = summary_markdown([{**block, "block": "32x32"}, {**block, "block": "64x64", "graph_ms": "0.0025"}])
+    assert "| block 32x32 | float32 | M <= 16 | 75.0% | 1 | 2.00x | 4.00x | 50% | 3.00x | 0.50x |" in table
+    assert "| block 64x64 | float32 | M <= 16 | 75.0% | 1 | 2.00x | 4.00x | 50% | 12.00x | 2.00x |" in table
 
 
 def test_format_cases_run_end_to_end_on_cpu(monkeypatch):

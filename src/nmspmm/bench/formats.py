@@ -239,44 +239,58 @@ def _run_block(
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    """Geomean speedup over dense (and over the peer: cuSPARSE, or N:M V=64 for blocks) per kind, dtype and
-    sparsity, for M >= 256 and for M <= 16 (there also with both sides replayed from CUDA graphs)."""
+    """Geomean speedup over dense (and over the peer: cuSPARSE, or N:M V=64 for blocks) per kind (and block
+    shape), dtype and sparsity, for M >= 256 and for M <= 16 (there also with both sides replayed from CUDA
+    graphs: cuSPARSE is timed eager only)."""
     lines = [
-        "| kind | dtype | tokens | sparsity | cases | vs dense | vs peer | fraction of bound | graphed vs dense |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| kind | dtype | tokens | sparsity | cases | vs dense | vs peer | fraction of bound | graphed vs dense "
+        "| graphed vs peer |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         regime = "M >= 256" if int(row["M"]) >= 256 else "M <= 16"
-        groups.setdefault((row["kind"], row["dtype"], regime, float(row["sparsity"])), []).append(row)
+        groups.setdefault((_kind_label(row), row["dtype"], regime, float(row["sparsity"])), []).append(row)
     for (kind, dtype, regime, sparsity), members in sorted(groups.items()):
         dense = geomean([float(r["speedup"]) for r in members])
         peer = geomean([float(r["speedup_vs_peer"]) for r in members])
         bound = geomean([float(r["fraction_of_bound"]) for r in members])
         graphed = geomean([speedup_of(r.get("graph_ms"), r.get("dense_graph_ms")) for r in members])
+        graphed_peer = geomean([speedup_of(r.get("graph_ms"), r.get("peer_graph_ms")) for r in members])
         cells = [f"{dense:.2f}x", "" if math.isnan(peer) else f"{peer:.2f}x", f"{bound:.0%}"]
-        cells.append("" if math.isnan(graphed) else f"{graphed:.2f}x")
+        cells += ["" if math.isnan(value) else f"{value:.2f}x" for value in (graphed, graphed_peer)]
         lines.append(f"| {kind} | {dtype} | {regime} | {sparsity:.1%} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _kind_label(row: dict) -> str:
+    """The kind, with the block shape for block-shuffled rows."""
+    return f"block {row['block']}" if row["kind"] == "block" else row["kind"]
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Speedup over dense against sparsity, one panel per kind and dtype, one line per token count."""
+    """Speedup over dense against sparsity, one panel per kind (and block shape) and dtype, one line per token
+    count; few-token rows use their CUDA-graph times where they have them (eager calls that short measure the
+    host)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["kind"], r["dtype"]) for r in rows})
+    panels = sorted({(_kind_label(r), r["dtype"]) for r in rows})
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for axis, (kind, dtype) in zip(axes[0], panels):
-        series: dict[int, dict[float, list[float]]] = {}
+        series: dict[tuple[int, bool], dict[float, list[float]]] = {}
         for r in rows:
-            if (r["kind"], r["dtype"]) == (kind, dtype):
-                series.setdefault(int(r["M"]), {}).setdefault(float(r["sparsity"]), []).append(float(r["speedup"]))
-        for tokens, points in sorted(series.items()):
+            if (_kind_label(r), r["dtype"]) == (kind, dtype):
+                graphed = speedup_of(r.get("graph_ms"), r.get("dense_graph_ms"))
+                value = float(r["speedup"]) if math.isnan(graphed) else graphed
+                line = series.setdefault((int(r["M"]), not math.isnan(graphed)), {})
+                line.setdefault(float(r["sparsity"]), []).append(value)
+        for (tokens, graphed), points in sorted(series.items()):
             xs = sorted(points)
-            axis.plot([100 * x for x in xs], [geomean(points[x]) for x in xs], marker="o", label=f"M={tokens}")
+            label = f"M={tokens}" + (" (graphed)" if graphed else "")
+            axis.plot([100 * x for x in xs], [geomean(points[x]) for x in xs], marker="o", label=label)
         axis.axhline(1.0, color="grey", lw=0.8, ls="--")
         axis.set_yscale("log")
         axis.set_title(f"{kind}, {dtype}")
