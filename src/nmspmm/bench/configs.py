@@ -26,12 +26,13 @@ def large_configs(vector: int, dtype: torch.dtype) -> Iterator[VectorConfig]:
 
 
 def small_configs(vector: int, dtype: torch.dtype, tokens: int) -> Iterator[VectorConfig]:
-    """The tuner's grid for few tokens: tile width, K step and split-K at the smallest token tile."""
+    """The tuner's grid for few tokens: tile width, K step and split-K at the smallest token tile, 3 stages (as
+    ``nmspmm.perf`` chooses them)."""
     bm = max(16, triton.next_power_of_2(tokens))
     steps = (64, 128) if dtype == torch.float32 else (128, 256)
     widths = sorted({min(vector, 32), min(vector, 64)})
     for bn, bk, split in itertools.product(widths, steps, (1, 2, 4)):
-        yield VectorConfig(bm, bn, bk, 4, 4, 8, split, bn >= 32)
+        yield VectorConfig(bm, bn, bk, 4, 3, 8, split, bn >= 32)
 
 
 def sample_configs(tokens: int, vector: int, dtype: torch.dtype) -> list[VectorConfig]:

@@ -80,7 +80,7 @@ def choose_block_sparse_config(
     latency of the block-column loads, 1.5x faster at M = 16 on an H100); small tiles under the interpreter.
     Up to 64 tokens, block-rows of 64 blocks or more are split in two (fp32 halves, then a sum kernel): at 16
     tokens, 32x32 blocks at 50% (H100, 2026-11-23) took 12.3 against 13.1 us on 4096x4096 and 25.9 against 29.4
-    us on 11008x4096; at 75% and 87.5% (32 and 16 blocks a block-row) every split was slower, by 6-80%."""
+    us on 11008x4096; at 75% and 87.5% (32 and 16 blocks a block-row) a split in two was 6-36% slower."""
     if interpreter_active():
         return BlockSparseConfig(block_m=16, num_warps=4, num_stages=1)
     bn, bk = block

@@ -16,12 +16,12 @@ from .backend import call_op, check_backend, check_dtype_and_device, check_opera
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every
 # nonzero and the offsets of the tiled SDDMM (for the weight gradient) and the transposed structure (for the
-# input gradient). Callers pass them,
-# cached on the weight, only when autograd will need them; the backward derives any that are missing.
+# input gradient). Callers pass them, cached on the weight, only when autograd will need them; the backward
+# derives any that are missing.
 _LINEAR_SCHEMA = (
     "(Tensor x, Tensor values, Tensor col_indices, Tensor row_offsets, Tensor row_order, Tensor? bias, "
-    "Tensor? row_indices, Tensor? cell_offsets, Tensor? transposed_offsets, Tensor? transposed_columns, Tensor? permutation, "
-    "Tensor? transposed_order, str backend) -> Tensor"
+    "Tensor? row_indices, Tensor? cell_offsets, Tensor? transposed_offsets, Tensor? transposed_columns, "
+    "Tensor? permutation, Tensor? transposed_order, str backend) -> Tensor"
 )
 
 
@@ -182,7 +182,9 @@ def _sampled_product(
 
 csr_sddmm = torch.library.custom_op(
     "nmspmm::csr_sddmm", mutates_args=(),
-    schema="(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, Tensor? cell_offsets, str backend) -> Tensor",
+    schema=(
+        "(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, Tensor? cell_offsets, str backend) -> Tensor"
+    ),
 )(_sampled_product)
 
 
