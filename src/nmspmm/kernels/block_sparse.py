@@ -116,9 +116,7 @@ def block_sparse_matmul(
     kept_blocks, bn, bk = values.shape
     rows = row_permutation.shape[0]
     if config is None:
-        config = choose_block_sparse_config(
-            tokens, (bn, bk), values.dtype, rows, kept_blocks
-        )
+        config = choose_block_sparse_config(tokens, (bn, bk), values.dtype, rows, kept_blocks)
     upcast = interpreter_active() and values.dtype == torch.bfloat16
     split_k = config.split_k
     target = out if split_k == 1 else torch.empty((split_k, tokens, rows), dtype=torch.float32, device=out.device)
