@@ -378,6 +378,12 @@ def test_tile_offsets_start_every_run_of_a_row_tile(rows, cols, width):
     assert weight.tile_offsets(width) is weight.tile_offsets(width)
 
 
+@pytest.mark.parametrize("width", [0, -64, 64.0, True])
+def test_tile_offsets_reject_a_width_that_is_not_a_positive_int(width):
+    with pytest.raises(ValueError, match=r"width: expected a positive number of columns, got"):
+        _weight(4, 8).tile_offsets(width)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sddmm_op_long_reduction_takes_the_tiled_kernel(backend, monkeypatch):
     import nmspmm.ops.csr as csr_ops

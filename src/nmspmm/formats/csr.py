@@ -197,6 +197,8 @@ class CSRWeight(SparseWeightBase):
     def tile_offsets(self, width: int) -> torch.Tensor:
         """int32 ``[N * ceil(K / width) + 1]``: where the nonzeros of each (row, tile of ``width`` columns) start,
         in storage order, and ``nnz`` last (the tiled SDDMM reads it)."""
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width: expected a positive number of columns, got {width!r}")
         key = f"tile_offsets_{width}"
         if key not in self._derived:
             self._derived[key] = tile_offsets_of(self.row_indices(), self.col_indices, *self.shape, width)
