@@ -139,7 +139,8 @@ def test_format_cases_run_end_to_end_on_cpu(monkeypatch):
 
     monkeypatch.setattr(formats, "DEVICE", "cpu")
     monkeypatch.setattr(formats, "median_ms", run_once_ms)
-    ceilings = DeviceCeilings("cpu", {"bfloat16": 1.0, "float16": 1.0, "float32": 1.0, "tf32": 1.0}, 1.0, 1.0, "", 132)
+    rates = {"bfloat16": 1.0, "float16": 1.0, "float32": 1.0, "tf32": 1.0}
+    ceilings = DeviceCeilings("cpu", rates, 1.0, 1.0, "", 132, launch_us=2.0)
     cache = formats._WeightCache()
     stamp = {"device": "cpu", "date": "2026-11-23"}
     for case in [

@@ -103,3 +103,16 @@ def test_l2_probe_sums_the_chunks_it_reads():
         assert torch.allclose(out.view(programs, -1)[program], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="buffer, out: need at least 4096 buffer elements"):
         l2_read(buffer[:100], programs, reads, out)
+
+
+def test_first_bytes_probe_sums_one_chunk_per_program_from_start():
+    from nmspmm.kernels import FIRST_BYTES_BLOCK, first_bytes
+
+    programs, start = 3, FIRST_BYTES_BLOCK + 7
+    buffer = torch.randn(start + programs * FIRST_BYTES_BLOCK + 2, device=DEVICE)
+    out = torch.full((programs,), float("nan"), device=DEVICE)
+    first_bytes(buffer, programs, start, out)
+    expected = buffer[start : start + programs * FIRST_BYTES_BLOCK].view(programs, -1).sum(1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"need \d+ buffer elements and 3 out elements \(start=5000\)"):
+        first_bytes(buffer, programs, 5000, out)

@@ -14,7 +14,7 @@ from nmspmm.perf import (
 # L2 far faster than anything else, so that each test sees the floor it is about; test_l2_* set a real one.
 CEILINGS = DeviceCeilings(
     "test", {"bfloat16": 800.0, "float16": 800.0, "float32": 50.0, "tf32": 400.0}, copy_tbps=3.0, l2_tbps=1e6,
-    torch_version="", multiprocessors=132,
+    torch_version="", multiprocessors=132, launch_us=0.0,
 )
 
 
@@ -32,6 +32,17 @@ def test_nm_decode_ideal_is_the_byte_ratio():
     weight = 4096 * kept * 2 + 4096 // 64 * kept
     assert model.kernel_bytes == (4096 + 4096) * 2 + weight
     assert model.ideal_speedup == pytest.approx(model.dense_bytes / model.kernel_bytes)
+
+
+def test_launch_cost_is_added_to_every_bound():
+    launched = dataclasses.replace(CEILINGS, launch_us=2.0)
+    decode = model_case(1, 4096, 4096, 8, 32, 64, torch.bfloat16, "bfloat16", launched)
+    assert decode.kernel_ms == pytest.approx(2e-3 + decode.kernel_bytes / 3e9)
+    assert decode.dense_ms == pytest.approx(2e-3 + decode.dense_bytes / 3e9)
+    # The fixed cost weighs on the short sparse product more than on the dense one.
+    assert 1 < decode.ideal_speedup < decode.dense_bytes / decode.kernel_bytes
+    large = model_case(4096, 4096, 4096, 8, 32, 64, torch.bfloat16, "bfloat16", launched)
+    assert large.ideal_speedup == pytest.approx((2e-3 + large.dense_flops / 800e9) / (2e-3 + large.sparse_flops / 800e9))
 
 
 def test_l2_floor_counts_one_gather_of_x_per_tile_of_output_features():

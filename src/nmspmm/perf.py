@@ -23,7 +23,8 @@ PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
 class DeviceCeilings:
     """Measured rates of one device: dense matmul TFLOP/s per precision, copy bandwidth (HBM read + write) and
     the read bandwidth from L2 to the SMs, which bounds kernels that gather the same cached activations into
-    many tiles; and its number of SMs, which bounds how much of that gathering their L1 caches can absorb."""
+    many tiles; its number of SMs, which bounds how much of that gathering their L1 caches can absorb; and the
+    fixed cost of a kernel (launch and one round trip to HBM, graph-replayed), which bounds the shortest ones."""
 
     device: str
     matmul_tflops: dict[str, float]
@@ -31,6 +32,7 @@ class DeviceCeilings:
     l2_tbps: float
     torch_version: str
     multiprocessors: int
+    launch_us: float
 
 
 def precision_of(dtype: torch.dtype) -> str:
@@ -42,7 +44,7 @@ def precision_of(dtype: torch.dtype) -> str:
 
 def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     """Time a large matmul per precision, a large device copy and reads of a 16 MB buffer that stays in L2
-    (median of ``triton.testing.do_bench``)."""
+    (median of ``triton.testing.do_bench``), and the fixed cost of a kernel that reads a few bytes from HBM."""
     import triton.testing
 
     from .kernels import L2_PROBE_BLOCK, l2_read
@@ -72,8 +74,20 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     ms = triton.testing.do_bench(lambda: l2_read(cached, programs, 64, sums), return_mode="median")
     return DeviceCeilings(
         torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__,
-        multiprocessors(device),
+        multiprocessors(device), _launch_us(source, multiprocessors(device)),
     )
+
+
+def _launch_us(buffer: torch.Tensor, programs: int) -> float:
+    """Graph-replayed median time (us) of a kernel whose ``programs`` programs each read one chunk of ``buffer``:
+    successive calls read successive chunks over more bytes than L2 holds, so every read goes to HBM."""
+    from .bench.runner import graph_median_ms
+    from .kernels import FIRST_BYTES_BLOCK, first_bytes
+
+    span = programs * FIRST_BYTES_BLOCK
+    out = torch.empty(programs, device=buffer.device)
+    starts = range(0, buffer.numel() - span + 1, span)
+    return 1e3 * graph_median_ms([lambda start=start: first_bytes(buffer, programs, start, out) for start in starts])
 
 
 def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) -> DeviceCeilings:
@@ -239,8 +253,9 @@ def _linear_model(
 
 def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings, l2_moved: float = 0.0) -> float:
     """The time (ms) below which no kernel can do ``flops`` at ``tflops``, move ``moved`` bytes through HBM and
-    ``l2_moved`` bytes from L2 to the SMs."""
-    return max(flops / (tflops * 1e9), moved / (ceilings.copy_tbps * 1e9), l2_moved / (ceilings.l2_tbps * 1e9))
+    ``l2_moved`` bytes from L2 to the SMs, after the fixed cost of its launch."""
+    streamed = max(flops / (tflops * 1e9), moved / (ceilings.copy_tbps * 1e9), l2_moved / (ceilings.l2_tbps * 1e9))
+    return ceilings.launch_us / 1e3 + streamed
 
 
 # Tiles for more than 64 tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
