@@ -160,7 +160,7 @@ def test_config_samples_come_from_the_tuners_grid():
     large = list(large_configs(64, torch.bfloat16))
     assert len(large) == 40 and {c.block_n for c in large} == {64}
     small = list(small_configs(32, torch.float32, 16))
-    assert len(small) == 6 and {c.block_m for c in small} == {16} and {c.block_n for c in small} == {32}
+    assert len(small) == 8 and {c.block_m for c in small} == {16} and {c.block_n for c in small} == {32}
     assert {c.block_n for c in small_configs(64, torch.bfloat16, 1)} == {32, 64}
     sample = sample_configs(4096, 64, torch.bfloat16)
     assert len(sample) == 20 and all(c in large for c in sample)
@@ -201,6 +201,6 @@ def test_config_check_runs_every_sampled_config_under_the_interpreter(monkeypatc
     x_ts = [torch.randn(256, 5).half() for _ in range(2)]
     reference = x_ts[0].double().t() @ weight.to_dense().double().t()
     chosen = choose_vector_config(5, 64, weight.kept_per_row, 32, torch.float16, x_ts[0].device)
-    result = runner._config_check(case, chosen, weight, x_ts, reference)
-    assert result["configs_tried"] == len(calls) == 7
+    result = runner._config_check(case, chosen, [weight, weight], x_ts, reference)
+    assert result["configs_tried"] == len(calls) == 13
     assert result["config_chosen_ms"] == 1.0 and result["config_within_10pct"]

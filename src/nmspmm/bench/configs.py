@@ -29,14 +29,14 @@ def small_configs(vector: int, dtype: torch.dtype, tokens: int) -> Iterator[Vect
     """The tuner's grid for few tokens: tile width, K step and split-K at the smallest token tile, 3 stages (as
     ``nmspmm.perf`` chooses them)."""
     bm = max(16, triton.next_power_of_2(tokens))
-    steps = (64, 128) if dtype == torch.float32 else (128, 256)
+    steps = (64, 128) if dtype == torch.float32 else (64, 128, 256)
     widths = sorted({min(vector, 32), min(vector, 64)})
-    for bn, bk, split in itertools.product(widths, steps, (1, 2, 4)):
+    for bn, bk, split in itertools.product(widths, steps, (1, 2, 4, 8)):
         yield VectorConfig(bm, bn, bk, 4, 3, 8, split, bn >= 32)
 
 
 def sample_configs(tokens: int, vector: int, dtype: torch.dtype) -> list[VectorConfig]:
-    """The sample the benchmark times beside the model's choice: the few-token grid whole (6-12 configs), every
+    """The sample the benchmark times beside the model's choice: the few-token grid whole (8-24 configs), every
     other config of the larger grid (20), enough to see a poor choice at a fraction of a full sweep's time."""
     if tokens <= SMALL_TOKENS:
         return list(small_configs(vector, dtype, tokens))

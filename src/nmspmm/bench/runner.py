@@ -143,6 +143,7 @@ def _run_case(
             "M": case.tokens, "N": case.rows, "K": case.cols, "pattern": case.pattern, "vector": case.vector,
             "dtype": case.dtype, "level": level, "ms": ms, "dense_ms": dense["dense_ms"],
             "speedup": dense["dense_ms"] / ms, "ideal_speedup": model.dense_ms / bound_ms,
+            "byte_ratio": model.dense_bytes / (model.op_bytes if level == "op" else model.kernel_bytes),
             "fraction_of_bound": bound_ms / ms, "rel_error": errors[level], "correct": correct,
             "eager_ms": eager_ms, "dense_eager_ms": dense["dense_eager_ms"], "tflops": model.dense_flops / ms / 1e9,
             "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms, "semi_structured_ms": semi_structured_ms,
@@ -150,7 +151,7 @@ def _run_case(
             "config": _describe(config) if case.vector > 1 else "element-wise",
         })
     if check_configs and case.vector > 1 and rows[-1]["correct"]:
-        rows[-1].update(_config_check(case, config, weight, x_ts, reference))
+        rows[-1].update(_config_check(case, config, weights, x_ts, reference))
     return rows
 
 
@@ -165,30 +166,33 @@ def _dense_times(dtype_name: str, xs: list[torch.Tensor], dense_weights: list[to
 
 
 def _config_check(
-    case: Case, chosen: VectorConfig, weight: NMSparseWeight, x_ts: list[torch.Tensor], reference: torch.Tensor
+    case: Case, chosen: VectorConfig, weights: list[NMSparseWeight], x_ts: list[torch.Tensor],
+    reference: torch.Tensor,
 ) -> dict:
-    """Kernel time (feature-major in and out, CUDA-graph replay) of the model's config and of the sample of the
-    tuner's grid (configs that fail to launch or give a wrong result are skipped), and whether the choice is
-    within 10%."""
-    precision = input_precision(weight.dtype)
-    offsets = weight.kept_offsets()
-    out = torch.empty(case.rows, case.tokens, device=x_ts[0].device, dtype=weight.dtype).t()
+    """Kernel time (feature-major in and out, CUDA-graph replay over the rotated weights and inputs, so that a
+    weight-bound case reads its weight from HBM as in the benchmark) of the model's config and of the sample of
+    the tuner's grid (configs that fail to launch or give a wrong result are skipped), and whether the choice is
+    within 10%. ``reference`` is the product of ``x_ts[0]`` and ``weights[0]``."""
+    precision = input_precision(weights[0].dtype)
+    out = torch.empty(case.rows, case.tokens, device=x_ts[0].device, dtype=weights[0].dtype).t()
 
-    def launch(config: VectorConfig, x_t: torch.Tensor) -> None:
-        nm_vector_matmul(x_t, weight.values, offsets, weight.n, weight.m, weight.vector, out, config, None, precision)
+    def launch(config: VectorConfig, x_t: torch.Tensor, weight: NMSparseWeight) -> None:
+        nm_vector_matmul(
+            x_t, weight.values, weight.kept_offsets(), weight.n, weight.m, weight.vector, out, config, None, precision
+        )
 
     def time_config(config: VectorConfig) -> float:
         try:
-            launch(config, x_ts[0])
+            launch(config, x_ts[0], weights[0])
             torch.cuda.synchronize()
         except Exception:  # noqa: BLE001 - a config the device cannot launch (resources) is skipped
             return math.nan
         if not relative_error(out, reference) < TOLERANCE[case.dtype]:
             return math.nan
-        return graph_median_ms([lambda x_t=x_t: launch(config, x_t) for x_t in x_ts])
+        return graph_median_ms([lambda x_t=x_t, w=w: launch(config, x_t, w) for x_t, w in zip(x_ts, weights)])
 
     chosen_ms = time_config(chosen)
-    timed = [(time_config(config), config) for config in sample_configs(case.tokens, case.vector, weight.dtype)]
+    timed = [(time_config(config), config) for config in sample_configs(case.tokens, case.vector, weights[0].dtype)]
     timed = [(ms, config) for ms, config in timed if not math.isnan(ms)] + [(chosen_ms, chosen)]
     best_ms, best = min(timed, key=lambda pair: pair[0])
     return {
