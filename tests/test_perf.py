@@ -161,7 +161,11 @@ def test_few_token_tiles_widen_and_split_where_the_grid_is_short():
 
     assert tile(16, 4096, 2048) == (16, 32, 256, 3, 2)  # 128 tiles, 64K weights each: split two ways
     assert tile(16, 11008, 2048) == (16, 32, 128, 3, 1)  # 344 tiles: shorter K steps, no split
-    assert tile(1, 8192, 2752) == (16, 32, 128, 3, 2)  # 256 tiles: under two waves of 32-wide tiles
+    assert tile(1, 8192, 2752) == (16, 64, 128, 3, 4)  # one token: 64-wide tiles, 128 features per SM
+    assert tile(1, 2048, 2816) == (16, 64, 128, 3, 8)  # at most 8 ways
+    assert tile(1, 22016, 2048) == (16, 64, 128, 3, 1)  # 22016 rows already give 167 per SM
+    assert tile(1, 2048, 256) == (16, 32, 256, 3, 1)  # a short row keeps the 16-token tiles: no split
+    assert tile(1, 8192, 2752, torch.float32) == (16, 32, 128, 3, 2)  # fp32 keeps the 16-token rule
     assert tile(64, 4096, 2048) == (64, 64, 128, 3, 4)  # 64 tiles of 64 features, split four ways
     assert tile(64, 4096, 512) == (64, 64, 128, 3, 1)  # 32K weights a tile: not worth a second launch
     assert tile(64, 11008, 2048) == (64, 64, 128, 3, 1)  # 172 tiles fill the SMs

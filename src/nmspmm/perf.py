@@ -318,6 +318,8 @@ def _choose_vector_config(
 
 # A program's share of the weight (elements) above which few-token launches split K, while the grid is short.
 _SPLIT_K_WORK = 48 * 1024
+# Kept inputs per weight row from which one token takes the wider, more split tiles of _few_tokens_config.
+_ONE_TOKEN_ROW = 2048
 
 
 def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
@@ -331,18 +333,26 @@ def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: to
     in geomean (worst 14%); the session-4 rule (32-wide tiles and 4 stages at 64 tokens, no split there) took
     1.3-1.4x longer at 64 tokens over the suite, e.g. 4096x11008 16:32: 36.5 us against 24.4 us split four
     ways. Finishing the split in the kernel (the last program of a tile sums the partials) saved nothing over
-    the second launch."""
+    the second launch. One token in half precision with long weight rows (2048 kept inputs or more) takes
+    64-wide tiles by 128 kept inputs, split (at most 8 ways) while the grid holds fewer than 128 output features
+    per SM per split. From session 6's sweep (1 token; 8 layers from 2048x5632 to 22016x8192; 16:32, 8:32, 4:32;
+    the 24 configs of the few-token grid), then the suite's 80 one-token cases timed both ways: 1.03x faster
+    than the 16-token rule in geomean (worst 0.93x). For every row length it was 1.01x, and short rows lost up to
+    1.45x (2048x2048 4:32: 3.9 against 2.7 us), where a split adds a launch that a short row does not repay."""
+    one = tokens == 1 and dtype != torch.float32 and kept >= _ONE_TOKEN_ROW
     few = tokens <= 16
-    block_n = min(vector, 32 if few else 64)
+    block_n = min(vector, 32 if few and not one else 64)
     block_m = max(16, triton.next_power_of_2(tokens))
     tiles = rows // block_n
     if dtype == torch.float32:
         block_k = 128 if few else 64
     else:
-        block_k = 256 if few and tiles <= sms else 128
+        block_k = 256 if few and not one and tiles <= sms else 128
+    features_per_sm, min_work, max_split = (128, 0, 8) if one else (64, _SPLIT_K_WORK, kept)
     split_k = 1
     while (
-        rows * split_k < 64 * sms and block_n * kept // split_k > _SPLIT_K_WORK and kept >= 2 * block_k * split_k
+        rows * split_k < features_per_sm * sms and block_n * kept // split_k > min_work
+        and kept >= 2 * block_k * split_k and split_k < max_split
     ):
         split_k *= 2
     return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, block_n >= 32)
