@@ -105,14 +105,11 @@ def test_l2_probe_sums_the_chunks_it_reads():
         l2_read(buffer[:100], programs, reads, out)
 
 
-def test_first_bytes_probe_sums_one_chunk_per_program_from_start():
-    from nmspmm.kernels import FIRST_BYTES_BLOCK, first_bytes
+def test_touch_probe_stores_each_program_index():
+    from nmspmm.kernels import touch
 
-    programs, start = 3, FIRST_BYTES_BLOCK + 7
-    buffer = torch.randn(start + programs * FIRST_BYTES_BLOCK + 2, device=DEVICE)
-    out = torch.full((programs,), float("nan"), device=DEVICE)
-    first_bytes(buffer, programs, start, out)
-    expected = buffer[start : start + programs * FIRST_BYTES_BLOCK].view(programs, -1).sum(1)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
-    with pytest.raises(ValueError, match=r"need \d+ buffer elements and 3 out elements \(start=5000\)"):
-        first_bytes(buffer, programs, 5000, out)
+    out = torch.full((5,), -1, dtype=torch.int32, device=DEVICE)
+    touch(out, 4)
+    assert out.tolist() == [0, 1, 2, 3, -1]
+    with pytest.raises(ValueError, match="out: need an int32 tensor of at least 4 elements, got torch.float32 of 5"):
+        touch(out.float(), 4)

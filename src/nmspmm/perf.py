@@ -24,7 +24,7 @@ class DeviceCeilings:
     """Measured rates of one device: dense matmul TFLOP/s per precision, copy bandwidth (HBM read + write) and
     the read bandwidth from L2 to the SMs, which bounds kernels that gather the same cached activations into
     many tiles; its number of SMs, which bounds how much of that gathering their L1 caches can absorb; and the
-    fixed cost of a kernel (launch and one round trip to HBM, graph-replayed), which bounds the shortest ones."""
+    fixed cost of launching a kernel (graph-replayed), which bounds the shortest products."""
 
     device: str
     matmul_tflops: dict[str, float]
@@ -44,7 +44,7 @@ def precision_of(dtype: torch.dtype) -> str:
 
 def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     """Time a large matmul per precision, a large device copy and reads of a 16 MB buffer that stays in L2
-    (median of ``triton.testing.do_bench``), and the fixed cost of a kernel that reads a few bytes from HBM."""
+    (median of ``triton.testing.do_bench``), and the fixed cost of launching a kernel that does nothing."""
     import triton.testing
 
     from .kernels import L2_PROBE_BLOCK, l2_read
@@ -74,20 +74,17 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     ms = triton.testing.do_bench(lambda: l2_read(cached, programs, 64, sums), return_mode="median")
     return DeviceCeilings(
         torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__,
-        multiprocessors(device), _launch_us(source, multiprocessors(device)),
+        multiprocessors(device), _launch_us(multiprocessors(device), device),
     )
 
 
-def _launch_us(buffer: torch.Tensor, programs: int) -> float:
-    """Graph-replayed median time (us) of a kernel whose ``programs`` programs each read one chunk of ``buffer``:
-    successive calls read successive chunks over more bytes than L2 holds, so every read goes to HBM."""
+def _launch_us(programs: int, device: torch.device) -> float:
+    """Graph-replayed median time (us) of a kernel of ``programs`` programs that only store one value each."""
     from .bench.runner import graph_median_ms
-    from .kernels import FIRST_BYTES_BLOCK, first_bytes
+    from .kernels import touch
 
-    span = programs * FIRST_BYTES_BLOCK
-    out = torch.empty(programs, device=buffer.device)
-    starts = range(0, buffer.numel() - span + 1, span)
-    return 1e3 * graph_median_ms([lambda start=start: first_bytes(buffer, programs, start, out) for start in starts])
+    out = torch.empty(programs, device=device, dtype=torch.int32)
+    return 1e3 * graph_median_ms([lambda: touch(out, programs)])
 
 
 def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) -> DeviceCeilings:

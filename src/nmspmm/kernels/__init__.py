@@ -1,6 +1,6 @@
 """Triton kernels and their launchers; they take plain tensors and know nothing of formats or modules."""
 
-from .bandwidth import FIRST_BYTES_BLOCK, L2_PROBE_BLOCK, first_bytes, l2_read
+from .bandwidth import L2_PROBE_BLOCK, l2_read, touch
 from .block_sparse import BlockSparseConfig, block_sparse_matmul, choose_block_sparse_config
 from .csr_spmm import SpmmBlocks, csr_spmm, spmm_blocks
 from .nm_backward import BackwardConfig, default_backward_config, nm_grad_input, nm_grad_values
@@ -10,7 +10,6 @@ from .sddmm import SddmmBlocks, sddmm, sddmm_blocks
 from .transpose import transpose
 
 __all__ = [
-    "FIRST_BYTES_BLOCK",
     "L2_PROBE_BLOCK",
     "BlockSparseConfig",
     "SddmmBlocks",
@@ -24,12 +23,12 @@ __all__ = [
     "BackwardConfig",
     "VectorConfig",
     "default_backward_config",
-    "first_bytes",
     "interpreter_config",
     "l2_read",
     "nm_element_matmul",
     "nm_grad_input",
     "nm_grad_values",
     "nm_vector_matmul",
+    "touch",
     "transpose",
 ]
