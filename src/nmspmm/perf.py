@@ -44,10 +44,11 @@ def precision_of(dtype: torch.dtype) -> str:
 
 def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     """Time a large matmul per precision, a large device copy and reads of a 16 MB buffer that stays in L2
-    (median of ``triton.testing.do_bench``), and the fixed cost of launching a kernel that does nothing."""
+    (median of ``triton.testing.do_bench``), and the fixed cost of launching a kernel that does nothing (one
+    program per SM, replayed from a CUDA graph)."""
     import triton.testing
 
-    from .kernels import L2_PROBE_BLOCK, l2_read
+    from .kernels import L2_PROBE_BLOCK, l2_read, touch
 
     device = torch.device(device)
     rates = {}
@@ -72,19 +73,12 @@ def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     sums = torch.empty(programs * L2_PROBE_BLOCK, device=device)
     read = l2_read(cached, programs, 64, sums)
     ms = triton.testing.do_bench(lambda: l2_read(cached, programs, 64, sums), return_mode="median")
+    marks = torch.empty(multiprocessors(device), device=device, dtype=torch.int32)
+    launch_ms = triton.testing.do_bench_cudagraph(lambda: touch(marks, marks.numel()), rep=20, return_mode="median")
     return DeviceCeilings(
         torch.cuda.get_device_name(device), rates, copy_tbps, read / ms / 1e9, torch.__version__,
-        multiprocessors(device), _launch_us(multiprocessors(device), device),
+        multiprocessors(device), 1e3 * launch_ms,
     )
-
-
-def _launch_us(programs: int, device: torch.device) -> float:
-    """Graph-replayed median time (us) of a kernel of ``programs`` programs that only store one value each."""
-    from .bench.runner import graph_median_ms
-    from .kernels import touch
-
-    out = torch.empty(programs, device=device, dtype=torch.int32)
-    return 1e3 * graph_median_ms([lambda: touch(out, programs)])
 
 
 def device_ceilings(device: torch.device | str = "cuda", refresh: bool = False) -> DeviceCeilings:
