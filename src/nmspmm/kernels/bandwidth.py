@@ -36,7 +36,6 @@ def l2_read(buffer: torch.Tensor, programs: int, reads: int, out: torch.Tensor) 
     return programs * reads * L2_PROBE_BLOCK * buffer.element_size()
 
 
-
 @triton.jit
 def _touch_kernel(out_ptr):
     pid = tl.program_id(0)
