@@ -412,6 +412,8 @@ def test_exact_fp32_sddmm_takes_the_tiled_kernel_unless_very_sparse(backend, spa
     assert relative_error(sddmm(a, b, weight, backend=backend).to_dense(), expected) < TOLERANCE[torch.float32]
     uses_kernels = backend == "triton" or DEVICE == "cuda"
     assert calls == (["tf32x3"] if tiled and uses_kernels else [])
+    # The weight caches the tiled kernel's offsets only when that kernel runs.
+    assert ("tile_offsets_64" in weight._derived) == (tiled and uses_kernels)
 
 
 # ---------------------------------------------------------------------------------------------------------

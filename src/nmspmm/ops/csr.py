@@ -65,7 +65,8 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str =
     check_backend(backend)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         raise ValueError("a, b: sddmm is not differentiable; pass detached tensors (or call it under torch.no_grad())")
-    cell_offsets = weight.tile_offsets(CELL) if use_triton(backend, a.device) else None
+    tiled = use_triton(backend, a.device) and _takes_tiles(a.shape[1], a.dtype, weight.nnz, *weight.shape)
+    cell_offsets = weight.tile_offsets(CELL) if tiled else None
     args = (a, b, weight.row_indices(), weight.col_indices, cell_offsets, backend)
     values = call_op(csr_sddmm, _sampled_product, args)
     return weight._with_values(values)
@@ -77,7 +78,10 @@ def _op_args(x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None, back
     grad = torch.is_grad_enabled()
     grad_values = grad and weight.values.requires_grad
     row_indices = weight.row_indices() if grad_values else None
-    cell_offsets = weight.tile_offsets(CELL) if grad_values and use_triton(backend, x.device) else None
+    # The weight gradient is an SDDMM whose reduction runs over the tokens.
+    tokens = x.numel() // weight.shape[1]
+    tiled = use_triton(backend, x.device) and _takes_tiles(tokens, x.dtype, weight.nnz, *weight.shape)
+    cell_offsets = weight.tile_offsets(CELL) if grad_values and tiled else None
     transposed = weight.transposed_structure() if grad and x.requires_grad else (None, None, None, None)
     offsets_t, columns_t, permutation, order_t = transposed
     return (
@@ -171,13 +175,18 @@ def _sampled_product(
         return full[row_indices.long(), col_indices.long()].to(a.dtype)
     out = a.new_empty(col_indices.shape[0])
     a, b = _unit_inner_stride(a), _unit_inner_stride(b)
-    precision = input_precision(a.dtype)
-    density = col_indices.shape[0] / max(1, a.shape[0] * b.shape[0])
-    if a.shape[1] >= TILED_MIN_DEPTH and (precision != "tf32x3" or density >= TILED_MIN_DENSITY_EXACT):
+    if _takes_tiles(a.shape[1], a.dtype, col_indices.shape[0], a.shape[0], b.shape[0]):
         if cell_offsets is None:
             cell_offsets = tile_offsets_of(row_indices, col_indices, a.shape[0], b.shape[0], CELL)
-        return sddmm_tiled(a, b, cell_offsets, col_indices, out, precision)
+        return sddmm_tiled(a, b, cell_offsets, col_indices, out, input_precision(a.dtype))
     return sddmm_kernel(a, b, row_indices, col_indices, out)
+
+
+def _takes_tiles(depth: int, dtype: torch.dtype, nnz: int, rows: int, cols: int) -> bool:
+    """Whether the Triton SDDMM of a ``depth``-long reduction over a ``[rows, cols]`` structure of ``nnz`` entries
+    runs per tile (reading the cell offsets) rather than per nonzero."""
+    density = nnz / max(1, rows * cols)
+    return depth >= TILED_MIN_DEPTH and (input_precision(dtype) != "tf32x3" or density >= TILED_MIN_DENSITY_EXACT)
 
 
 csr_sddmm = torch.library.custom_op(
