@@ -1,4 +1,5 @@
-"""The ``nmspmm`` command line: ``demo``, ``bench`` (N:M), ``bench-formats`` (CSR, SDDMM, block-shuffled), ``llama``."""
+"""The ``nmspmm`` command line: ``demo``, ``bench`` (N:M), ``bench-formats`` (CSR, SDDMM, block-shuffled),
+``models`` (a LLaMA-layout model end to end, eager and compiled) and ``host`` (host time per eager call)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,48 @@ def _layer(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a layer as NxK, like 4096x11008, got {text!r}") from None
     return rows, cols
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        tokens, rows, cols = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape as MxNxK, like 16x4096x4096, got {text!r}") from None
+    if min(tokens, rows, cols) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive sizes in MxNxK, got {text!r}")
+    return tokens, rows, cols
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _pattern(text: str) -> str:
+    from .formats.pattern import parse_pattern
+
+    try:
+        parse_pattern(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _vector(text: str) -> int:
+    from .formats.pattern import SUPPORTED_VECTORS
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in SUPPORTED_VECTORS:
+        raise argparse.ArgumentTypeError(f"expected a vector length in {SUPPORTED_VECTORS}, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,12 +90,30 @@ def main(argv: list[str] | None = None) -> None:
     formats.add_argument("--blocks", type=_layer, nargs="+", help="block shapes as NxK, like 32x32")
     formats.add_argument("--out-dir", default="benchmarks/results", help="where <device>-formats.csv and .png go")
     formats.add_argument("--no-plot", action="store_true")
-    llama = commands.add_parser("llama", help="prefill and decode latency of a LLaMA-layout decoder, sparse vs dense")
-    llama.add_argument("--patterns", nargs="+", default=["2:4", "8:32", "4:32"])
-    llama.add_argument("--vector", type=int, default=64)
-    llama.add_argument("--layers", type=int, default=4)
-    llama.add_argument("--intermediate", type=int, default=11008)
-    llama.add_argument("--out-dir", default="benchmarks/results")
+    models = commands.add_parser(
+        "models", help="a LLaMA-layout model (transformers), sparse vs dense: prefill and generate, eager and compiled"
+    )
+    models.add_argument("--patterns", type=_pattern, nargs="+", default=["2:4", "8:32", "4:32"])
+    models.add_argument("--vector", type=_vector, default=64)
+    models.add_argument(
+        "--intermediate", type=_positive, nargs="+", default=[11008], help="MLP sizes, like 11008 14336 (default 11008)"
+    )
+    models.add_argument("--layers", type=_positive, default=4, help="decoder layers (default 4)")
+    models.add_argument("--batches", type=_positive, nargs="+", default=[1, 16, 64], help="decode batch sizes")
+    models.add_argument("--new-tokens", type=_positive, default=128, help="tokens generated per decode call (>= 2)")
+    models.add_argument("--prompt", type=_positive, default=128, help="prompt tokens before decoding")
+    models.add_argument("--prefill-tokens", type=_positive, default=2048, help="tokens of the prefill forward")
+    models.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    models.add_argument("--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"])
+    models.add_argument("--out-dir", default="benchmarks/results", help="where <device>-models.csv goes")
+    host = commands.add_parser("host", help="host time per eager call, nmspmm vs torch, at short GPU shapes")
+    host.add_argument(
+        "--shapes", type=_shape, nargs="+", default=[(1, 256, 256), (16, 4096, 4096), (256, 4096, 4096)],
+        help="MxNxK shapes (default 1x256x256 16x4096x4096 256x4096x4096)",
+    )
+    host.add_argument("--calls", type=_positive, default=200, help="calls per timed batch (default 200)")
+    host.add_argument("--repeats", type=_positive, default=5, help="timed batches, the minimum is kept (default 5)")
+    host.add_argument("--out-dir", default="benchmarks/results", help="where <device>-host.csv goes")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -74,13 +135,26 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cases = format_cases(args.kinds, args.tokens, args.layers, args.sparsities, args.dtypes, args.blocks)
         run_formats(cases, args.out_dir, make_plot=not args.no_plot)
-    elif args.command == "llama":
-        from .bench.llama import run_llama_latency
+    elif args.command == "models":
+        from .bench.models import check_models_arguments, run_models
 
-        run_llama_latency(
-            tuple(args.patterns), args.vector, args.layers, args.intermediate, out_dir=args.out_dir
+        selection = (
+            tuple(args.patterns), args.vector, tuple(args.intermediate), args.layers, tuple(args.batches),
+            args.new_tokens, args.prompt, args.prefill_tokens, tuple(args.modes), tuple(args.phases),
         )
+        try:
+            check_models_arguments(*selection)
+        except (TypeError, ValueError) as error:
+            parser.error(f"models: {error}")
+        run_models(*selection, args.out_dir)
+    elif args.command == "host":
+        from .bench.host import check_shapes, run_host
 
+        try:
+            check_shapes(args.shapes)
+        except ValueError as error:
+            parser.error(f"host: {error}")
+        run_host(tuple(args.shapes), args.calls, args.repeats, args.out_dir)
 
 if __name__ == "__main__":
     main()

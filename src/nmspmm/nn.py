@@ -57,7 +57,22 @@ class _SparseLinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+        return ops.linear(x, self._launch_weight(), self.bias, backend=self.backend)
+
+    def _launch_weight(self) -> Any:
+        """:attr:`weight`, built once and kept until the module moves, loads or gets a new ``values`` tensor, so
+        that what the products derive from it (their launch plan) is derived once too."""
+        if torch.compiler.is_compiling():
+            return self.weight
+        view = self.__dict__.get("_weight_view")
+        if view is None or view.values is not self.values:
+            view = self.weight
+            self.__dict__["_weight_view"] = view
+        return view
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SparseLinearBase:
+        self.__dict__.pop("_weight_view", None)
+        return super()._apply(fn, recurse)
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out_features, in_features]`` weight, zeros where pruned."""
@@ -98,6 +113,7 @@ class _SparseLinearBase(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self.__dict__.pop("_weight_view", None)
         self._derive()
 
 

@@ -19,14 +19,15 @@ def device_slug(device: str) -> str:
 
 def merge_csv(rows: list[dict], path: Path, key: tuple[str, ...] = KEY) -> list[dict]:
     """Write ``rows`` into ``path``, replacing earlier rows with the same ``key`` columns (by default the same
-    case and level); return all rows."""
+    case and level); return all rows. A key column a row lacks, or holds None in, counts as empty (as the CSV
+    stores it), so rows of an older file without a newer key column are kept, not refused."""
     merged: dict[tuple, dict] = {}
     if path.exists():
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                merged[tuple(str(row[k]) for k in key)] = row
+                merged[_key_of(row, key)] = row
     for row in rows:
-        merged[tuple(str(row[k]) for k in key)] = row
+        merged[_key_of(row, key)] = row
     fields = list(rows[0]) if rows else []
     for row in merged.values():
         fields += [f for f in row if f not in fields]
@@ -36,6 +37,11 @@ def merge_csv(rows: list[dict], path: Path, key: tuple[str, ...] = KEY) -> list[
         writer.writeheader()
         writer.writerows(merged.values())
     return list(merged.values())
+
+
+def _key_of(row: dict, key: tuple[str, ...]) -> tuple[str, ...]:
+    """``row``'s key columns as the CSV writes them: None and missing become ''."""
+    return tuple("" if row.get(k) is None else str(row[k]) for k in key)
 
 
 def progress(done: int, total: int, label: str) -> None:

@@ -10,20 +10,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
-from .split_k import sum_split_k
+from .launch import interpreter_active, launch
+from .split_k import split_k_buffers, split_k_total
 
 
 @triton.jit
 def _block_sparse_kernel(
     x_ptr, values_ptr, block_columns_ptr, block_row_offsets_ptr, block_row_order_ptr, row_permutation_ptr,
-    bias_ptr, out_ptr,
-    M, stride_xm, stride_xk, stride_os, stride_om, stride_on, SPLIT_K,
-    BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+    bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, stride_xm, stride_xk, stride_om, stride_on, stride_ps,
+    SPLIT_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block_row = tl.load(block_row_order_ptr + tl.program_id(0))
-    # Split-K: program pid_k multiplies its share of the block-row's blocks into its own fp32 slice of out.
+    # Split-K: program pid_k multiplies its share of the block-row's blocks; the tile's last program adds them.
     pid_k = tl.program_id(2)
     row_first = tl.load(block_row_offsets_ptr + block_row)
     row_last = tl.load(block_row_offsets_ptr + block_row + 1)
@@ -49,13 +49,16 @@ def _block_sparse_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
     original_rows = tl.load(row_permutation_ptr + block_row * BN + offs_n)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + original_rows).to(tl.float32)[None, :]
-    out_ptrs = (
-        out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
-        + original_rows.to(tl.int64)[None, :] * stride_on
-    )
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
+    finish = True
+    if SPLIT_K > 1:
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        partial_ptrs = partial_ptr + offs_m.to(tl.int64)[:, None] * N + original_rows.to(tl.int64)[None, :]
+        finish, acc = split_k_total(acc, partial_ptrs, stride_ps, counter_ptr + tile, pid_k, m_valid[:, None], SPLIT_K)
+    if finish:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + original_rows).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + original_rows.to(tl.int64)[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None])
 
 
 @dataclass(frozen=True)
@@ -119,17 +122,21 @@ def block_sparse_matmul(
         config = choose_block_sparse_config(tokens, (bn, bk), values.dtype, rows, kept_blocks)
     upcast = interpreter_active() and values.dtype == torch.bfloat16
     split_k = config.split_k
-    target = out if split_k == 1 else torch.empty((split_k, tokens, rows), dtype=torch.float32, device=out.device)
     grid = (block_row_order.shape[0], triton.cdiv(tokens, config.block_m), split_k)
-    _block_sparse_kernel[grid](
-        x, values, block_columns, block_row_offsets, block_row_order, row_permutation,
-        bias if bias is not None and split_k == 1 else values, target,
-        tokens, x.stride(0), x.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2),
-        target.stride(-1), split_k,
-        BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None and split_k == 1,
-        INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    partial = counters = values
     if split_k > 1:
-        sum_split_k(target, out, bias)
+        partial, counters = split_k_buffers(out.device, split_k, tokens, rows, grid[0] * grid[1])
+    launch(
+        _block_sparse_kernel, grid,
+        (
+            x, values, block_columns, block_row_offsets, block_row_order, row_permutation,
+            values if bias is None else bias, out, partial, counters,
+            tokens, rows, x.stride(0), x.stride(1), out.stride(0), out.stride(1), tokens * rows,
+        ),
+        dict(
+            SPLIT_K=split_k, BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None,
+            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+        ),
+        config.num_warps, config.num_stages,
+    )
     return out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
+from .launch import interpreter_active, launch
 from .transpose import transpose
 
 
@@ -114,9 +114,12 @@ def csr_spmm(
         bias = bias.contiguous()
     blocks = spmm_blocks(tokens, rows, values.numel())
     grid = (rows * triton.cdiv(tokens, blocks.block_m),)
-    _csr_spmm_kernel[grid](
-        xt, values, col_indices, row_offsets, row_order, bias if bias is not None else values, out,
-        tokens, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=blocks.block_m, BLOCK_NNZ=blocks.block_nnz, num_warps=blocks.num_warps,
+    launch(
+        _csr_spmm_kernel, grid,
+        (
+            xt, values, col_indices, row_offsets, row_order, bias if bias is not None else values, out,
+            tokens, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
+        ),
+        dict(HAS_BIAS=bias is not None, BLOCK_M=blocks.block_m, BLOCK_NNZ=blocks.block_nnz), blocks.num_warps,
     )
     return out

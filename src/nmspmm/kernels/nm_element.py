@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
+from .launch import interpreter_active, launch
 
 
 @triton.jit
@@ -56,11 +56,12 @@ def nm_element_matmul(
     rows, kept = values.shape
     block_m, block_n, block_k = (16, 16, 8) if interpreter_active() else (32, 32, 8)
     grid = (triton.cdiv(tokens, block_m), triton.cdiv(rows, block_n))
-    _nm_element_kernel[grid](
-        xt, values, kept_offsets, bias if bias is not None else values, out,
-        tokens, rows, kept,
-        xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
-        N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    launch(
+        _nm_element_kernel, grid,
+        (
+            xt, values, kept_offsets, bias if bias is not None else values, out,
+            tokens, rows, kept, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
+        ),
+        dict(N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), 4,
     )
     return out

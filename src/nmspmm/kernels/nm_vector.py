@@ -11,18 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
-from .split_k import sum_split_k
+from .launch import interpreter_active, launch
+from .split_k import split_k_buffers, split_k_total
 
 
 @triton.jit
 def _nm_vector_kernel(
-    xt_ptr, values_ptr, offsets_ptr, bias_ptr, y_ptr,
+    xt_ptr, values_ptr, offsets_ptr, bias_ptr, y_ptr, partial_ptr, counter_ptr,
     M, N, KEPT,
-    stride_xk, stride_xm, stride_ys, stride_ym, stride_yn, SPLIT_K,
-    N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
+    SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    WEIGHT_FIRST: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr, X_ROWS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
 ):
     # Triton assumes alignment only of arguments divisible by 16. Rounding down to multiples of these
@@ -42,7 +42,7 @@ def _nm_vector_kernel(
     pid_m = first_m + (pid % pids_per_band) % band_m
     pid_n = (pid % pids_per_band) // band_m
 
-    # Split-K: program pid_k sums its own share of the kept inputs into its own fp32 slice of y.
+    # Split-K: program pid_k sums its own share of the kept inputs; the tile's last program adds the shares.
     pid_k = tl.program_id(1)
     k_share = tl.cdiv(tl.cdiv(KEPT, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = pid_k * k_share
@@ -64,10 +64,17 @@ def _nm_vector_kernel(
         column = (kk // N_KEEP) * GROUP + offset
         if WEIGHT_FIRST:
             w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
-            x = tl.load(
-                xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-                mask=k_valid[:, None] & m_valid[None, :], other=0.0,
-            )
+            if X_ROWS:
+                # Row-major x: neighbouring threads read neighbouring kept features of one token row.
+                x = tl.trans(tl.load(
+                    xt_ptr + column[None, :] * stride_xk + offs_m[:, None] * stride_xm,
+                    mask=m_valid[:, None] & k_valid[None, :], other=0.0,
+                ))
+            else:
+                x = tl.load(
+                    xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+                    mask=k_valid[:, None] & m_valid[None, :], other=0.0,
+                )
             if UPCAST:
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
@@ -82,17 +89,25 @@ def _nm_vector_kernel(
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-    y_base = y_ptr + pid_k * stride_ys
     if WEIGHT_FIRST:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[:, None]
-        y_ptrs = y_base + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[None, :])
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+        y_mask = m_valid[None, :]
+        partial_ptrs = partial_ptr + offs_m[None, :] * N + offs_n[:, None]
     else:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        y_mask = m_valid[:, None]
+        partial_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+    finish = True
+    if SPLIT_K > 1:
+        finish, acc = split_k_total(acc, partial_ptrs, stride_ps, counter_ptr + pid, pid_k, y_mask, SPLIT_K)
+    if finish:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
-        y_ptrs = y_base + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None])
+            bias = tl.load(bias_ptr + offs_n).to(tl.float32)
+            if WEIGHT_FIRST:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @dataclass(frozen=True)
@@ -147,23 +162,24 @@ def nm_vector_matmul(
         raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
     upcast = interpreter_active() and values.dtype == torch.bfloat16
     split_k = max(1, min(config.split_k, triton.cdiv(kept, config.block_k)))
-    target = out
+    tiles = triton.cdiv(tokens, config.block_m) * (rows // config.block_n)
+    partial = counters = values
     if split_k > 1:
-        target = torch.empty((split_k, tokens, rows), dtype=torch.float32, device=out.device)
-    grid = (triton.cdiv(tokens, config.block_m) * (rows // config.block_n), split_k)
-    _nm_vector_kernel[grid](
-        xt, values, kept_offsets, bias if bias is not None and split_k == 1 else values, target,
-        tokens, rows, kept,
-        xt.stride(0), xt.stride(1), target.stride(0) if split_k > 1 else 0, target.stride(-2), target.stride(-1),
-        split_k,
-        N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None and split_k == 1,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
-        INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-        TOKEN_ALIGN=_alignment(tokens, xt.stride(0)),
-        Y_ROW_ALIGN=_alignment(target.stride(-1)) if target.stride(-2) == 1 else 1,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        partial, counters = split_k_buffers(out.device, split_k, tokens, rows, tiles)
+    launch(
+        _nm_vector_kernel, (tiles, split_k),
+        (
+            xt, values, kept_offsets, values if bias is None else bias, out, partial, counters,
+            tokens, rows, kept, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1), tokens * rows,
+        ),
+        dict(
+            SPLIT_K=split_k, N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
+            X_ROWS=xt.stride(0) == 1 and xt.stride(1) != 1,
+            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+            TOKEN_ALIGN=_alignment(tokens, xt.stride(0)), Y_ROW_ALIGN=_alignment(out.stride(1)) if out.stride(0) == 1 else 1,
+        ),
+        config.num_warps, config.num_stages,
     )
-    if split_k > 1:
-        sum_split_k(target, out, bias)
     return out

@@ -1,6 +1,7 @@
-"""The finishing pass of split-K launches: the programs of one output tile each summed a share of the reduction
-into their own fp32 slice; this kernel adds the slices (and the bias) and writes the result in the output's
-dtype and layout."""
+"""Split-K inside one launch: the programs of one output tile each sum a share of the reduction into their own
+fp32 slice of a workspace; the last of them to finish (counted on a per-tile counter) adds the slices in a fixed
+order, so the result is deterministic, writes it, and resets the counter for the next launch. No second kernel
+and no memset: a call costs one launch."""
 
 from __future__ import annotations
 
@@ -10,30 +11,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_k_sum_kernel(
-    partial_ptr, bias_ptr, y_ptr, M, N,
-    stride_ps, stride_pm, stride_ym, stride_yn,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for split in range(SPLIT_K):
-        acc += tl.load(partial_ptr + split * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], mask=valid)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=valid)
+def split_k_total(acc, partial_ptrs, stride_split, counter_ptr, pid_k, mask, SPLIT_K: tl.constexpr):
+    """Store ``acc`` as share ``pid_k`` of the tile; returns (whether this program finished the tile last, the sum
+    of the tile's ``SPLIT_K`` shares in split order, valid only for that program)."""
+    tl.store(partial_ptrs + pid_k * stride_split, acc, mask=mask)
+    # Every thread's share is stored before one thread announces the program's arrival (release); the last
+    # program's loads follow its acquire and bypass L1, which may hold lines of an earlier launch.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for split in tl.static_range(SPLIT_K):
+            total += tl.load(partial_ptrs + split * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last, total
 
 
-def sum_split_k(partial: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Write ``partial.sum(0) (+ bias)`` into ``out`` ([M, N], any strides) for fp32 ``partial`` [S, M, N] with
-    unit stride along N; ``bias`` [N] contiguous."""
-    splits, tokens, rows = partial.shape
-    block = 32
-    _split_k_sum_kernel[(triton.cdiv(tokens, block), triton.cdiv(rows, block))](
-        partial, bias if bias is not None else partial, out, tokens, rows,
-        partial.stride(0), partial.stride(1), out.stride(0), out.stride(1),
-        SPLIT_K=splits, HAS_BIAS=bias is not None, BLOCK_M=block, BLOCK_N=block, num_warps=4,
-    )
-    return out
+# (device index, stream) -> (fp32 workspace, int32 counters). Buffers only grow, and a replaced buffer is kept:
+# a captured CUDA graph may still point into it.
+_BUFFERS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def split_k_buffers(
+    device: torch.device, splits: int, tokens: int, rows: int, tiles: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 workspace ``[splits, tokens, rows]`` and ``tiles`` zeroed int32 counters for one split-K launch on
+    the current stream of ``device``. Shared by every launch on that stream (launches on one stream run one after
+    another, and each leaves its counters at zero); launches of one stream must not run concurrently with
+    themselves on another stream through a captured graph."""
+    key = (-1, 0)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    workspace, counters = _BUFFERS.get(key, (None, None))
+    elements = splits * tokens * rows
+    if workspace is None or workspace.numel() < elements:
+        if workspace is not None:
+            _RETIRED.append(workspace)
+        size = max(elements, 0 if workspace is None else 2 * workspace.numel())
+        workspace = torch.empty(size, dtype=torch.float32, device=device)
+    if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _RETIRED.append(counters)
+        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    _BUFFERS[key] = (workspace, counters)
+    return workspace[:elements].view(splits, tokens, rows), counters

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
+from .launch import interpreter_active, launch
 
 
 @triton.jit
@@ -32,8 +32,8 @@ def transpose(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty((cols, rows), dtype=x.dtype, device=x.device)
     block = 16 if interpreter_active() else 64
     grid = (triton.cdiv(rows, block), triton.cdiv(cols, block))
-    _transpose_kernel[grid](
-        x, out, rows, cols, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block, BLOCK_K=block, num_warps=4,
+    launch(
+        _transpose_kernel, grid, (x, out, rows, cols, x.stride(0), x.stride(1), out.stride(0), out.stride(1)),
+        dict(BLOCK_M=block, BLOCK_K=block), 4,
     )
     return out

@@ -45,13 +45,38 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.get_float32_matmul_precision() != "highest" else "tf32x3"
 
 
-def call_op(op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Tensor], args: tuple) -> torch.Tensor:
-    """The custom op where autograd or torch.compile needs it, else its implementation directly: the op's
-    dispatch costs 0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more than most products."""
-    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad or torch.compiler.is_compiling():
+def call_op(
+    op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Tensor], args: tuple,
+    eager_autograd: type[torch.autograd.Function] | None = None,
+) -> torch.Tensor:
+    """The custom op while torch.compile traces; in eager mode the implementation directly, through
+    ``eager_autograd`` (the same formulas, see :func:`autograd_function`; the op where none is given) where a
+    gradient is needed. The op's dispatch costs 0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more
+    than most products."""
+    if torch.compiler.is_compiling():
         return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return op(*args) if eager_autograd is None else eager_autograd.apply(*args)
     return implementation(*args)
+
+
+def autograd_function(
+    implementation: Callable[..., torch.Tensor], setup_context: Callable[..., None], backward: Callable[..., tuple]
+) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` running ``implementation`` with the setup and backward registered on its
+    custom op, for eager calls: ``Function.apply`` costs a fraction of the op dispatcher's host time."""
+
+    def forward(ctx: torch.autograd.function.FunctionCtx, *args: Any) -> torch.Tensor:
+        output = implementation(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple:
+        return backward(ctx, *grads)
+
+    name = f"{implementation.__name__.strip('_').title().replace('_', '')}Function"
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward_)}
+    return type(name, (torch.autograd.Function,), methods)
 
 
 def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: Any) -> None:

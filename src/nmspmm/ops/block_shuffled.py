@@ -7,7 +7,7 @@ import torch
 
 from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
 from ..kernels.block_sparse import block_sparse_matmul
-from .backend import call_op, check_backend, check_operands, input_precision, use_triton
+from .backend import autograd_function, call_op, check_backend, check_operands, input_precision, use_triton
 
 _OP_SCHEMA = (
     "(Tensor x, Tensor values, Tensor block_columns, Tensor block_row_offsets, Tensor block_row_order, "
@@ -32,7 +32,7 @@ def block_shuffled_linear(
         rows_in, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
         weight.row_permutation, bias, backend,
     )
-    y = call_op(block_shuffled_linear_op, _product, args)
+    y = call_op(block_shuffled_linear_op, _product, args, _BlockShuffledLinear)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -112,3 +112,4 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) ->
 
 
 block_shuffled_linear_op.register_autograd(_backward, setup_context=_setup_backward)
+_BlockShuffledLinear = autograd_function(_product, _setup_backward, _backward)

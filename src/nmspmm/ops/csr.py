@@ -11,7 +11,7 @@ from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
-from .backend import call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton
+from .backend import autograd_function, call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every
@@ -37,7 +37,7 @@ def csr_linear(
     check_operands(x, weight, CSRWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
-    y = call_op(csr_linear_op, _row_major_product, _op_args(rows_in, weight, bias, backend))
+    y = call_op(csr_linear_op, _row_major_product, _op_args(rows_in, weight, bias, backend), _CSRLinear)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -52,7 +52,8 @@ def csr_linear_feature_major(
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
-    return call_op(csr_linear_feature_major_op, _feature_major_product, _op_args(x_t, weight, bias, backend))
+    args = _op_args(x_t, weight, bias, backend)
+    return call_op(csr_linear_feature_major_op, _feature_major_product, args, _CSRLinearFeatureMajor)
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str = "auto") -> CSRWeight:
@@ -276,6 +277,8 @@ def _csr_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx,
 
 csr_linear_op.register_autograd(_csr_linear_backward, setup_context=_setup_backward)
 csr_linear_feature_major_op.register_autograd(_csr_linear_feature_major_backward, setup_context=_setup_backward)
+_CSRLinear = autograd_function(_row_major_product, _setup_backward, _csr_linear_backward)
+_CSRLinearFeatureMajor = autograd_function(_feature_major_product, _setup_backward, _csr_linear_feature_major_backward)
 
 
 def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:

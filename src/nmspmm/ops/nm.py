@@ -10,7 +10,11 @@ from ..formats import NMSparseWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
 from ..perf import choose_vector_config
-from .backend import call_op, check_backend, check_operands, input_precision, use_triton
+from .backend import autograd_function, call_op, check_backend, check_operands, input_precision, use_triton
+
+# Up to this many tokens the product reads x row-major in one launch, outside CUDA-graph capture (see
+# _reads_rows); more tokens are transposed first, so that every gathered feature is one contiguous row.
+ROW_MAJOR_TOKENS = 16
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
@@ -30,9 +34,20 @@ def linear(
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
-    args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    y = call_op(nm_linear, _row_major_product, args)
+    args = (rows_in, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
+    y = call_op(nm_linear, _row_major_product, args, _NMLinear)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def kept_offsets(weight: NMSparseWeight) -> torch.Tensor:
+    """The weight's contiguous kept offsets, as the kernels read them: derived once per values tensor and kept on
+    the weight (a weight whose ``values`` were replaced derives them again)."""
+    cached = weight.__dict__.get("_launch_offsets")
+    values = weight.values
+    if cached is None or cached[0] is not values or cached[1] != values.data_ptr():
+        cached = (values, values.data_ptr(), weight.kept_offsets().contiguous())
+        weight._launch_offsets = cached
+    return cached[2]
 
 
 def linear_feature_major(
@@ -46,8 +61,8 @@ def linear_feature_major(
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
-    args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    return call_op(nm_linear_feature_major, _feature_major_product, args)
+    args = (x_t, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
+    return call_op(nm_linear_feature_major, _feature_major_product, args, _NMLinearFeatureMajor)
 
 
 def _row_major_product(
@@ -64,10 +79,20 @@ def _row_major_product(
     :meth:`NMSparseWeight.kept_offsets`), plus ``bias``; operands are trusted (:func:`linear` checks them)."""
     if not use_triton(backend, x.device):
         return _reference(x, values, kept_offsets, bias, n, m, vector)
-    y = torch.empty((x.shape[0], values.shape[0]), dtype=x.dtype, device=x.device)
-    # One token is already feature-major: the [1, K] row read as a [K, 1] column needs no copy.
-    _launch(x.t() if x.shape[0] == 1 else transpose(x), values, kept_offsets, bias, n, m, vector, y)
+    y = x.new_empty((x.shape[0], values.shape[0]))
+    _launch(x.t() if _reads_rows(x, vector) else transpose(x), values, kept_offsets, bias, n, m, vector, y)
     return y
+
+
+def _reads_rows(x: torch.Tensor, vector: int) -> bool:
+    """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
+    transpose launch first). One token is already feature-major. Up to :data:`ROW_MAJOR_TOKENS`, eager calls,
+    whose time is the host's, save the transpose's launch; inside CUDA-graph capture the GPU time alone counts,
+    and the gathers from contiguous feature rows are faster (H200, session 7, ``docs/perf-notes.md``)."""
+    tokens = x.shape[0]
+    if tokens == 1 or vector == 1:
+        return tokens == 1
+    return tokens <= ROW_MAJOR_TOKENS and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 nm_linear = torch.library.custom_op("nmspmm::nm_linear", mutates_args=(), schema=_OP_SCHEMA)(_row_major_product)
@@ -225,6 +250,10 @@ def _nm_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, 
 
 nm_linear.register_autograd(_nm_linear_backward, setup_context=_setup_backward)
 nm_linear_feature_major.register_autograd(_nm_linear_feature_major_backward, setup_context=_setup_backward)
+_NMLinear = autograd_function(_row_major_product, _setup_backward, _nm_linear_backward)
+_NMLinearFeatureMajor = autograd_function(
+    _feature_major_product, _setup_backward, _nm_linear_feature_major_backward
+)
 
 
 def _launch(

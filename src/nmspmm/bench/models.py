@@ -1,0 +1,574 @@
+"""End-to-end benchmark of a LLaMA-architecture causal LM, dense against sparsified, eager and compiled.
+
+The model is ``transformers.LlamaForCausalLM`` built from a ``LlamaConfig`` (hidden 4096, 32 heads, 32 kv
+heads, vocab 32000, a configurable intermediate size and layer count) with random bf16 weights from a fixed
+seed: nothing is downloaded. Each sparse model is a *fresh* dense model of the same seed, sparsified with
+``nmspmm.sparsify(model.model, pattern, vector=...)`` (every attention and MLP projection; the LM head stays
+dense). It is never a ``copy.deepcopy`` of the dense model: transformers caches the compiled forward on the
+model object, and a deep copy made after a compile would carry the dense one over.
+
+Two phases, each eager and compiled:
+
+- **prefill**: one forward of ``prefill_tokens`` tokens at batch 1 (``use_cache=False``), the median wall time
+  of several runs with a CUDA synchronize around each, so eager times include the host's launch overhead.
+  Compiled is ``torch.compile(model)`` in its default mode.
+- **decode**: transformers' own ``generate`` (greedy, exactly ``new_tokens`` tokens after a random prompt),
+  eager with its default dynamic cache, compiled with its own recipe (``cache_implementation="static"``,
+  which compiles the forward itself). ``ms`` is the whole call divided by the tokens generated (so that
+  ``tokens_per_s = batch * new_tokens / seconds``); ``step_ms`` excludes the prompt (the difference to a
+  one-token ``generate``); ``forward_ms`` is the median time of the model's forward for one new token, timed
+  with CUDA events around the very callable ``generate`` runs (the module itself eager, transformers' cached
+  compiled call compiled), during a separate instrumented call; ``loop_ms = step_ms - forward_ms`` is what
+  the rest of ``generate``'s loop adds per token.
+
+Before anything is timed, every model is checked: its prefill logits are finite, every sparse projection of
+the first decoder layer matches ``F.linear`` with its densified weight, and the compiled prefill matches the
+eager one. A model that fails raises; its rows are not written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.pattern import check_vector, parse_pattern
+from .report import device_slug, merge_csv, progress
+
+HIDDEN = 4096
+HEADS = 32
+VOCAB = 32000
+SEED = 0
+PATTERNS = ("2:4", "8:32", "4:32")
+VECTOR = 64
+INTERMEDIATES = (11008,)
+LAYERS = 4
+BATCHES = (1, 16, 64)
+NEW_TOKENS = 128
+PROMPT = 128
+PREFILL_TOKENS = 2048
+MODES = ("eager", "compiled")
+PHASES = ("prefill", "decode")
+PREFILL_RUNS = 10  # timed forwards per prefill measurement (the median is kept), rotating among PROMPTS
+PREFILL_PROMPTS = 3
+DECODE_RUNS = 3  # timed generate calls per decode measurement (the median is kept)
+LAYER_TOLERANCE = 2e-2  # sparse projection against F.linear with its densified weight (relative norm error)
+COMPILED_TOLERANCE = 5e-2  # compiled prefill logits against eager ones, same model
+KEY = ("mode", "phase", "batch", "tokens", "prompt", "pattern", "vector", "intermediate", "layers", "hidden")
+# What every measurement reports ("" in the CSV where a phase has none: prefill has no steps).
+MEASURES = ("ms", "tokens_per_s", "step_ms", "forward_ms", "loop_ms", "first_ms")
+
+
+def check_models_arguments(
+    patterns: tuple[str, ...] | list[str],
+    vector: int,
+    intermediates: tuple[int, ...] | list[int],
+    layers: int,
+    batches: tuple[int, ...] | list[int],
+    new_tokens: int,
+    prompt: int,
+    prefill_tokens: int,
+    modes: tuple[str, ...] | list[str],
+    phases: tuple[str, ...] | list[str],
+    hidden: int = HIDDEN,
+    heads: int = HEADS,
+) -> None:
+    """Raise ValueError (TypeError for a wrong type) naming the first argument that does not fit; so a bad
+    selection fails before any model is built."""
+    if not patterns:
+        raise ValueError("patterns: expected at least one n:m pattern, like '8:32'")
+    for pattern in patterns:
+        parse_pattern(pattern)
+    check_vector(vector)
+    for name, values in (("intermediates", intermediates), ("batches", batches)):
+        if not values:
+            raise ValueError(f"{name}: expected at least one value")
+        for value in values:
+            _check_positive(name, value)
+    for name, value in (
+        ("layers", layers), ("prompt", prompt), ("prefill_tokens", prefill_tokens), ("hidden", hidden), ("heads", heads),
+    ):
+        _check_positive(name, value)
+    _check_positive("new_tokens", new_tokens)
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens: expected at least 2 (a step time needs two tokens), got {new_tokens}")
+    for name, values, allowed in (("modes", modes, MODES), ("phases", phases, PHASES)):
+        if not values:
+            raise ValueError(f"{name}: expected names from {allowed}, got none")
+        for value in values:
+            if value not in allowed:
+                raise ValueError(f"{name}: expected names from {allowed}, got {value!r}")
+    if hidden % heads:
+        raise ValueError(f"heads: must divide hidden={hidden}, got {heads}")
+    for pattern in patterns:
+        _, m = parse_pattern(pattern)
+        for size in (hidden, *intermediates):
+            if size % m:
+                raise ValueError(f"pattern {pattern}: m={m} must divide every layer's input size, not {size}")
+    for size in (hidden, *intermediates):
+        if size % vector:
+            raise ValueError(f"vector: V={vector} must divide every layer's output size, not {size}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+
+
+def build_llama(
+    intermediate: int = 11008,
+    layers: int = LAYERS,
+    *,
+    hidden: int = HIDDEN,
+    heads: int = HEADS,
+    vocab: int = VOCAB,
+    max_positions: int = 4096,
+    seed: int = SEED,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.nn.Module:
+    """A ``transformers.LlamaForCausalLM`` from a config, with random weights drawn after
+    ``torch.manual_seed(seed)`` (so two calls give the same weights), in ``dtype`` on ``device``, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=dtype).eval()
+
+
+def sparsified(model: torch.nn.Module, pattern: str, vector: int) -> dict:
+    """Sparsify ``model.model`` (every projection of the decoder; the LM head stays dense) in place; return the
+    report's counts. Raises RuntimeError if any projection was skipped (the comparison would be unfair)."""
+    from ..nn import sparsify
+
+    report = sparsify(model.model, pattern, vector=vector)
+    if report.skipped:
+        reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
+        raise RuntimeError(f"sparsify {pattern} V={vector} skipped layers: {reasons}")
+    return {
+        "layers_swapped": len(report.swapped), "weight_bytes_dense": report.dense_bytes,
+        "weight_bytes_sparse": report.sparse_bytes,
+    }
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64; inf where ``actual`` is not finite."""
+    actual = actual.double()
+    if not bool(torch.isfinite(actual).all()):
+        return math.inf
+    expected = expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def check_model(model: torch.nn.Module, prompt: torch.Tensor, tokens: int = 64) -> torch.Tensor:
+    """Check ``model`` before it is timed and return its eager prefill logits for ``prompt``: the logits must
+    be finite, and every sparse projection of the first decoder layer must match ``F.linear`` with its
+    densified weight on a random input of ``tokens`` rows (relative error below LAYER_TOLERANCE).
+    Raises RuntimeError naming what failed."""
+    logits = model(input_ids=prompt, use_cache=False).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise RuntimeError("check: the prefill logits are not all finite")
+    generator = torch.Generator(device=prompt.device).manual_seed(SEED + 1)
+    from ..nn import BlockShuffledLinear, CSRLinear, SparseLinear
+
+    for name, module in model.model.layers[0].named_modules():
+        if not isinstance(module, (SparseLinear, CSRLinear, BlockShuffledLinear)):
+            continue
+        dense = module.to_dense()
+        x = torch.randn(tokens, module.in_features, device=dense.device, dtype=dense.dtype, generator=generator)
+        error = relative_error(module(x), F.linear(x.float(), dense.float()))
+        if not error < LAYER_TOLERANCE:
+            raise RuntimeError(
+                f"check: layers.0.{name} differs from F.linear with its densified weight by {error:.2e} "
+                f"(relative norm error; allowed {LAYER_TOLERANCE})"
+            )
+    return logits
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wall_ms(function: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call in ms, with the device synchronized before and after (host time included)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    function()
+    _synchronize(device)
+    return 1e3 * (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def time_prefill(
+    model: torch.nn.Module, prompts: list[torch.Tensor], mode: str, reference: torch.Tensor | None = None,
+    runs: int = PREFILL_RUNS,
+) -> dict:
+    """Median ms of one forward over ``prompts`` (rotated; batch and length from their shape), eager or
+    compiled (``torch.compile(model)``, two warm-ups first). ``reference``, the eager logits of
+    ``prompts[0]``, is compared with the compiled ones (RuntimeError above COMPILED_TOLERANCE)."""
+    device = prompts[0].device
+    forward = torch.compile(model) if mode == "compiled" else model
+    first = forward(input_ids=prompts[0], use_cache=False).logits
+    if mode == "compiled" and reference is not None:
+        error = relative_error(first, reference)
+        if not error < COMPILED_TOLERANCE:
+            raise RuntimeError(f"check: compiled prefill logits differ from eager by {error:.2e} (relative)")
+    del first
+    forward(input_ids=prompts[1 % len(prompts)], use_cache=False)
+    times = [
+        wall_ms(lambda p=prompts[i % len(prompts)]: forward(input_ids=p, use_cache=False), device) for i in range(runs)
+    ]
+    ms = statistics.median(times)
+    batch, tokens = prompts[0].shape
+    return {"ms": ms, "tokens_per_s": 1e3 * batch * tokens / ms}
+
+
+class _StepClock:
+    """Spans of single-token forwards: CUDA events on a GPU (read after one synchronize), wall time on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.spans: list[tuple[object, object]] = []
+
+    def start(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, start: object) -> None:
+        self.spans.append((start, self.start()))
+
+    def ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return [start.elapsed_time(end) for start, end in self.spans]
+        return [1e3 * (end - start) for start, end in self.spans]
+
+
+def _is_step(kwargs: dict) -> bool:
+    """Whether a forward call is one decode step: input_ids with one new token per sequence."""
+    ids = kwargs.get("input_ids")
+    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1
+
+
+class _TimedCall:
+    """Stands in for transformers' cached compiled call during one ``generate``: times its one-token calls."""
+
+    def __init__(self, call: Callable, clock: _StepClock) -> None:
+        self.call = call
+        self.clock = clock
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        if not _is_step(kwargs):
+            return self.call(*args, **kwargs)
+        start = self.clock.start()
+        out = self.call(*args, **kwargs)
+        self.clock.stop(start)
+        return out
+
+
+@contextlib.contextmanager
+def _timed_steps(model: torch.nn.Module, mode: str, clock: _StepClock) -> Iterator[bool]:
+    """Time every single-token forward that ``generate`` runs inside the block; yields whether it could hook
+    in. Eager: forward hooks on the model. Compiled: the compiled callable that transformers caches on the model
+    (``_compiled_call``, made by the warm-up ``generate``) is wrapped, outside the compiled region."""
+    if mode == "eager":
+        pending: list[object | None] = []
+
+        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            pending.append(clock.start() if _is_step(kwargs) else None)
+
+        def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            start = pending.pop() if pending else None
+            if start is not None:
+                clock.stop(start)
+
+        handles = [
+            model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True),
+        ]
+        try:
+            yield True
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
+    compiled = getattr(model, "_compiled_call", None)
+    if compiled is None:
+        yield False
+        return
+    model._compiled_call = _TimedCall(compiled, clock)
+    try:
+        yield True
+    finally:
+        model._compiled_call = compiled
+
+
+@torch.no_grad()
+def time_decode(
+    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, mode: str, runs: int = DECODE_RUNS
+) -> dict:
+    """Time ``model.generate`` of exactly ``new_tokens`` greedy tokens after ``prompt`` ([batch, length]),
+    eager (dynamic cache) or compiled (transformers' static-cache recipe, which compiles the forward in the
+    warm-up call). Returns ms per generated token over the whole call, tokens/s, the per-step ms without the
+    prompt, the forward's ms per step, the rest of the loop's ms per step and the one-token call's ms."""
+    device = prompt.device
+    batch = prompt.shape[0]
+    pad = getattr(model.config, "pad_token_id", None)
+    options = {
+        "attention_mask": torch.ones_like(prompt), "do_sample": False,
+        "pad_token_id": model.config.eos_token_id if pad is None else pad,
+    }
+    if mode == "compiled":
+        options["cache_implementation"] = "static"
+
+    def generate(tokens: int) -> torch.Tensor:
+        return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+
+    out = generate(new_tokens)  # warm-up: compiles in compiled mode
+    if out.shape != (batch, prompt.shape[1] + new_tokens):
+        raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected {(batch, prompt.shape[1] + new_tokens)}")
+    total_ms = statistics.median(wall_ms(lambda: generate(new_tokens), device) for _ in range(runs))
+    generate(1)
+    first_ms = statistics.median(wall_ms(lambda: generate(1), device) for _ in range(runs))
+    step_ms = (total_ms - first_ms) / (new_tokens - 1)
+    clock = _StepClock(device)
+    with _timed_steps(model, mode, clock) as hooked:
+        generate(new_tokens)
+    steps = clock.ms() if hooked else []
+    forward_ms = statistics.median(steps) if steps else None
+    if forward_ms is None:
+        sys.stderr.write(f"\nwarning: no single-token forward of generate ({mode}) could be timed; forward_ms left empty\n")
+    return {
+        "ms": total_ms / new_tokens, "tokens_per_s": 1e3 * batch * new_tokens / total_ms, "step_ms": step_ms,
+        "forward_ms": forward_ms, "loop_ms": None if forward_ms is None else step_ms - forward_ms,
+        "first_ms": first_ms,
+    }
+
+
+def _reset_compiler() -> None:
+    torch._dynamo.reset()
+
+
+def measure_model(
+    model: torch.nn.Module,
+    modes: tuple[str, ...],
+    phases: tuple[str, ...],
+    prefill_prompts: list[torch.Tensor],
+    decode_prompts: dict[int, torch.Tensor],
+    new_tokens: int,
+    tick: Callable[[str], None] = lambda label: None,
+    prefill_runs: int = PREFILL_RUNS,
+    decode_runs: int = DECODE_RUNS,
+) -> dict[tuple[str, str, int], dict]:
+    """Check ``model`` (:func:`check_model`), then time it in every mode and phase: measurements keyed by
+    ``(mode, phase, batch)``. ``tick(label)`` is called after each measurement (the progress bar). The
+    compiler's caches are reset before each compiled measurement, so each compiles for its own shapes."""
+    reference = check_model(model, prefill_prompts[0])
+    times: dict[tuple[str, str, int], dict] = {}
+    for mode in modes:
+        if "prefill" in phases:
+            if mode == "compiled":
+                _reset_compiler()
+            times[(mode, "prefill", prefill_prompts[0].shape[0])] = time_prefill(
+                model, prefill_prompts, mode, reference, prefill_runs
+            )
+            tick(f"{mode} prefill")
+        if "decode" in phases:
+            for batch, prompt in decode_prompts.items():
+                if mode == "compiled":
+                    _reset_compiler()
+                times[(mode, "decode", batch)] = time_decode(model, prompt, new_tokens, mode, decode_runs)
+                tick(f"{mode} decode batch {batch}")
+    del reference
+    return times
+
+
+def model_rows(
+    stamp: dict[str, str],
+    dense: dict[tuple[str, str, int], dict],
+    sparse: dict[tuple[str, str, int], dict],
+    pattern: str,
+    vector: int,
+    intermediate: int,
+    layers: int,
+    hidden: int,
+    prefill_tokens: int,
+    new_tokens: int,
+    prompt: int,
+    counts: dict | None = None,
+) -> list[dict]:
+    """One result row per sparse measurement, beside the dense measurement of the same key: ``dense_ms``,
+    ``sparse_ms``, ``speedup = dense_ms / sparse_ms`` and each MEASURES pair (None, an empty CSV cell, where
+    a phase has none)."""
+    rows = []
+    for (mode, phase, batch), times in sparse.items():
+        reference = dense[(mode, phase, batch)]
+        row = {
+            **stamp, "mode": mode, "phase": phase, "batch": batch,
+            "tokens": prefill_tokens if phase == "prefill" else new_tokens,
+            "prompt": "" if phase == "prefill" else prompt, "pattern": pattern, "vector": vector,
+            "intermediate": intermediate, "layers": layers, "hidden": hidden,
+            "dense_ms": reference["ms"], "sparse_ms": times["ms"], "speedup": reference["ms"] / times["ms"],
+        }
+        for measure in MEASURES[1:]:
+            row[f"dense_{measure}"] = reference.get(measure)
+            row[f"sparse_{measure}"] = times.get(measure)
+        row.update(counts or {})
+        rows.append(row)
+    return rows
+
+
+def write_models_csv(rows: list[dict], out_dir: str | Path, device: str) -> Path:
+    """Merge ``rows`` into ``<out_dir>/<device slug>-models.csv`` (rows of the same KEY replaced); return the path."""
+    out = Path(out_dir) / f"{device_slug(device)}-models.csv"
+    merge_csv(rows, out, KEY)
+    return out
+
+
+def _cell(value: object, digits: int = 2) -> str:
+    if value in (None, ""):
+        return "-"
+    value = float(value)
+    return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_models_rows(rows: list[dict]) -> str:
+    """The terminal table: per row the case, dense and sparse ms (decode: per generated token), the speedup,
+    both tokens/s and, for decode, both forward and loop ms per step."""
+    lines = [
+        f"{'mode':>8} {'phase':>7} {'batch':>5} {'tokens':>6} {'pattern':>7} {'inter':>6} {'dense ms':>9} "
+        f"{'sparse ms':>9} {'speedup':>7} {'dense tok/s':>11} {'sparse tok/s':>12} {'fwd d/s ms':>13} {'loop d/s ms':>13}"
+    ]
+    for r in rows:
+        forward = f"{_cell(r.get('dense_forward_ms'))}/{_cell(r.get('sparse_forward_ms'))}"
+        loop = f"{_cell(r.get('dense_loop_ms'))}/{_cell(r.get('sparse_loop_ms'))}"
+        lines.append(
+            f"{r['mode']:>8} {r['phase']:>7} {r['batch']:>5} {r['tokens']:>6} {r['pattern']:>7} {r['intermediate']:>6} "
+            f"{_cell(r['dense_ms'], 3):>9} {_cell(r['sparse_ms'], 3):>9} {_cell(r['speedup']):>7} "
+            f"{_cell(r.get('dense_tokens_per_s'), 0):>11} {_cell(r.get('sparse_tokens_per_s'), 0):>12} "
+            f"{forward:>13} {loop:>13}"
+        )
+    return "\n".join(lines)
+
+
+def measurement_count(modes: tuple[str, ...], phases: tuple[str, ...], batches: tuple[int, ...]) -> int:
+    """How many measurements one model takes (each is one step of the progress bar)."""
+    return len(modes) * (("prefill" in phases) + ("decode" in phases) * len(batches))
+
+
+def _free_memory() -> None:
+    """Drop the compiler's caches (which hold the last model's graphs) and return freed GPU memory."""
+    _reset_compiler()
+    gc.collect()  # transformers' cached compiled call refers back to its model: a cycle
+    torch.cuda.empty_cache()
+
+
+def run_models(
+    patterns: tuple[str, ...] = PATTERNS,
+    vector: int = VECTOR,
+    intermediates: tuple[int, ...] = INTERMEDIATES,
+    layers: int = LAYERS,
+    batches: tuple[int, ...] = BATCHES,
+    new_tokens: int = NEW_TOKENS,
+    prompt: int = PROMPT,
+    prefill_tokens: int = PREFILL_TOKENS,
+    modes: tuple[str, ...] = MODES,
+    phases: tuple[str, ...] = PHASES,
+    out_dir: str | Path = "benchmarks/results",
+    *,
+    hidden: int = HIDDEN,
+    heads: int = HEADS,
+    prefill_runs: int = PREFILL_RUNS,
+    decode_runs: int = DECODE_RUNS,
+) -> list[dict]:
+    """Time the dense LLaMA-layout model and its sparse versions (module docstring) for every intermediate
+    size, merge the rows into ``<out_dir>/<device>-models.csv``, print the table; return this run's rows.
+
+    Per intermediate size every model (the dense one, then one fresh model per pattern) is built and sparsified
+    before anything is compiled; the dense one is measured first, and each is freed (and the compiler reset)
+    once measured. Raises ValueError for a bad argument and RuntimeError without CUDA or transformers."""
+    patterns, intermediates, batches = tuple(patterns), tuple(intermediates), tuple(batches)
+    modes, phases = tuple(modes), tuple(phases)
+    check_models_arguments(
+        patterns, vector, intermediates, layers, batches, new_tokens, prompt, prefill_tokens, modes, phases,
+        hidden, heads,
+    )
+    for name, value in (("prefill_runs", prefill_runs), ("decode_runs", decode_runs)):
+        _check_positive(name, value)
+    if not torch.cuda.is_available():
+        raise RuntimeError("nmspmm models needs a CUDA GPU; none is visible to torch")
+    try:
+        import transformers
+    except ImportError as error:
+        raise RuntimeError("nmspmm models needs transformers (pip install 'transformers>=4.41')") from error
+    from .runner import environment
+
+    stamp = {**environment(), "transformers": transformers.__version__}
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(SEED + 2)
+    prefill_prompts = [
+        torch.randint(VOCAB, (1, prefill_tokens), device=device, generator=generator) for _ in range(PREFILL_PROMPTS)
+    ]
+    decode_prompts = {
+        batch: torch.randint(VOCAB, (batch, prompt), device=device, generator=generator) for batch in batches
+    }
+    max_positions = max(4096, prefill_tokens, prompt + new_tokens)
+    per_model = measurement_count(modes, phases, batches)
+    total = len(intermediates) * (1 + len(patterns)) * per_model
+    done = 0
+    rows: list[dict] = []
+    for intermediate in intermediates:
+        build = dict(hidden=hidden, heads=heads, max_positions=max_positions)
+        # Every model of this size is built (and sparsified) before any is compiled: fresh objects, no deepcopy.
+        models: dict[str, torch.nn.Module] = {"dense": build_llama(intermediate, layers, **build)}
+        counts: dict[str, dict] = {}
+        for pattern in patterns:
+            models[pattern] = build_llama(intermediate, layers, **build)
+            counts[pattern] = sparsified(models[pattern], pattern, vector)
+        measured: dict[str, dict] = {}
+        for name in ["dense", *patterns]:
+            label = f"i{intermediate} {name if name == 'dense' else f'{name} V={vector}'}"
+
+            def tick(what: str, label: str = label) -> None:
+                nonlocal done
+                done += 1
+                progress(done, total, f"{label} {what}")
+
+            progress(done, total, f"{label} check")
+            model = models.pop(name)
+            measured[name] = measure_model(
+                model, modes, phases, prefill_prompts, decode_prompts, new_tokens, tick, prefill_runs, decode_runs
+            )
+            del model
+            _free_memory()
+            if name != "dense":
+                rows += model_rows(
+                    stamp, measured["dense"], measured[name], name, vector, intermediate, layers, hidden,
+                    prefill_tokens, new_tokens, prompt, counts[name],
+                )
+        torch.cuda.empty_cache()
+    out = write_models_csv(rows, out_dir, stamp["device"])
+    print(format_models_rows(rows))
+    print(f"\nresults: {out}")
+    return rows
