@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     models.add_argument("--patterns", type=_pattern, nargs="+", default=["2:4", "8:32", "4:32"])
     models.add_argument("--vector", type=_vector, default=64)
     models.add_argument(
-        "--intermediate", type=_positive, nargs="+", default=[11008], help="MLP sizes, like 11008 14336 (default 11008)"
+        "--intermediate", type=_positive, nargs="+", default=[11008, 14336], help="MLP sizes (default 11008 14336)"
     )
     models.add_argument("--layers", type=_positive, default=4, help="decoder layers (default 4)")
     models.add_argument("--batches", type=_positive, nargs="+", default=[1, 16, 64], help="decode batch sizes")

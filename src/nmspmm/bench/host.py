@@ -183,7 +183,9 @@ def case_functions(
     return ours, theirs, xs, error
 
 
-def host_row(stamp: dict[str, str], case: HostCase, nmspmm_us: float, torch_us: float, calls: int, repeats: int) -> dict:
+def host_row(
+    stamp: dict[str, str], case: HostCase, nmspmm_us: float, torch_us: float, calls: int, repeats: int
+) -> dict:
     """The result row of one case."""
     return {
         **stamp, "case": case.label, "grad": case.grad, "shape": case.shape, "M": case.tokens, "N": case.rows,
@@ -237,9 +239,10 @@ def run_host(
         ours, theirs, xs, error = case_functions(case)
         if not error < TOLERANCE:
             raise RuntimeError(f"{case.label} at {case.shape}: relative error {error:.2e} (allowed {TOLERANCE})")
-        nmspmm_us = host_time_us(ours, xs, calls, repeats, synchronize=torch.cuda.synchronize)
+        sync = torch.cuda.synchronize
+        nmspmm_us = host_time_us(ours, xs, calls, repeats, synchronize=sync)
         if (case.shape, case.grad) not in baselines:
-            baselines[(case.shape, case.grad)] = host_time_us(theirs, xs, calls, repeats, synchronize=torch.cuda.synchronize)
+            baselines[(case.shape, case.grad)] = host_time_us(theirs, xs, calls, repeats, synchronize=sync)
         rows.append(host_row(stamp, case, nmspmm_us, baselines[(case.shape, case.grad)], calls, repeats))
     progress(len(cases), len(cases), "done")
     out = write_host_csv(rows, out_dir, stamp["device"])

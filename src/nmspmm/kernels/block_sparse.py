@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch, next_power_of_2
 from .split_k import split_k_buffers, split_k_total
 
 
@@ -89,7 +89,7 @@ def choose_block_sparse_config(
     bn, bk = block
     element = torch.finfo(dtype).bits // 8
     largest = 64 if element == 4 and bn * bk >= 64 * 64 else 128
-    block_m = min(largest, max(16, triton.next_power_of_2(tokens)))
+    block_m = min(largest, max(16, next_power_of_2(tokens)))
     stage_bytes = (block_m * bk + bk * bn) * element
     stages = max(1, min(5, _SHARED_MEMORY_BUDGET // stage_bytes))
     warps = 8 if block_m * bn >= 128 * 64 else 4
@@ -122,7 +122,7 @@ def block_sparse_matmul(
         config = choose_block_sparse_config(tokens, (bn, bk), values.dtype, rows, kept_blocks)
     upcast = interpreter_active() and values.dtype == torch.bfloat16
     split_k = config.split_k
-    grid = (block_row_order.shape[0], triton.cdiv(tokens, config.block_m), split_k)
+    grid = (block_row_order.shape[0], cdiv(tokens, config.block_m), split_k)
     partial = counters = values
     if split_k > 1:
         partial, counters = split_k_buffers(out.device, split_k, tokens, rows, grid[0] * grid[1])

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch, next_power_of_2
 from .transpose import transpose
 
 
@@ -69,9 +69,9 @@ def spmm_blocks(tokens: int, rows: int, nnz: int) -> SpmmBlocks:
     against 2.6 ms for 32 by 64, and 32 by 16 tokens 19 us for 16 tokens against 26 us for 128 by 16. Under the
     interpreter at most 32 tokens, so that it also runs several token blocks.
     """
-    block_m = min(triton.next_power_of_2(tokens), 32 if interpreter_active() else 64)
-    average_row = triton.cdiv(nnz, max(rows, 1))
-    block_nnz = max(min(triton.next_power_of_2(average_row), 512 // block_m), 16)
+    block_m = min(next_power_of_2(tokens), 32 if interpreter_active() else 64)
+    average_row = cdiv(nnz, max(rows, 1))
+    block_nnz = max(min(next_power_of_2(average_row), 512 // block_m), 16)
     num_warps = 4 if block_m * block_nnz >= 1024 else 2
     return SpmmBlocks(block_m, block_nnz, num_warps)
 
@@ -113,7 +113,7 @@ def csr_spmm(
     if bias is not None:
         bias = bias.contiguous()
     blocks = spmm_blocks(tokens, rows, values.numel())
-    grid = (rows * triton.cdiv(tokens, blocks.block_m),)
+    grid = (rows * cdiv(tokens, blocks.block_m),)
     launch(
         _csr_spmm_kernel, grid,
         (

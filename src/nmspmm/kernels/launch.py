@@ -9,11 +9,32 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import triton
 
+# Triton's runtime settings (launch hooks), where this Triton has them (3.4 on).
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
 
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+def interpreter_requested() -> bool:
+    """True when the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET=1``) now."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter. Read once: Triton decides it for each kernel when
+    the kernel is defined, and launches ask on every call (reading the environment cost 1-2 us there)."""
+    return interpreter_requested()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints. Launchers call this, not ``triton.cdiv``: from Python that is a constexpr
+    function whose call cost 3-4 us of host time on the H200's host, twice per launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(value: int) -> int:
+    """The least power of two >= ``value`` (1 for values <= 1), in plain Python (see :func:`cdiv`)."""
+    return 1 if value <= 1 else 1 << (value - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,15 +44,18 @@ def multiprocessors(device: torch.device) -> int:
 
 
 # (kernel, device, constexprs, warps, stages, specialization of the runtime arguments) -> _Compiled, or None
-# where the compiled kernel cannot be launched through its handle.
+# where the compiled kernel cannot be launched through its handle. Cleared when it reaches _MAX_COMPILED (ints
+# are keyed by value, so prefill token counts add entries).
 _COMPILED: dict[tuple, _Compiled | None] = {}
-_INT32 = range(-(2**31), 2**31)
+_MAX_COMPILED = 4096
+# Argument types keyed by value; anything else is a tensor (or fails loudly on .dtype).
+_PLAIN = frozenset({int, bool, float, str, type(None)})
 
 
 class _Compiled:
     """A compiled kernel's launch handle with the constexpr values it appends to the runtime arguments."""
 
-    __slots__ = ("launch", "prefix", "tail", "hooks")
+    __slots__ = ("launch", "prefix", "tail")
 
     def __init__(self, compiled: Any, tail: tuple) -> None:
         runner = compiled.run
@@ -47,20 +71,15 @@ class _Compiled:
         self.tail = tail
 
 
-def _specialization(args: Sequence[Any]) -> tuple | None:
-    """What Triton compiles a kernel for, per runtime argument (a superset: a dtype and 16-byte alignment per
-    tensor; per int whether it is 1, a multiple of 16, and fits int32), or None for an argument of another type."""
-    key = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif isinstance(arg, bool) or arg is None:
-            key.append(arg)
-        elif isinstance(arg, int):
-            key.append(1 if arg == 1 else (arg % 16 == 0, arg in _INT32))
-        else:
-            return None
-    return tuple(key)
+def _specialization(args: Sequence[Any]) -> list:
+    """What Triton compiles a kernel for, per runtime argument, or more: a tensor's dtype and whether its data is
+    16-byte aligned; any other argument (ints, flags) as its value."""
+    return [(arg.dtype, arg.data_ptr() % 16 == 0) if type(arg) not in _PLAIN else arg for arg in args]
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook is set: a function (older Triton) or a non-empty ``HookChain`` (3.5 on)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def launch(
@@ -71,27 +90,30 @@ def launch(
 
     Triton's generic launcher binds, specializes and hashes every argument on every call (15-19 us of host time
     per launch on the H200's host, more than ``F.linear``'s whole call). Here the first call of each
-    specialization (the argument properties Triton compiles for, see :func:`_specialization`) goes through it and
-    keeps the compiled kernel; later calls launch that kernel's handle directly on the current stream. The
-    interpreter, launch hooks (profilers) and arguments of other types always take the generic launcher."""
+    specialization (see :func:`_specialization`) goes through it and keeps the compiled kernel; later calls launch
+    that kernel's handle directly on the current stream. The interpreter and launch hooks (profilers) always take
+    the generic launcher."""
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-    if interpreter_active():
+    if interpreter_active() or _RUNTIME is None:
         kernel[grid](*args, **constexprs, **options)
         return
-    from triton import knobs
-
-    specialization = _specialization(args)
-    device = torch.cuda.current_device()
-    key = (kernel, device, tuple(constexprs.values()), num_warps, num_stages, specialization)
-    entry = _COMPILED.get(key, False)
-    if entry and knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None:
+    device = torch._C._cuda_getDevice()
+    key = (kernel, device, *constexprs.values(), num_warps, num_stages, *_specialization(args))
+    try:
+        entry = _COMPILED.get(key, False)
+    except TypeError:  # an unhashable argument
+        kernel[grid](*args, **constexprs, **options)
+        return
+    if entry and not _hooked(_RUNTIME.launch_enter_hook) and not _hooked(_RUNTIME.launch_exit_hook):
         grid_y = grid[1] if len(grid) > 1 else 1
         grid_z = grid[2] if len(grid) > 2 else 1
         stream = torch._C._cuda_getCurrentRawStream(device)
         entry.launch(grid[0], grid_y, grid_z, stream, *entry.prefix, *args, *entry.tail)
         return
     compiled = kernel[grid](*args, **constexprs, **options)
-    if entry is False and specialization is not None:
+    if entry is False:
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.clear()
         _COMPILED[key] = _handle(kernel, compiled, len(args), constexprs)
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
+from .launch import cdiv, interpreter_active
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -154,7 +154,7 @@ def _grad_input_scatter(
     target.zero_()
     precision, upcast = _input_precision(values.dtype, input_precision)
     groups = rows // vector
-    grid = (triton.cdiv(tokens, config.block_m) * groups * triton.cdiv(kept, config.block_k),)
+    grid = (cdiv(tokens, config.block_m) * groups * cdiv(kept, config.block_k),)
     _nm_grad_input_scatter_kernel[grid](
         grad_y, values, kept_offsets, target,
         tokens, kept, groups,
@@ -236,7 +236,7 @@ def _grad_input_dense(
     tokens, cols = out.shape
     rows, kept = values.shape
     precision, upcast = _input_precision(values.dtype, input_precision)
-    grid = (triton.cdiv(tokens, config.block_m) * triton.cdiv(cols, config.block_k),)
+    grid = (cdiv(tokens, config.block_m) * cdiv(cols, config.block_k),)
     _nm_grad_input_dense_kernel[grid](
         grad_y, values, kept_offsets, out,
         tokens, rows, cols, kept,
@@ -356,7 +356,7 @@ def _grad_values_vector(
     if vector % config.block_n:
         raise ValueError(f"config: block_n={config.block_n} must divide vector={vector}")
     precision, upcast = _input_precision(grad_y.dtype, input_precision)
-    grid = (rows // config.block_n * triton.cdiv(kept, config.block_k),)
+    grid = (rows // config.block_n * cdiv(kept, config.block_k),)
     _nm_grad_values_vector_kernel[grid](
         x_t, grad_y, kept_offsets, out, tokens, kept,
         x_t.stride(0), x_t.stride(1), grad_y.stride(0), grad_y.stride(1), out.stride(0), out.stride(1),
@@ -415,7 +415,7 @@ def _grad_values_element(
     """Launch the SIMT SDDMM (V = 1); rows need not fill the last tile."""
     tokens = x_t.shape[1]
     rows, kept = out.shape
-    grid = (triton.cdiv(rows, config.block_n) * triton.cdiv(kept, config.block_k),)
+    grid = (cdiv(rows, config.block_n) * cdiv(kept, config.block_k),)
     _nm_grad_values_element_kernel[grid](
         x_t, grad_y, kept_offsets, out, tokens, rows, kept,
         x_t.stride(0), x_t.stride(1), grad_y.stride(0), grad_y.stride(1), out.stride(0), out.stride(1),

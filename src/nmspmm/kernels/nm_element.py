@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def nm_element_matmul(
     tokens = xt.shape[1]
     rows, kept = values.shape
     block_m, block_n, block_k = (16, 16, 8) if interpreter_active() else (32, 32, 8)
-    grid = (triton.cdiv(tokens, block_m), triton.cdiv(rows, block_n))
+    grid = (cdiv(tokens, block_m), cdiv(rows, block_n))
     launch(
         _nm_element_kernel, grid,
         (

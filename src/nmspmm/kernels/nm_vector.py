@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch
 from .split_k import split_k_buffers, split_k_total
 
 
@@ -22,7 +22,7 @@ def _nm_vector_kernel(
     stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
     SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    WEIGHT_FIRST: tl.constexpr, X_ROWS: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
 ):
     # Triton assumes alignment only of arguments divisible by 16. Rounding down to multiples of these
@@ -64,17 +64,10 @@ def _nm_vector_kernel(
         column = (kk // N_KEEP) * GROUP + offset
         if WEIGHT_FIRST:
             w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
-            if X_ROWS:
-                # Row-major x: neighbouring threads read neighbouring kept features of one token row.
-                x = tl.trans(tl.load(
-                    xt_ptr + column[None, :] * stride_xk + offs_m[:, None] * stride_xm,
-                    mask=m_valid[:, None] & k_valid[None, :], other=0.0,
-                ))
-            else:
-                x = tl.load(
-                    xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-                    mask=k_valid[:, None] & m_valid[None, :], other=0.0,
-                )
+            x = tl.load(
+                xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+                mask=k_valid[:, None] & m_valid[None, :], other=0.0,
+            )
             if UPCAST:
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
@@ -161,8 +154,8 @@ def nm_vector_matmul(
     if vector % config.block_n or rows % config.block_n:
         raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
     upcast = interpreter_active() and values.dtype == torch.bfloat16
-    split_k = max(1, min(config.split_k, triton.cdiv(kept, config.block_k)))
-    tiles = triton.cdiv(tokens, config.block_m) * (rows // config.block_n)
+    split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
+    tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
     partial = counters = values
     if split_k > 1:
         partial, counters = split_k_buffers(out.device, split_k, tokens, rows, tiles)
@@ -176,7 +169,6 @@ def nm_vector_matmul(
             SPLIT_K=split_k, N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
-            X_ROWS=xt.stride(0) == 1 and xt.stride(1) != 1,
             INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
             TOKEN_ALIGN=_alignment(tokens, xt.stride(0)), Y_ROW_ALIGN=_alignment(out.stride(1)) if out.stride(0) == 1 else 1,
         ),

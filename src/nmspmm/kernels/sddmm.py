@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active
+from .launch import cdiv, interpreter_active
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def sddmm(
     if depth > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
         raise ValueError(f"a, b: expected unit stride along D, got strides {a.stride()} and {b.stride()}")
     blocks = sddmm_blocks(depth)
-    _sddmm_kernel[(triton.cdiv(nnz, blocks.block_nnz),)](
+    _sddmm_kernel[(cdiv(nnz, blocks.block_nnz),)](
         a, b, row_indices.contiguous(), col_indices.contiguous(), out,
         nnz, depth, a.stride(0), b.stride(0),
         BLOCK_NNZ=blocks.block_nnz, BLOCK_D=blocks.block_d, num_warps=blocks.num_warps,
@@ -163,7 +163,7 @@ def sddmm_tiled(
         return out
     if a.stride(1) != 1 or b.stride(1) != 1:
         raise ValueError(f"a, b: expected unit stride along D, got strides {a.stride()} and {b.stride()}")
-    cells_per_row = triton.cdiv(cols, CELL)
+    cells_per_row = cdiv(cols, CELL)
     if cell_offsets.numel() != rows * cells_per_row + 1:
         raise ValueError(
             f"cell_offsets: expected {rows * cells_per_row + 1} entries for a [{rows}, {cols}] structure in cells "
@@ -171,7 +171,7 @@ def sddmm_tiled(
         )
     tile = sddmm_tile(depth, a.dtype)
     upcast = interpreter_active() and a.dtype == torch.bfloat16
-    grid = (triton.cdiv(rows, tile.block_r), triton.cdiv(cols, tile.block_c))
+    grid = (cdiv(rows, tile.block_r), cdiv(cols, tile.block_c))
     _sddmm_tiled_kernel[grid](
         a, b, cell_offsets, col_indices.contiguous(), out,
         rows, cols, depth, a.stride(0), b.stride(0), cells_per_row,

@@ -5,6 +5,8 @@ and no memset: a call costs one launch."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -28,8 +30,10 @@ def split_k_total(acc, partial_ptrs, stride_split, counter_ptr, pid_k, mask, SPL
     return last, total
 
 
-# (device index, stream) -> (fp32 workspace, int32 counters). Buffers only grow, and a replaced buffer is kept:
-# a captured CUDA graph may still point into it.
+# (device index, stream) -> (fp32 workspace, int32 counters) for that stream's launches. They are allocated by a
+# thread of nmspmm's own, so that they come from the default memory pool even while torch.compile's CUDA graphs
+# route this thread's allocations into their pool (which refuses live allocations that no output holds).
+# Buffers only grow; a replaced one is kept, since a captured graph may point into it.
 _BUFFERS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _RETIRED: list[torch.Tensor] = []
 
@@ -37,24 +41,52 @@ _RETIRED: list[torch.Tensor] = []
 def split_k_buffers(
     device: torch.device, splits: int, tokens: int, rows: int, tiles: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An fp32 workspace ``[splits, tokens, rows]`` and ``tiles`` zeroed int32 counters for one split-K launch on
-    the current stream of ``device``. Shared by every launch on that stream (launches on one stream run one after
-    another, and each leaves its counters at zero); launches of one stream must not run concurrently with
-    themselves on another stream through a captured graph."""
-    key = (-1, 0)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    """An fp32 workspace ``[splits, tokens, rows]`` and at least ``tiles`` zeroed int32 counters for one split-K
+    launch on the current stream of ``device``. Shared by every launch on that stream (launches on one stream run
+    one after another, and each leaves its counters at zero), so a call allocates nothing once they are large
+    enough. A launch in CUDA-graph capture that finds none large enough allocates its own from the graph's pool,
+    and the counters' zeroing becomes part of the graph."""
+    if device.type != "cuda":
+        return torch.empty((splits, tokens, rows), device=device), torch.zeros(tiles, dtype=torch.int32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch._C._cuda_getCurrentRawStream(index))
     workspace, counters = _BUFFERS.get(key, (None, None))
     elements = splits * tokens * rows
-    if workspace is None or workspace.numel() < elements:
-        if workspace is not None:
-            _RETIRED.append(workspace)
-        size = max(elements, 0 if workspace is None else 2 * workspace.numel())
-        workspace = torch.empty(size, dtype=torch.float32, device=device)
-    if counters is None or counters.numel() < tiles:
-        if counters is not None:
-            _RETIRED.append(counters)
-        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    _BUFFERS[key] = (workspace, counters)
+    if workspace is None or workspace.numel() < elements or counters.numel() < tiles:
+        if torch.cuda.is_current_stream_capturing():
+            workspace = torch.empty((splits, tokens, rows), dtype=torch.float32, device=device)
+            return workspace, torch.zeros(tiles, dtype=torch.int32, device=device)
+        workspace, counters = _grown(index, workspace, counters, elements, tiles)
+        _BUFFERS[key] = (workspace, counters)
     return workspace[:elements].view(splits, tokens, rows), counters
+
+
+def _grown(
+    index: int, workspace: torch.Tensor | None, counters: torch.Tensor | None, elements: int, tiles: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers at least this large, allocated and zeroed by a short-lived thread on its own stream of device
+    ``index`` (see ``_BUFFERS``), ready before the caller's stream uses them."""
+    grown: dict[str, torch.Tensor] = {}
+    failure: list[BaseException] = []
+
+    def allocate() -> None:
+        try:
+            torch.cuda.set_device(index)
+            stream = torch.cuda.Stream(index)
+            with torch.cuda.stream(stream):
+                if workspace is None or workspace.numel() < elements:
+                    size = max(elements, 0 if workspace is None else 2 * workspace.numel())
+                    grown["workspace"] = torch.empty(size, dtype=torch.float32, device=f"cuda:{index}")
+                if counters is None or counters.numel() < tiles:
+                    grown["counters"] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=f"cuda:{index}")
+            stream.synchronize()
+        except BaseException as error:  # re-raised in the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=allocate, name="nmspmm-split-k-buffers")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    _RETIRED.extend(old for old, name in ((workspace, "workspace"), (counters, "counters")) if name in grown and old is not None)
+    return grown.get("workspace", workspace), grown.get("counters", counters)

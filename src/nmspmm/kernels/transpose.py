@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def transpose(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = torch.empty((cols, rows), dtype=x.dtype, device=x.device)
     block = 16 if interpreter_active() else 64
-    grid = (triton.cdiv(rows, block), triton.cdiv(cols, block))
+    grid = (cdiv(rows, block), cdiv(cols, block))
     launch(
         _transpose_kernel, grid, (x, out, rows, cols, x.stride(0), x.stride(1), out.stride(0), out.stride(1)),
         dict(BLOCK_M=block, BLOCK_K=block), 4,

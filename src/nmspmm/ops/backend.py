@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.launch import interpreter_active
+from ..kernels.launch import interpreter_requested
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -28,7 +28,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     if backend == "triton":
-        if not interpreter_active():
+        if not interpreter_requested():
             raise ValueError("backend: 'triton' on the CPU needs TRITON_INTERPRET=1 set before triton is imported")
         return True
     return False

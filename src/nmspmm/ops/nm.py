@@ -12,9 +12,9 @@ from ..kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vecto
 from ..perf import choose_vector_config
 from .backend import autograd_function, call_op, check_backend, check_operands, input_precision, use_triton
 
-# Up to this many tokens the product reads x row-major in one launch, outside CUDA-graph capture (see
-# _reads_rows); more tokens are transposed first, so that every gathered feature is one contiguous row.
-ROW_MAJOR_TOKENS = 16
+# Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
+# transposed first, so that every gathered feature is one contiguous row.
+ROW_MAJOR_TOKENS = 4
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
@@ -33,10 +33,11 @@ def linear(
     """
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
-    rows_in = x.reshape(-1, weight.shape[1])
+    flat = x.dim() == 2
+    rows_in = x if flat else x.reshape(-1, weight.shape[1])
     args = (rows_in, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
     y = call_op(nm_linear, _row_major_product, args, _NMLinear)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def kept_offsets(weight: NMSparseWeight) -> torch.Tensor:
@@ -86,13 +87,12 @@ def _row_major_product(
 
 def _reads_rows(x: torch.Tensor, vector: int) -> bool:
     """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
-    transpose launch first). One token is already feature-major. Up to :data:`ROW_MAJOR_TOKENS`, eager calls,
-    whose time is the host's, save the transpose's launch; inside CUDA-graph capture the GPU time alone counts,
-    and the gathers from contiguous feature rows are faster (H200, session 7, ``docs/perf-notes.md``)."""
+    transpose launch first). One token is already feature-major. Up to :data:`ROW_MAJOR_TOKENS` tokens the
+    vector-wise kernel's scattered 2-byte gathers from token rows cost about what the transpose does; from 8 tokens
+    they took up to 2.2x the GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the
+    transpose's launch saves on the host."""
     tokens = x.shape[0]
-    if tokens == 1 or vector == 1:
-        return tokens == 1
-    return tokens <= ROW_MAJOR_TOKENS and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return tokens == 1 or (vector > 1 and tokens <= ROW_MAJOR_TOKENS)
 
 
 nm_linear = torch.library.custom_op("nmspmm::nm_linear", mutates_args=(), schema=_OP_SCHEMA)(_row_major_product)

@@ -1,0 +1,108 @@
+"""The lean launch path (kernels.launch): compiled kernels launched through their handle must compute what
+Triton's generic launcher computes, for every specialization (alignment, unit and multiple-of-16 ints), on
+the current stream, and inside CUDA-graph capture; split-K reduced inside the launch is deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nmspmm
+from conftest import DEVICE, TOLERANCE, relative_error
+from nmspmm.kernels import launch as launch_module
+from nmspmm.kernels.split_k import split_k_buffers
+
+
+def _dense(x: torch.Tensor, weight: nmspmm.NMSparseWeight) -> torch.Tensor:
+    return (x.double() @ weight.to_dense().double().t()).to(x.dtype)
+
+
+def test_hooked_reads_functions_and_hook_chains():
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not launch_module._hooked(None)
+    assert not launch_module._hooked(Chain([]))
+    assert launch_module._hooked(Chain([print]))
+    assert launch_module._hooked(print)
+
+
+def test_specialization_separates_alignment_and_values():
+    base = torch.randn(64)
+    key = launch_module._specialization
+    assert key([base, 16, 1]) != key([base[1:], 16, 1])  # a 4-byte offset breaks 16-byte alignment
+    assert key([base, 16]) != key([base, 17])
+    assert key([base, None]) == key([base.clone(), None])
+
+
+def test_split_k_buffers_grow_and_keep_zeroed_counters():
+    workspace, counters = split_k_buffers(torch.device(DEVICE), 2, 3, 5, 7)
+    assert workspace.shape == (2, 3, 5) and workspace.dtype == torch.float32
+    assert counters.numel() >= 7 and int(counters.abs().sum()) == 0
+    bigger, counters_after = split_k_buffers(torch.device(DEVICE), 4, 30, 50, 9000)
+    assert bigger.shape == (4, 30, 50) and counters_after.numel() >= 9000 and int(counters_after.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16, 48, 333])
+@pytest.mark.parametrize("pattern,vector", [("8:32", 64), ("2:4", 16), ("2:4", 1)])
+def test_lean_launch_matches_reference_on_fresh_inputs(tokens, pattern, vector):
+    weight = nmspmm.prune(torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16), pattern, vector)
+    for offset in (0, 1):  # offset 1: x's data is not 16-byte aligned, a separate specialization
+        for _ in range(3):  # the first call compiles through Triton's launcher, the next ones use the handle
+            storage = torch.randn(tokens * 1024 + offset, device="cuda", dtype=torch.bfloat16)
+            x = storage[offset:].view(tokens, 1024)
+            y = nmspmm.linear(x, weight)
+            assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.bfloat16]
+    assert any(entry is not None for entry in launch_module._COMPILED.values())
+
+
+@pytest.mark.gpu
+def test_lean_launch_on_a_side_stream_and_in_graph_capture():
+    weight = nmspmm.prune(torch.randn(1024, 4096, device="cuda", dtype=torch.float16), "2:4", 64)
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.float16)
+    expected = nmspmm.linear(x, weight)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = nmspmm.linear(x, weight)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(on_side, expected)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = nmspmm.linear(x, weight)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(captured, _dense(x, weight)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 2, 16, 64])
+def test_split_k_in_the_launch_is_deterministic(tokens):
+    weight = nmspmm.prune(torch.randn(1024, 11008, device="cuda", dtype=torch.bfloat16), "2:4", 64)
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 11008, device="cuda", dtype=torch.bfloat16)
+    first = nmspmm.linear(x, weight, bias)
+    assert relative_error(first, _dense(x, weight) + bias) < TOLERANCE[torch.bfloat16]
+    for _ in range(10):
+        assert torch.equal(nmspmm.linear(x, weight, bias), first)
+
+
+@pytest.mark.gpu
+def test_split_k_under_compiled_cuda_graphs():
+    # torch.compile's CUDA graphs route the warm-up's allocations into their pool and refuse live ones that no
+    # output holds: the shared split-K buffers must come from elsewhere.
+    torch._dynamo.reset()
+    weight = nmspmm.prune(torch.randn(1024, 11008, device="cuda", dtype=torch.bfloat16), "2:4", 64)
+    layer = nmspmm.SparseLinear(weight).eval()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(1, 11008, device="cuda", dtype=torch.bfloat16)
+            torch.compiler.cudagraph_mark_step_begin()
+            y = compiled(x).clone()
+            assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.bfloat16]
+    torch._dynamo.reset()
