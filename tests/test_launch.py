@@ -4,6 +4,8 @@ the current stream, and inside CUDA-graph capture; split-K reduced inside the la
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -106,3 +108,57 @@ def test_split_k_under_compiled_cuda_graphs():
             y = compiled(x).clone()
             assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.bfloat16]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "tokens,pattern,vector,expected",
+    [
+        (1, "8:32", 16, 1),  # one token is already feature-major
+        (4, "8:32", 16, 1),  # up to ROW_MAJOR_TOKENS: row-major x, no transpose
+        (5, "8:32", 16, 2),  # transpose + product
+        (33, "6:8", 16, 2),
+        (1, "2:4", 1, 1),
+        (3, "2:4", 1, 2),
+    ],
+)
+def test_launches_per_product(monkeypatch, tokens, pattern, vector, expected):
+    # Split-K is reduced inside the product's launch, so a call costs one launch, or two with a transpose.
+    from nmspmm.ops.nm import ROW_MAJOR_TOKENS
+
+    assert ROW_MAJOR_TOKENS == 4
+    weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), pattern, vector)
+    launched = []
+    real_launch = launch_module.launch
+
+    def counting(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return real_launch(kernel, *args, **kwargs)
+
+    for module in ("nm_vector", "nm_element", "transpose", "block_sparse", "csr_spmm"):
+        monkeypatch.setattr(sys.modules[f"nmspmm.kernels.{module}"], "launch", counting)
+    x = torch.randn(tokens, 512, device=DEVICE)
+    y = nmspmm.linear(x, weight, backend="triton")
+    assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.float32]
+    assert len(launched) == expected
+
+
+def test_block_product_is_one_launch_with_split_k(monkeypatch):
+    weight = nmspmm.BlockShuffledWeight.prune(torch.randn(64, 512, device=DEVICE), 0.5, (16, 16), search=False)
+    launched = []
+    real_launch = launch_module.launch
+    monkeypatch.setattr(
+        sys.modules["nmspmm.kernels.block_sparse"], "launch",
+        lambda kernel, *args, **kwargs: launched.append(kernel) or real_launch(kernel, *args, **kwargs),
+    )
+    from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
+
+    x = torch.randn(3, 512, device=DEVICE)
+    out = torch.full((3, 64), float("nan"), device=DEVICE)
+    config = BlockSparseConfig(block_m=16, num_warps=4, num_stages=1, split_k=2)
+    block_sparse_matmul(
+        x, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
+        weight.row_permutation, out, config=config,
+    )
+    expected = x.double() @ weight.to_dense().double().t()
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    assert len(launched) == 1

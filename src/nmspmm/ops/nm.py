@@ -87,10 +87,10 @@ def _row_major_product(
 
 def _reads_rows(x: torch.Tensor, vector: int) -> bool:
     """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
-    transpose launch first). One token is already feature-major. Up to :data:`ROW_MAJOR_TOKENS` tokens the
-    vector-wise kernel's scattered 2-byte gathers from token rows cost about what the transpose does; from 8 tokens
-    they took up to 2.2x the GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the
-    transpose's launch saves on the host."""
+    transpose launch first). One token is already feature-major. At 2 tokens the vector-wise kernel's scattered
+    2-byte gathers from token rows cost about what the transpose does; from 8 tokens they took up to 2.2x the
+    GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the transpose's launch saves on the
+    host. :data:`ROW_MAJOR_TOKENS` lies between the two."""
     tokens = x.shape[0]
     return tokens == 1 or (vector > 1 and tokens <= ROW_MAJOR_TOKENS)
 
