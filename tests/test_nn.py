@@ -351,6 +351,45 @@ def test_state_dict_round_trip(pattern):
     assert torch.equal(target(x), source(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["2:4", "24:32"])  # 24:32 stores the dropped positions: kept ones derived
+def test_kept_launch_weight_follows_every_change(backend, pattern):
+    # The module keeps its weight view, and the view its contiguous kept offsets, between calls: each change of
+    # the weight's tensors must reach the product (a stale plan would be a silently wrong result).
+    torch.manual_seed(0)
+    layer = nmspmm.SparseLinear.from_dense(_dense(32, 64), pattern, 16, backend=backend)
+    other = nmspmm.SparseLinear.from_dense(_dense(32, 64), pattern, 16, backend=backend)
+    assert not torch.equal(layer.offsets, other.offsets)
+    x = torch.randn(5, 64, device=DEVICE)
+
+    def check(module: nn.Module, x: torch.Tensor) -> None:
+        expected = x.double() @ module.to_dense().double().t() + module.bias.double()
+        assert relative_error(module(x).detach(), expected) < TOLERANCE[x.dtype]
+
+    check(layer, x)
+    layer.load_state_dict(other.state_dict())  # offsets and values copied into the same tensors
+    check(layer, x)
+    assert torch.equal(layer(x), other(x))
+    layer.values = nn.Parameter(torch.randn_like(layer.values))  # a new values tensor
+    check(layer, x)
+    with torch.no_grad():
+        layer.values.data = torch.randn_like(layer.values)  # new storage under the same Parameter
+    check(layer, x)
+    layer.half()
+    check(layer, x.half())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_given_new_offsets_derives_them_again(backend):
+    weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), "2:4", 16)
+    other = nmspmm.prune(torch.randn(32, 64, device=DEVICE), "2:4", 16)
+    x = torch.randn(3, 64, device=DEVICE)
+    nmspmm.linear(x, weight, backend=backend)
+    weight.offsets = other.offsets
+    expected = x.double() @ weight.to_dense().double().t()
+    assert relative_error(nmspmm.linear(x, weight, backend=backend), expected) < TOLERANCE[torch.float32]
+
+
 def test_safetensors_round_trip(tmp_path):
     source, target = _sparse_model("6:8", 0), _sparse_model("6:8", 1)
     save_file(source.state_dict(), tmp_path / "model.safetensors")

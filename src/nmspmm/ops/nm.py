@@ -41,12 +41,12 @@ def linear(
 
 
 def kept_offsets(weight: NMSparseWeight) -> torch.Tensor:
-    """The weight's contiguous kept offsets, as the kernels read them: derived once per values tensor and kept on
-    the weight (a weight whose ``values`` were replaced derives them again)."""
+    """The weight's contiguous kept offsets, as the kernels read them: derived once per ``offsets`` tensor and
+    kept on the weight (a weight given a new ``offsets`` tensor, or new storage under it, derives them again)."""
     cached = weight.__dict__.get("_launch_offsets")
-    values = weight.values
-    if cached is None or cached[0] is not values or cached[1] != values.data_ptr():
-        cached = (values, values.data_ptr(), weight.kept_offsets().contiguous())
+    offsets = weight.offsets
+    if cached is None or cached[0] is not offsets or cached[1] != offsets.data_ptr():
+        cached = (offsets, offsets.data_ptr(), weight.kept_offsets().contiguous())
         weight._launch_offsets = cached
     return cached[2]
 
