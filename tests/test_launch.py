@@ -142,6 +142,26 @@ def test_launches_per_product(monkeypatch, tokens, pattern, vector, expected):
     assert len(launched) == expected
 
 
+@pytest.mark.parametrize("tokens,expected", [(1, 1), (5, 2), (40, 3)])
+def test_csr_launches_per_product(monkeypatch, tokens, expected):
+    # One token: the SpMM alone; more: x's transpose first; from _transposed_write_min_tokens (32 under the
+    # interpreter, 512 on a GPU, where it measured faster) the output is also written feature-major and transposed.
+    weight = nmspmm.CSRWeight.prune(torch.randn(48, 80, device=DEVICE), sparsity=0.7)
+    launched = []
+    real_launch = launch_module.launch
+
+    def counting(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return real_launch(kernel, *args, **kwargs)
+
+    for module in ("transpose", "csr_spmm"):
+        monkeypatch.setattr(sys.modules[f"nmspmm.kernels.{module}"], "launch", counting)
+    x = torch.randn(tokens, 80, device=DEVICE)
+    y = nmspmm.linear(x, weight, backend="triton")
+    assert relative_error(y, x.double() @ weight.to_dense().double().t()) < TOLERANCE[torch.float32]
+    assert len(launched) == expected
+
+
 def test_block_product_is_one_launch_with_split_k(monkeypatch):
     weight = nmspmm.BlockShuffledWeight.prune(torch.randn(64, 512, device=DEVICE), 0.5, (16, 16), search=False)
     launched = []
