@@ -16,7 +16,7 @@ from nmspmm.formats.block_shuffled import BlockShuffledWeight
 from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
 from nmspmm.ops.block_shuffled import block_shuffled_linear, block_shuffled_linear_op
 from nmspmm.prune import kept_magnitude
-from nmspmm.prune.block_shuffle import kept_block_count, search_row_permutation, tile_magnitudes
+from nmspmm.prune.block_shuffle import kept_block_count, prune_block_shuffled, search_row_permutation, tile_magnitudes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
@@ -204,7 +204,7 @@ def test_constructor_rejects_each_bad_field(field, change, error, match):
 @pytest.mark.parametrize("search", [False, True])
 def test_prune_keeps_the_largest_blocks(rows, cols, block, sparsity, search):
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
-    sparse = BlockShuffledWeight.prune(weight, sparsity, block, search=search)
+    sparse = prune_block_shuffled(weight, sparsity, block, search=search)
     total = rows // block[0] * (cols // block[1])
     assert sparse.block_count == round((1 - sparsity) * total)
     if not search:
@@ -221,7 +221,7 @@ def test_prune_keeps_the_largest_blocks(rows, cols, block, sparsity, search):
 
 def test_prune_breaks_ties_to_the_lower_block():
     weight = torch.ones(64, 64)
-    sparse = BlockShuffledWeight.prune(weight, 0.75, (16, 16), search=False)
+    sparse = prune_block_shuffled(weight, 0.75, (16, 16), search=False)
     assert sparse.block_mask().flatten().nonzero().flatten().tolist() == [0, 1, 2, 3]
 
 
@@ -254,8 +254,8 @@ def planted_rows(rows: int, cols: int, block: tuple[int, int], seed: int) -> tor
 def test_search_recovers_planted_row_families():
     block = (16, 16)
     weight = planted_rows(128, 128, block, seed=4)
-    identity = BlockShuffledWeight.prune(weight, 0.5, block, search=False)
-    searched = BlockShuffledWeight.prune(weight, 0.5, block)
+    identity = prune_block_shuffled(weight, 0.5, block, search=False)
+    searched = prune_block_shuffled(weight, 0.5, block)
     before, after = kept_magnitude(weight, identity.mask()), kept_magnitude(weight, searched.mask())
     assert after > before + 0.3
     families = searched.row_permutation.long().view(-1, block[0]) % 2
@@ -264,8 +264,8 @@ def test_search_recovers_planted_row_families():
 
 def test_search_is_better_on_gaussian_weights_and_handles_trivial_cases():
     weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(5))
-    identity = BlockShuffledWeight.prune(weight, 0.75, (16, 32), search=False)
-    searched = BlockShuffledWeight.prune(weight, 0.75, (16, 32), iterations=8)
+    identity = prune_block_shuffled(weight, 0.75, (16, 32), search=False)
+    searched = prune_block_shuffled(weight, 0.75, (16, 32), iterations=8)
     assert kept_magnitude(weight, searched.mask()) > kept_magnitude(weight, identity.mask())
     for sparsity, block in [(0.0, (16, 16)), (1.0, (16, 16)), (0.5, (128, 16))]:
         assert torch.equal(search_row_permutation(weight, block, sparsity), torch.arange(128))
@@ -276,14 +276,14 @@ def test_search_is_better_on_gaussian_weights_and_handles_trivial_cases():
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda w: BlockShuffledWeight.prune(w, 1.5), ValueError, r"sparsity: expected a fraction in \[0, 1\]"),
-        (lambda w: BlockShuffledWeight.prune(w, "75%"), TypeError, r"sparsity: expected a float"),
-        (lambda w: BlockShuffledWeight.prune(w, 0.5, (32, 48)), ValueError, r"block: expected \(bn, bk\)"),
-        (lambda w: BlockShuffledWeight.prune(w[:48], 0.5), ValueError, r"weight: shape \(48, 64\) is not a whole"),
-        (lambda w: BlockShuffledWeight.prune(w.index_fill(1, torch.tensor([3]), float("inf")), 0.5), ValueError,
+        (lambda w: prune_block_shuffled(w, 1.5), ValueError, r"sparsity: expected a fraction in \[0, 1\]"),
+        (lambda w: prune_block_shuffled(w, "75%"), TypeError, r"sparsity: expected a float"),
+        (lambda w: prune_block_shuffled(w, 0.5, (32, 48)), ValueError, r"block: expected \(bn, bk\)"),
+        (lambda w: prune_block_shuffled(w[:48], 0.5), ValueError, r"weight: shape \(48, 64\) is not a whole"),
+        (lambda w: prune_block_shuffled(w.index_fill(1, torch.tensor([3]), float("inf")), 0.5), ValueError,
          r"weight: expected finite values, got inf at row 0, column 3"),
-        (lambda w: BlockShuffledWeight.prune(w, 0.5, search=False, iterations=3), ValueError, r"iterations: only used"),
-        (lambda w: BlockShuffledWeight.prune(w, 0.5, search=1), TypeError, r"search: expected a bool"),
+        (lambda w: prune_block_shuffled(w, 0.5, search=False, iterations=3), ValueError, r"iterations: only used"),
+        (lambda w: prune_block_shuffled(w, 0.5, search=1), TypeError, r"search: expected a bool"),
         (lambda w: search_row_permutation(w, (32, 32), 0.5, iterations=-1), ValueError, r"iterations: expected a non"),
         (lambda w: search_row_permutation(w, (32, 32), 0.5, seed=None), TypeError, r"seed: expected an int"),
     ],
@@ -482,7 +482,7 @@ def test_kernel_every_block_shape(bn, bk, dtype):
 @pytest.mark.gpu
 def test_prune_and_product_on_gpu():
     weight = torch.randn(1024, 512, device="cuda")
-    sparse = BlockShuffledWeight.prune(weight, 0.75, (32, 32))
+    sparse = prune_block_shuffled(weight, 0.75, (32, 32))
     assert sparse.device.type == "cuda"
     x = torch.randn(77, 512, device="cuda")
     assert relative_error(block_shuffled_linear(x, sparse), _reference(x, sparse, None)) < TOLERANCE["tf32"]

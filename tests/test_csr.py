@@ -24,7 +24,7 @@ from nmspmm.ops.csr import (
     csr_sddmm,
     sddmm,
 )
-from nmspmm.prune.unstructured import unstructured_mask
+from nmspmm.prune.unstructured import prune_csr, unstructured_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # On the CPU "triton" runs the kernels through the interpreter; "auto" there is the dense reference.
@@ -209,7 +209,7 @@ def test_from_dense_rejects_bad_input():
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 0.9999])
 def test_prune_sparsity_is_exact_and_keeps_largest(sparsity):
     dense = torch.randn(45, 70, device=DEVICE)
-    weight = CSRWeight.prune(dense, sparsity)
+    weight = prune_csr(dense, sparsity)
     assert weight.nnz == round((1 - sparsity) * 45 * 70)
     kept = weight.mask()
     if 0 < weight.nnz < dense.numel():
@@ -221,7 +221,7 @@ def test_prune_ties_are_deterministic_and_detached():
     dense = torch.ones(4, 5, device=DEVICE, requires_grad=True)
     mask = unstructured_mask(dense, 0.5)
     assert mask.flatten().tolist() == [True] * 10 + [False] * 10  # ties go to the earlier row-major entry
-    weight = CSRWeight.prune(dense, 0.5)
+    weight = prune_csr(dense, 0.5)
     assert not weight.values.requires_grad
 
 
@@ -237,7 +237,7 @@ def test_prune_ties_are_deterministic_and_detached():
 )
 def test_prune_rejects_bad_sparsity(sparsity, error, message):
     with pytest.raises(error, match=message):
-        CSRWeight.prune(torch.randn(4, 4, device=DEVICE), sparsity)
+        prune_csr(torch.randn(4, 4, device=DEVICE), sparsity)
 
 
 def test_prune_rejects_bad_weight():
@@ -333,7 +333,7 @@ def test_sddmm_kernel(dtype, depth):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols,depth,sparsity", [(70, 130, 40, 0.9), (64, 64, 64, 0.5), (5, 200, 17, 0.0)])
 def test_sddmm_tiled_kernel(dtype, rows, cols, depth, sparsity):
-    weight = CSRWeight.prune(torch.randn(rows, cols, device=DEVICE).to(dtype), sparsity)
+    weight = prune_csr(torch.randn(rows, cols, device=DEVICE).to(dtype), sparsity)
     a = torch.randn(rows, depth, device=DEVICE).to(dtype)
     b = torch.randn(cols, depth, device=DEVICE).to(dtype)
     out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
@@ -347,7 +347,7 @@ def test_sddmm_tiled_kernel_wide_tiles_stop_at_the_last_cell(dtype, monkeypatch)
     # 150 columns make 3 cells of 64; the second 128-wide tile covers only the third, not the next row's first.
     sddmm_module = importlib.import_module("nmspmm.kernels.sddmm")  # the package exports a function of that name
     monkeypatch.setattr(sddmm_module, "sddmm_tile", lambda depth, dtype: SddmmTile(32, 2 * CELL, 32, 4, 1))
-    weight = CSRWeight.prune(torch.randn(40, 150, device=DEVICE).to(dtype), 0.3)
+    weight = prune_csr(torch.randn(40, 150, device=DEVICE).to(dtype), 0.3)
     a = torch.randn(40, 48, device=DEVICE).to(dtype)
     b = torch.randn(150, 48, device=DEVICE).to(dtype)
     out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
@@ -405,7 +405,7 @@ def test_exact_fp32_sddmm_takes_the_tiled_kernel_unless_very_sparse(backend, spa
 
     calls = []
     monkeypatch.setattr(csr_ops, "sddmm_tiled", lambda *args: calls.append(args[-1]) or sddmm_tiled(*args))
-    weight = CSRWeight.prune(torch.randn(64, 160, device=DEVICE), sparsity)
+    weight = prune_csr(torch.randn(64, 160, device=DEVICE), sparsity)
     a = torch.randn(64, 96, device=DEVICE)
     b = torch.randn(160, 96, device=DEVICE)
     expected = (a.double() @ b.double().t()) * weight.mask()
@@ -696,7 +696,7 @@ def test_opcheck(op, args):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 16, 256, 1024])
 def test_spmm_kernel_large(tokens, dtype):
-    weight = CSRWeight.prune(torch.randn(4096, 4096, device=DEVICE).to(dtype), 0.9)
+    weight = prune_csr(torch.randn(4096, 4096, device=DEVICE).to(dtype), 0.9)
     x = torch.randn(tokens, 4096, device=DEVICE).to(dtype)
     bias = torch.randn(4096, device=DEVICE).to(dtype)
     out = torch.full((tokens, 4096), float("nan"), dtype=dtype, device=DEVICE)
@@ -720,7 +720,7 @@ def test_spmm_imbalanced_rows_large(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("depth", [16, 1000])
 def test_sddmm_kernel_large(dtype, depth):
-    weight = CSRWeight.prune(torch.randn(4096, 4096, device=DEVICE).to(dtype), 0.9)
+    weight = prune_csr(torch.randn(4096, 4096, device=DEVICE).to(dtype), 0.9)
     a = torch.randn(4096, depth, device=DEVICE).to(dtype)
     b = torch.randn(4096, depth, device=DEVICE).to(dtype)
     out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
@@ -735,7 +735,7 @@ def test_sddmm_kernel_large(dtype, depth):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_large(dtype):
-    weight = CSRWeight.prune(torch.randn(1024, 2048, device=DEVICE).to(dtype), 0.9)
+    weight = prune_csr(torch.randn(1024, 2048, device=DEVICE).to(dtype), 0.9)
     x = torch.randn(300, 2048, device=DEVICE).to(dtype).requires_grad_()
     sparse = weight._with_values(weight.values.clone().requires_grad_())
     grad_y = torch.randn(300, 1024, device=DEVICE).to(dtype)

@@ -146,7 +146,7 @@ def test_launches_per_product(monkeypatch, tokens, pattern, vector, expected):
 def test_csr_launches_per_product(monkeypatch, tokens, expected):
     # One token: the SpMM alone; more: x's transpose first; from _transposed_write_min_tokens (32 under the
     # interpreter, 512 on a GPU, where it measured faster) the output is also written feature-major and transposed.
-    weight = nmspmm.CSRWeight.prune(torch.randn(48, 80, device=DEVICE), sparsity=0.7)
+    weight = nmspmm.prune.prune_csr(torch.randn(48, 80, device=DEVICE), sparsity=0.7)
     launched = []
     real_launch = launch_module.launch
 
@@ -163,7 +163,7 @@ def test_csr_launches_per_product(monkeypatch, tokens, expected):
 
 
 def test_block_product_is_one_launch_with_split_k(monkeypatch):
-    weight = nmspmm.BlockShuffledWeight.prune(torch.randn(64, 512, device=DEVICE), 0.5, (16, 16), search=False)
+    weight = nmspmm.prune.prune_block_shuffled(torch.randn(64, 512, device=DEVICE), 0.5, (16, 16), search=False)
     launched = []
     real_launch = launch_module.launch
     monkeypatch.setattr(

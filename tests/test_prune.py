@@ -8,6 +8,8 @@ import random
 import pytest
 import torch
 
+import nmspmm
+from conftest import DEVICE
 from nmspmm import NMSparseWeight, magnitude_mask, prune
 from nmspmm.formats import SUPPORTED_DTYPES, SUPPORTED_VECTORS
 
@@ -148,3 +150,22 @@ def test_bad_arguments(function, kwargs: dict, error: type[Exception], message: 
     arguments = {"weight": torch.randn(N, K), "pattern": "2:4", "vector": 16, **kwargs}
     with pytest.raises(error, match=message):
         function(**arguments)
+
+
+def test_format_prune_methods_are_deprecated_names_of_the_pruning_functions():
+    weight = torch.randn(64, 64, device=DEVICE)
+    with pytest.warns(DeprecationWarning, match=r"CSRWeight.prune is deprecated; call nmspmm.prune.prune_csr"):
+        old = nmspmm.CSRWeight.prune(weight, 0.75)
+    new = nmspmm.prune.prune_csr(weight, 0.75)
+    assert torch.equal(old.to_dense(), new.to_dense())
+    with pytest.warns(DeprecationWarning, match=r"nmspmm.prune.prune_block_shuffled"):
+        old = nmspmm.BlockShuffledWeight.prune(weight, 0.5, (32, 32), search=False)
+    new = nmspmm.prune.prune_block_shuffled(weight, 0.5, (32, 32), search=False)
+    assert torch.equal(old.to_dense(), new.to_dense())
+
+
+def test_prune_is_both_the_package_and_its_n_m_entry_point():
+    weight = torch.randn(32, 64, device=DEVICE)
+    assert torch.equal(nmspmm.prune(weight, "2:4", 16).to_dense(), nmspmm.prune.prune(weight, "2:4", 16).to_dense())
+    for name in ("wanda_mask", "collect_input_norms", "search_permutation", "prune_csr", "prune_block_shuffled"):
+        assert callable(getattr(nmspmm.prune, name))

@@ -302,8 +302,8 @@ def test_safetensors_holds_every_format(tmp_path: Path) -> None:
     dense = torch.randn(64, 96)
     weights = {
         "nm": nmspmm.prune(dense, "2:4", 16),
-        "csr": nmspmm.CSRWeight.prune(dense.half(), 0.9),
-        "blocks": nmspmm.BlockShuffledWeight.prune(dense.bfloat16(), 0.75, (16, 32)),
+        "csr": nmspmm.prune.prune_csr(dense.half(), 0.9),
+        "blocks": nmspmm.prune.prune_block_shuffled(dense.bfloat16(), 0.75, (16, 32)),
     }
     save_safetensors(weights, tmp_path / "w.safetensors")
     loaded = load_safetensors(tmp_path / "w.safetensors")

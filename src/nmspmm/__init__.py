@@ -3,7 +3,11 @@
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
 from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, SparsifyReport, sparsify
 from .ops import linear, linear_feature_major, sddmm
-from .prune import magnitude_mask, prune, unstructured_mask
+from .prune import magnitude_mask, unstructured_mask
+
+# The pruning package itself, callable as its N:M entry point (nmspmm.prune(weight, "8:32", vector=64)), so that
+# nmspmm.prune.wanda_mask and the other pruning functions are reached under the same name.
+from . import prune
 
 __all__ = [
     "BlockShuffledLinear",

@@ -16,7 +16,7 @@ from . import ops
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
-from .prune import prune
+from .prune import prune, prune_block_shuffled, prune_csr
 from .prune.block_shuffle import check_block_sparsity
 from .prune.unstructured import check_sparsity
 
@@ -198,7 +198,7 @@ class CSRLinear(_SparseLinearBase):
         """Prune ``linear``'s weight by magnitude to ``sparsity`` (or keep the ``mask`` given) into a new module."""
         _check_linear(linear)
         dense = linear.weight.detach()
-        weight = CSRWeight.prune(dense, sparsity) if mask is None else CSRWeight.from_dense(dense, mask)
+        weight = prune_csr(dense, sparsity) if mask is None else CSRWeight.from_dense(dense, mask)
         return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
 
     @property
@@ -250,7 +250,7 @@ class BlockShuffledLinear(_SparseLinearBase):
     ) -> BlockShuffledLinear:
         """Prune ``linear``'s weight to whole ``block`` tiles after a searched row permutation into a new module."""
         _check_linear(linear)
-        weight = BlockShuffledWeight.prune(linear.weight.detach(), sparsity, block, search=search)
+        weight = prune_block_shuffled(linear.weight.detach(), sparsity, block, search=search)
         return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
 
     @property

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import BlockShuffledWeight
 from .formats.pattern import check_vector, parse_pattern
 from .prune import (
     collect_input_norms,
     kept_magnitude,
     magnitude_mask,
+    prune_block_shuffled,
     search_permutation,
     unstructured_mask,
     wanda_mask,
@@ -282,7 +282,7 @@ def format_quality(
         for block in blocks:
             for search in (False, True):
                 label = f"block {block[0]}x{block[1]}" + (" + row search" if search else "")
-                choices.append((label, lambda name, weight, block=block, search=search: BlockShuffledWeight.prune(
+                choices.append((label, lambda name, weight, block=block, search=search: prune_block_shuffled(
                     weight, sparsity, block, search=search
                 ).mask()))
         for label, mask_of in choices:

@@ -14,7 +14,7 @@ import torch
 from ..formats import BlockShuffledWeight, CSRWeight
 from ..ops import linear, sddmm
 from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm_case
-from ..prune import kept_magnitude, prune
+from ..prune import kept_magnitude, prune, prune_block_shuffled, prune_csr
 from .cases import DTYPES, load_suite
 from .report import device_slug, geomean, merge_csv, progress, speedup_of
 from .runner import (
@@ -107,9 +107,9 @@ class _WeightCache:
             generator = torch.Generator(device=DEVICE).manual_seed(hash(key) % 2**31)
             dense = torch.randn(case.rows, case.cols, device=DEVICE, generator=generator).to(dtype) * case.cols**-0.5
             if case.kind == "block":
-                weight = BlockShuffledWeight.prune(dense, case.sparsity, case.block)
+                weight = prune_block_shuffled(dense, case.sparsity, case.block)
             else:
-                weight = CSRWeight.prune(dense, case.sparsity)
+                weight = prune_csr(dense, case.sparsity)
             self._weights = {key: (dense, weight)}  # one layer at a time: large layers do not pile up
         return self._weights[key]
 

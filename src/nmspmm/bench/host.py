@@ -134,7 +134,9 @@ def case_functions(
 ) -> tuple[Callable[[torch.Tensor], object], Callable[[torch.Tensor], object], list[torch.Tensor], float]:
     """The nmspmm call and the torch call of ``case`` (each taking x), the distinct inputs, and the relative
     error of nmspmm's output against the float64 product with the densified weight (checked before timing)."""
-    import nmspmm
+    from ..nn import SparseLinear
+    from ..ops import linear
+    from ..prune import prune, prune_block_shuffled, prune_csr
 
     generator = torch.Generator(device=device).manual_seed(0)
     weight = torch.randn(case.rows, case.cols, device=device, dtype=dtype, generator=generator) * case.cols**-0.5
@@ -142,17 +144,17 @@ def case_functions(
         torch.randn(case.tokens, case.cols, device=device, dtype=dtype, generator=generator) for _ in range(inputs)
     ]
     if case.kind == "nm":
-        sparse = nmspmm.prune(weight, case.pattern, case.vector)
+        sparse = prune(weight, case.pattern, case.vector)
     elif case.kind == "csr":
-        sparse = nmspmm.CSRWeight.prune(weight, sparsity=case.sparsity)
+        sparse = prune_csr(weight, sparsity=case.sparsity)
     elif case.kind == "block":
-        sparse = nmspmm.BlockShuffledWeight.prune(weight, sparsity=case.sparsity, block=case.block, search=False)
+        sparse = prune_block_shuffled(weight, sparsity=case.sparsity, block=case.block, search=False)
     else:
         raise ValueError(f"kind: expected 'nm', 'csr' or 'block', got {case.kind!r}")
     if case.grad:
         if case.kind != "nm":
             raise ValueError(f"grad: timed for N:M weights only, got kind {case.kind!r}")
-        module = nmspmm.SparseLinear(sparse)
+        module = SparseLinear(sparse)
         baseline = torch.nn.Linear(case.cols, case.rows, bias=False, device=device, dtype=dtype)
         with torch.no_grad():
             baseline.weight.copy_(weight)
@@ -168,7 +170,7 @@ def case_functions(
 
         def ours(x: torch.Tensor) -> object:
             with torch.no_grad():
-                return nmspmm.linear(x, sparse)
+                return linear(x, sparse)
 
         def theirs(x: torch.Tensor) -> object:
             with torch.no_grad():

@@ -1,10 +1,34 @@
-"""What every sparse weight format shares: dtype and device from its values, and moves."""
+"""What every sparse weight format shares: dtype and device from its values, moves, and the deprecated
+``Format.prune`` entry points, which reach the pruning package through a registry it fills (the formats sit
+below pruning and import nothing of it)."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+# Format class -> (name of the pruning function, the function), filled when nmspmm.prune is imported.
+_PRUNERS: dict[type, tuple[str, Callable[..., Any]]] = {}
+
+
+def register_pruner(format_type: type, name: str, function: Callable[..., Any]) -> None:
+    """Make ``function`` (public as ``nmspmm.prune.<name>``) what the deprecated ``format_type.prune`` calls."""
+    _PRUNERS[format_type] = (name, function)
+
+
+def deprecated_prune(format_type: type, *args: Any, **kwargs: Any) -> Any:
+    """Run the pruning function registered for ``format_type``, warning that ``Format.prune`` is deprecated."""
+    if format_type not in _PRUNERS:
+        raise RuntimeError(f"{format_type.__name__}.prune: import nmspmm.prune first (it registers the pruners)")
+    name, function = _PRUNERS[format_type]
+    warnings.warn(
+        f"{format_type.__name__}.prune is deprecated; call nmspmm.prune.{name}(...) with the same arguments",
+        DeprecationWarning, stacklevel=3,
+    )
+    return function(*args, **kwargs)
 
 
 class SparseWeightBase:

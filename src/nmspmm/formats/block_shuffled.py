@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .base import SparseWeightBase
+from .base import SparseWeightBase, deprecated_prune
 from .pattern import SUPPORTED_DTYPES, checked_mask
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
@@ -243,13 +243,8 @@ class BlockShuffledWeight(SparseWeightBase):
         search: bool = True,
         iterations: int | None = None,
     ) -> "BlockShuffledWeight":
-        """Magnitude-prune ``weight`` to whole ``block`` tiles after a row permutation (searched when ``search``,
-        else the identity): see :func:`nmspmm.prune.block_shuffle.prune_block_shuffled`."""
-        # The one upward import of the formats layer: the requested entry point lives on the class, the search
-        # in nmspmm.prune (which imports this module, hence the import here rather than at the top).
-        from ..prune.block_shuffle import prune_block_shuffled
-
-        return prune_block_shuffled(weight, sparsity, block, search=search, iterations=iterations)
+        """Deprecated: :func:`nmspmm.prune.prune_block_shuffled` (same arguments)."""
+        return deprecated_prune(cls, weight, sparsity, block, search=search, iterations=iterations)
 
     def inverse_permutation(self) -> torch.Tensor:
         """int64 ``[N]``: the permuted position of every original row."""

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import SparseWeightBase
+from .base import SparseWeightBase, deprecated_prune
 from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_weight_matrix, checked_mask
 
 INDEX_DTYPE = torch.int32
@@ -174,13 +174,8 @@ class CSRWeight(SparseWeightBase):
 
     @classmethod
     def prune(cls, weight: torch.Tensor, sparsity: float) -> "CSRWeight":
-        """Magnitude-prune ``weight`` [N, K] to ``sparsity`` (see :func:`nmspmm.prune.unstructured_mask`: the
-        ``round((1 - sparsity) * N * K)`` largest |w| over the whole matrix are kept) and compress it; the result
-        holds a detached copy of the kept values."""
-        # A deliberate upward import: pruning rules live above the formats, but this constructor is the API.
-        from ..prune.unstructured import unstructured_mask
-
-        return cls.from_dense(weight.detach(), unstructured_mask(weight, sparsity))
+        """Deprecated: :func:`nmspmm.prune.prune_csr` (same arguments), where every format's pruning lives."""
+        return deprecated_prune(cls, weight, sparsity)
 
     def row_order(self) -> torch.Tensor:
         """int32 [N]: rows by descending nonzero count, ties in row order (the load-balancing launch order)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.base import register_pruner
 from ..formats.block_shuffled import INDEX_DTYPE, BlockShuffledWeight, check_block, check_block_weight
 from .magnitude import check_finite
 
@@ -216,3 +217,6 @@ def _greedy_pairs(gains: torch.Tensor, threshold: float) -> torch.Tensor:
             taken.update((first, second))
             chosen.append((first, second))
     return torch.tensor(chosen, dtype=torch.long, device=gains.device).view(-1, 2)
+
+
+register_pruner(BlockShuffledWeight, "prune_block_shuffled", prune_block_shuffled)

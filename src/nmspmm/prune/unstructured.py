@@ -1,4 +1,5 @@
-"""Unstructured magnitude pruning: keep the largest |w| over the whole matrix, in any positions."""
+"""Unstructured magnitude pruning: keep the largest |w| over the whole matrix, in any positions, and compress
+into a :class:`CSRWeight`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 
 import torch
 
+from ..formats.base import register_pruner
+from ..formats.csr import CSRWeight
 from ..formats.pattern import check_weight_matrix
 from .magnitude import check_finite
 
@@ -31,3 +34,13 @@ def unstructured_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
     mask[order[:keep]] = True
     return mask.view(weight.shape)
+
+
+def prune_csr(weight: torch.Tensor, sparsity: float) -> CSRWeight:
+    """Magnitude-prune ``weight`` [N, K] to ``sparsity`` (:func:`unstructured_mask`: the ``round((1 - sparsity) *
+    N * K)`` largest |w| over the whole matrix are kept) into a :class:`CSRWeight` holding a detached copy of the
+    kept values."""
+    return CSRWeight.from_dense(weight.detach(), unstructured_mask(weight, sparsity))
+
+
+register_pruner(CSRWeight, "prune_csr", prune_csr)
