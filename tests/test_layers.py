@@ -23,14 +23,14 @@ def _part(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def _module_name(path: Path) -> str:
-    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+def _module_name(path: Path, root: Path) -> str:
+    relative = path.relative_to(root.parent).with_suffix("")
     return ".".join(relative.parts)
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
+def _imports(path: Path, root: Path) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import of an nmspmm module in the file, at any depth."""
-    name = _module_name(path)
+    name = _module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -55,8 +55,8 @@ def upward_imports(root: Path = PACKAGE) -> list[str]:
     """Every import in the package that names a part of a higher layer than its own file's part."""
     problems = []
     for path in sorted(root.rglob("*.py")):
-        own = _part(_module_name(path))
-        for line, target in _imports(path):
+        own = _part(_module_name(path, root))
+        for line, target in _imports(path, root):
             other = _part(target)
             if other not in LAYERS or own not in LAYERS:
                 problems.append(f"{path.relative_to(root)}:{line}: part {other!r} or {own!r} has no layer")
@@ -77,13 +77,7 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     (package / "prune" / "__init__.py").write_text("")
     (package / "formats" / "__init__.py").write_text("")
     (package / "formats" / "csr.py").write_text("def f():\n    from ..prune import mask\n    return mask\n")
-    global PACKAGE
-    saved, PACKAGE = PACKAGE, package
-    try:
-        problems = upward_imports(package)
-    finally:
-        PACKAGE = saved
-    assert problems == ["formats/csr.py:2: formats imports nmspmm.prune (a higher layer)"]
+    assert upward_imports(package) == ["formats/csr.py:2: formats imports nmspmm.prune (a higher layer)"]
 
 
 @pytest.mark.parametrize("part", sorted({path.parent.name for path in PACKAGE.rglob("*.py")} - {"nmspmm"}))
