@@ -1,7 +1,7 @@
 """Offline tuning of the vector-wise kernel's configs on a GPU: for each case, check and time a grid of
 configs (kernel level: feature-major x in; both output layouts), write every row to a CSV and print the
 best per case. Times replay CUDA graphs (GPU time, as the benchmark's headline), and fp32 multiplies as the
-library does (``nmspmm.ops.backend.input_precision``). The table in ``nmspmm.perf`` is built from its output;
+library does (``nmspmm.ops.backend.input_precision``). The table in ``nmspmm.kernels.nm_vector`` is built from its output;
 nothing here runs at import."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from nmspmm.ops.backend import input_precision
 
 LARGE = [(4096, 4096, 4096), (1024, 11008, 4096), (256, 4096, 11008), (2048, 8192, 22016)]
 SMALL = [(1, 4096, 4096), (16, 4096, 4096), (64, 11008, 4096)]
-# 65-512 tokens, grids from under one wave of SMs to five: the cases behind perf._half_tile_v64.
+# 65-512 tokens, grids from under one wave of SMs to five: the cases behind kernels.nm_vector._half_tile_v64.
 MID = [(tokens, n, k) for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (2048, 5632)) for tokens in (256, 512)]
 SHAPE_SETS = {"large": LARGE, "mid": MID, "small": SMALL}
 

@@ -185,7 +185,7 @@ def test_config_summary_counts_cases_within_ten_percent():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the config check; GPUs run it for real")
 def test_config_check_runs_every_sampled_config_under_the_interpreter(monkeypatch):
     from nmspmm.bench import runner
-    from nmspmm.perf import choose_vector_config
+    from nmspmm.kernels import choose_vector_config
 
     calls = []
 

@@ -7,7 +7,7 @@ import torch
 
 import nmspmm
 from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, transpose
-from nmspmm.perf import choose_vector_config
+from nmspmm.kernels import choose_vector_config
 from conftest import DEVICE, TOLERANCE, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

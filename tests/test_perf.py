@@ -132,16 +132,16 @@ def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
     """Every suite shape and token count (decode included) gets a launchable config on a 132-SM device: tiles
     that stay inside a V-group and divide N, pipelined operand tiles within the H100's shared memory, and split-K
     only for few tokens."""
-    from nmspmm import perf
     from nmspmm.bench.cases import load_suite
+    from nmspmm.kernels import nm_vector
 
-    monkeypatch.setattr(perf, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(nm_vector, "multiprocessors", lambda device: 132)
     suite = load_suite()
     for tokens in suite["tokens_M"] + suite["decode_tokens_M"] + [7, 333]:
         for rows, cols in suite["layers_NK"]:
             kept = cols // 32 * 8
             # __wrapped__: the uncached choice, so the made-up SM count never reaches the cache a GPU run uses.
-            config = perf._choose_vector_config.__wrapped__(
+            config = nm_vector._choose_vector_config.__wrapped__(
                 tokens, rows, kept, vector, dtype, torch.device("cuda"), False
             )
             assert vector % config.block_n == 0 and rows % config.block_n == 0
@@ -153,7 +153,7 @@ def test_configs_for_the_suite_fit_the_kernel(monkeypatch, dtype, vector):
 
 
 def test_few_token_tiles_widen_and_split_where_the_grid_is_short():
-    from nmspmm.perf import _few_tokens_config
+    from nmspmm.kernels.nm_vector import _few_tokens_config
 
     def tile(tokens, rows, kept, dtype=torch.bfloat16):
         config = _few_tokens_config(tokens, rows, kept, 64, dtype, 132)
@@ -173,7 +173,7 @@ def test_few_token_tiles_widen_and_split_where_the_grid_is_short():
 
 
 def test_v64_half_tiles_follow_the_grid_size():
-    from nmspmm.perf import _half_tile_v64
+    from nmspmm.kernels.nm_vector import _half_tile_v64
 
     assert _half_tile_v64(256, 4096, 132) == (64, 128, 8, 3, True)  # 128 tiles of 128 tokens: one wave
     assert _half_tile_v64(512, 4096, 132) == (64, 64, 4, 3, True)  # 256: two waves

@@ -1,10 +1,9 @@
 """The performance model: FLOPs and the fewest bytes a product must move, the device's measured ceilings,
-the bound times of the dense and the sparse products, the ideal speedup, and the kernel config chosen
-from the model and a small table (no tuning on sample inputs at run time)."""
+the bound times of the dense and the sparse products, and the ideal speedup. Each kernel's config choice lives
+beside its kernel (``nmspmm.kernels``)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -13,8 +12,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .kernels import VectorConfig, interpreter_config
-from .kernels.launch import interpreter_active, multiprocessors
+from .kernels.launch import multiprocessors
 
 PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
 
@@ -247,103 +245,3 @@ def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings, 
     ``l2_moved`` bytes from L2 to the SMs, after the fixed cost of its launch."""
     streamed = max(flops / (tflops * 1e9), moved / (ceilings.copy_tbps * 1e9), l2_moved / (ceilings.l2_tbps * 1e9))
     return ceilings.launch_us / 1e3 + streamed
-
-
-# Tiles for more than 64 tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
-# (vector, tokens <= 512) -> (block_m, block_k, num_warps, num_stages, weight_first). V=64 is chosen by
-# _half_tile_v64 instead.
-_HALF_TABLE = {
-    (16, True): (128, 128, 4, 3, False),
-    (16, False): (128, 64, 4, 3, False),
-    (32, True): (256, 128, 8, 3, False),
-    (32, False): (256, 64, 8, 3, False),
-    (128, True): (64, 128, 8, 3, True),
-    (128, False): (128, 64, 8, 3, True),
-}
-
-
-def _half_tile_v64(tokens: int, rows: int, sms: int) -> tuple[int, int, int, int, bool]:
-    """bf16/fp16 tiles at V=64 by how many 128-token tiles the grid holds: under one wave, long K steps of a
-    64-token tile with 8 warps; up to two waves, 64-token tiles with short K steps; beyond, 128-token tiles with
-    short K steps. From a CUDA-graph sweep (18 configs of the tuner's large grid on its "mid" shapes: 256 and
-    512 tokens on 4096x4096, 11008x4096, 4096x11008 and 2048x5632, at 16:32 and 8:32, both output layouts;
-    H100, 2026-11-23): within 3.5% of each case's best in geomean (worst 12%), where the earlier table by
-    token count was 21% off (worst 60%)."""
-    programs = triton.cdiv(tokens, 128) * (rows // 64)
-    if programs <= sms:
-        return 64, 128, 8, 3, True
-    if programs <= 2 * sms:
-        return 64, 64, 4, 3, True
-    return 128, 64, 4, 3, True
-
-
-def choose_vector_config(
-    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device
-) -> VectorConfig:
-    """The vector-wise kernel's config for a case. Few tokens (<= 64) are bound by weight bytes: narrow tiles
-    of output features streamed in long K steps, split over K only where a long reduction would leave too few
-    programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
-    table. Cached: the host time of a call matters when there are few tokens."""
-    return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
-
-
-@functools.lru_cache(maxsize=4096)
-def _choose_vector_config(
-    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device, interpreted: bool
-) -> VectorConfig:
-    if interpreted:
-        return interpreter_config(vector)
-    if tokens <= 64:
-        return _few_tokens_config(tokens, rows, kept, vector, dtype, multiprocessors(device))
-    block_n = min(vector, 128)
-    if dtype == torch.float32:
-        # Tuned for "tf32x3" (nmspmm's exact fp32) on an H100, 2026-11-23: 16:32-4:32 on 4096x4096,
-        # 11008x4096 and 4096x11008 at 256-4096 tokens; tf32 shares them.
-        return VectorConfig(128, block_n, 64 if block_n <= 32 else 32, 4 if block_n <= 32 else 8, 3)
-    if vector == 64:
-        block_m, block_k, warps, stages, weight_first = _half_tile_v64(tokens, rows, multiprocessors(device))
-    else:
-        block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
-    return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)
-
-
-# A program's share of the weight (elements) above which few-token launches split K, while the grid is short.
-_SPLIT_K_WORK = 48 * 1024
-# Kept inputs per weight row from which one token takes the wider, more split tiles of _few_tokens_config.
-_ONE_TOKEN_ROW = 2048
-
-
-def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
-    """Tiles for up to 64 tokens, streamed 3 stages deep, from graph-replayed sweeps of bf16 V=64 (H100,
-    2026-11-23). Up to 16 tokens: 32 output features by 256 kept inputs (128 where the tiles outnumber the SMs, so
-    that two programs share an SM). From 17 tokens the gathered x rows cost as much as the weight, so tiles take
-    64 output features (half the gathers) by 128 kept inputs. K is split (fp32 partials, then a sum kernel) while
-    a program's share of the weight is large and the grid holds fewer than 64 output features per SM per split:
-    two waves of 32-wide tiles, one of 64-wide ones. Session 5's sweep (16 and 64 tokens; 2048x2048, 4096x4096,
-    4096x11008, 11008x4096; 16:32 and 4:32; 13 tiles x split-K 1-8) put this rule within 4% of each case's best
-    in geomean (worst 14%); the session-4 rule (32-wide tiles and 4 stages at 64 tokens, no split there) took
-    1.3-1.4x longer at 64 tokens over the suite, e.g. 4096x11008 16:32: 36.5 us against 24.4 us split four
-    ways. Finishing the split in the kernel (the last program of a tile sums the partials) saved nothing over
-    the second launch. One token in half precision with long weight rows (2048 kept inputs or more) takes
-    64-wide tiles by 128 kept inputs, split (at most 8 ways) while the grid holds fewer than 128 output features
-    per SM per split. From session 6's sweep (1 token; 8 layers from 2048x5632 to 22016x8192; 16:32, 8:32, 4:32;
-    the 24 configs of the few-token grid), then the suite's 80 one-token cases timed both ways: 1.03x faster
-    than the 16-token rule in geomean (worst 0.93x). For every row length it was 1.01x, and short rows lost up to
-    1.45x (2048x2048 4:32: 3.9 against 2.7 us), where a split adds a launch that a short row does not repay."""
-    one = tokens == 1 and dtype != torch.float32 and kept >= _ONE_TOKEN_ROW
-    few = tokens <= 16
-    block_n = min(vector, 32 if few and not one else 64)
-    block_m = max(16, triton.next_power_of_2(tokens))
-    tiles = rows // block_n
-    if dtype == torch.float32:
-        block_k = 128 if few else 64
-    else:
-        block_k = 256 if few and not one and tiles <= sms else 128
-    features_per_sm, min_work, max_split = (128, 0, 8) if one else (64, _SPLIT_K_WORK, kept)
-    split_k = 1
-    while (
-        rows * split_k < features_per_sm * sms and block_n * kept // split_k > min_work
-        and kept >= 2 * block_k * split_k and split_k < max_split
-    ):
-        split_k *= 2
-    return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, block_n >= 32)

@@ -1,6 +1,6 @@
 """The vector-wise kernel's candidate configs: the grids the offline tuner sweeps (``benchmarks/tune_vector.py``)
 and the sample ``nmspmm bench --check-configs`` times beside the model's choice, so that the benchmark reports
-how often the choice (``nmspmm.perf.choose_vector_config``) is within 10% of the best config tried."""
+how often the choice (``nmspmm.kernels.choose_vector_config``) is within 10% of the best config tried."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 import triton
 
 from ..kernels import VectorConfig
+from ..kernels.launch import FEW_TOKENS
 
-SMALL_TOKENS = 64  # up to this many tokens the small-tile grid (split-K) applies, as in choose_vector_config
+SMALL_TOKENS = FEW_TOKENS  # up to this many tokens the small-tile grid (split-K) applies, as in choose_vector_config
 
 
 def large_configs(vector: int, dtype: torch.dtype) -> Iterator[VectorConfig]:

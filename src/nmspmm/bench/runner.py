@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import NMSparseWeight
-from ..kernels import VectorConfig, nm_vector_matmul
+from ..kernels import VectorConfig, choose_vector_config, nm_vector_matmul
+from ..kernels.launch import FEW_TOKENS
 from ..ops import linear, linear_feature_major
 from ..ops.backend import input_precision
-from ..perf import DeviceCeilings, choose_vector_config, model_case
+from ..perf import DeviceCeilings, model_case
 from .configs import sample_configs, within
 from ..prune import prune
 from .cases import Case
 
-GRAPH_TOKENS = 64  # bench-formats: up to this many tokens, also time from a CUDA graph
+GRAPH_TOKENS = FEW_TOKENS  # bench-formats: up to this many tokens, also time from a CUDA graph
 TOLERANCE = {"float32": 1e-5, "tf32": 2e-3, "float16": 2e-3, "bfloat16": 1.5e-2}
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch, next_power_of_2
+from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, next_power_of_2
 from .split_k import split_k_buffers, split_k_total
 
 
@@ -81,9 +81,10 @@ def choose_block_sparse_config(
     """Token tile from the token count (the smallest power of two >= 16 holding them, at most 128, or 64 when
     fp32 blocks are large), stages as many as the shared-memory budget holds (1 to 5: deep pipelines hide the
     latency of the block-column loads, 1.5x faster at M = 16 on an H100); small tiles under the interpreter.
-    Up to 64 tokens, block-rows of 64 blocks or more are split in two (fp32 halves, then a sum kernel): at 16
-    tokens, 32x32 blocks at 50% (H100, 2026-11-23) took 12.3 against 13.1 us on 4096x4096 and 25.9 against 29.4
-    us on 11008x4096; at 75% and 87.5% (32 and 16 blocks a block-row) a split in two was 6-36% slower."""
+    Up to :data:`FEW_TOKENS` tokens, block-rows of 64 blocks or more are split in two (fp32 halves, added by the
+    tile's last program inside the launch): with a sum kernel after it, at 16 tokens, 32x32 blocks at 50% (H100)
+    took 12.3 against 13.1 us on 4096x4096 and 25.9 against 29.4 us on 11008x4096; at 75% and 87.5% (32 and 16
+    blocks a block-row) a split in two was 6-36% slower."""
     if interpreter_active():
         return BlockSparseConfig(block_m=16, num_warps=4, num_stages=1)
     bn, bk = block
@@ -93,7 +94,7 @@ def choose_block_sparse_config(
     stage_bytes = (block_m * bk + bk * bn) * element
     stages = max(1, min(5, _SHARED_MEMORY_BUDGET // stage_bytes))
     warps = 8 if block_m * bn >= 128 * 64 else 4
-    split_k = 2 if tokens <= 64 and kept_blocks >= 64 * (rows // bn) else 1
+    split_k = 2 if tokens <= FEW_TOKENS and kept_blocks >= 64 * (rows // bn) else 1
     return BlockSparseConfig(block_m=block_m, num_warps=warps, num_stages=stages, split_k=split_k)
 
 

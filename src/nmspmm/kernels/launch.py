@@ -26,6 +26,11 @@ def interpreter_active() -> bool:
     return interpreter_requested()
 
 
+# Up to this many tokens a product is bound by its weight bytes (decode): the config rules of the kernels and
+# the benchmarks' graph-replayed timings switch here.
+FEW_TOKENS = 64
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints. Launchers call this, not ``triton.cdiv``: from Python that is a constexpr
     function whose call cost 3-4 us of host time on the H200's host, twice per launch."""

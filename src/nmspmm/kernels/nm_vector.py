@@ -5,13 +5,14 @@ contiguous row of tokens."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch
+from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, multiprocessors, next_power_of_2
 from .split_k import split_k_buffers, split_k_total
 
 
@@ -122,6 +123,95 @@ def interpreter_config(vector: int) -> VectorConfig:
     return VectorConfig(block_m=16, block_n=min(vector, 32), block_k=16, num_warps=4, num_stages=1)
 
 
+# Tiles for more than FEW_TOKENS tokens, from benchmarks/tune_vector.py on an H100 (bf16; fp16 shares them):
+# (vector, tokens <= 512) -> (block_m, block_k, num_warps, num_stages, weight_first). V=64 is chosen by
+# _half_tile_v64 instead.
+_HALF_TABLE = {
+    (16, True): (128, 128, 4, 3, False),
+    (16, False): (128, 64, 4, 3, False),
+    (32, True): (256, 128, 8, 3, False),
+    (32, False): (256, 64, 8, 3, False),
+    (128, True): (64, 128, 8, 3, True),
+    (128, False): (128, 64, 8, 3, True),
+}
+
+
+def _half_tile_v64(tokens: int, rows: int, sms: int) -> tuple[int, int, int, int, bool]:
+    """bf16/fp16 tiles at V=64 by how many 128-token tiles the grid holds: under one wave, long K steps of a
+    64-token tile with 8 warps; up to two waves, 64-token tiles with short K steps; beyond, 128-token tiles with
+    short K steps (graph-timed sweep: ``docs/perf-notes.md``, v8)."""
+    programs = cdiv(tokens, 128) * (rows // 64)
+    if programs <= sms:
+        return 64, 128, 8, 3, True
+    if programs <= 2 * sms:
+        return 64, 64, 4, 3, True
+    return 128, 64, 4, 3, True
+
+
+def choose_vector_config(
+    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device
+) -> VectorConfig:
+    """The vector-wise kernel's config for a case. Few tokens (<= :data:`FEW_TOKENS`) are bound by weight bytes: narrow tiles
+    of output features streamed in long K steps, split over K only where a long reduction would leave too few
+    programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
+    table. Cached: the host time of a call matters when there are few tokens."""
+    return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_vector_config(
+    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device, interpreted: bool
+) -> VectorConfig:
+    if interpreted:
+        return interpreter_config(vector)
+    if tokens <= FEW_TOKENS:
+        return _few_tokens_config(tokens, rows, kept, vector, dtype, multiprocessors(device))
+    block_n = min(vector, 128)
+    if dtype == torch.float32:
+        # Tuned for "tf32x3" (nmspmm's exact fp32) on an H100, 2026-11-23: 16:32-4:32 on 4096x4096,
+        # 11008x4096 and 4096x11008 at 256-4096 tokens; tf32 shares them.
+        return VectorConfig(128, block_n, 64 if block_n <= 32 else 32, 4 if block_n <= 32 else 8, 3)
+    if vector == 64:
+        block_m, block_k, warps, stages, weight_first = _half_tile_v64(tokens, rows, multiprocessors(device))
+    else:
+        block_m, block_k, warps, stages, weight_first = _HALF_TABLE[(vector, tokens <= 512)]
+    return VectorConfig(block_m, block_n, block_k, warps, stages, 8, 1, weight_first)
+
+
+# A program's share of the weight (elements) above which few-token launches split K, while the grid is short.
+_SPLIT_K_WORK = 48 * 1024
+# Kept inputs per weight row from which one token takes the wider, more split tiles of _few_tokens_config.
+_ONE_TOKEN_ROW = 2048
+
+
+def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, sms: int) -> VectorConfig:
+    """Tiles for up to :data:`FEW_TOKENS` tokens, streamed 3 stages deep. Up to 16 tokens: 32 output features by
+    256 kept inputs (128 where the tiles outnumber the SMs, so that two programs share an SM). From 17 tokens the
+    gathered x rows cost as much as the weight, so tiles take 64 output features (half the gathers) by 128 kept
+    inputs. K is split (the tile's last program adds the fp32 shares, inside the launch) while a program's share
+    of the weight is large and the grid holds fewer than 64 output features per SM per split. One token in half
+    precision with long weight rows (:data:`_ONE_TOKEN_ROW` kept inputs or more) takes 64-wide tiles by 128 kept
+    inputs, split at most 8 ways while the grid holds fewer than 128 output features per SM per split; shorter
+    rows keep the 16-token rule. The sweeps behind each rule: ``docs/perf-notes.md``, v10 and v11."""
+    one = tokens == 1 and dtype != torch.float32 and kept >= _ONE_TOKEN_ROW
+    few = tokens <= 16
+    block_n = min(vector, 32 if few and not one else 64)
+    block_m = max(16, next_power_of_2(tokens))
+    tiles = rows // block_n
+    if dtype == torch.float32:
+        block_k = 128 if few else 64
+    else:
+        block_k = 256 if few and not one and tiles <= sms else 128
+    features_per_sm, min_work, max_split = (128, 0, 8) if one else (64, _SPLIT_K_WORK, kept)
+    split_k = 1
+    while (
+        rows * split_k < features_per_sm * sms and block_n * kept // split_k > min_work
+        and kept >= 2 * block_k * split_k and split_k < max_split
+    ):
+        split_k *= 2
+    return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, block_n >= 32)
+
+
 def _alignment(*values: int) -> int:
     """The largest power of two up to 16 that divides every value (a token count, strides between token rows)."""
     alignment = 16
@@ -147,7 +237,7 @@ def nm_vector_matmul(
 
     For fp32 inputs ``input_precision`` is ``"ieee"`` (FMA), ``"tf32x3"`` (fp32 accuracy from three
     tf32 tensor-core products) or ``"tf32"``; fp16/bf16 use tensor cores either way. Shapes are trusted:
-    ``nmspmm.ops`` validates them and ``nmspmm.perf`` picks ``config``.
+    ``nmspmm.ops`` validates them and :func:`choose_vector_config` picks ``config``.
     """
     tokens = xt.shape[1]
     rows, kept = values.shape

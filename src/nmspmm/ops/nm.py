@@ -8,8 +8,9 @@ import torch
 
 from ..formats import NMSparseWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
-from ..kernels import nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose
-from ..perf import choose_vector_config
+from ..kernels import (
+    choose_vector_config, nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose,
+)
 from .backend import autograd_function, call_op, check_backend, check_operands, input_precision, use_triton
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
