@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import nmspmm
 from conftest import DEVICE, TOLERANCE, relative_error
+from nmspmm.training import SRSTELinear
 
 # On the CPU "triton" runs the kernels through the interpreter; "auto" there is the dense reference.
 BACKENDS = ["auto", "triton"] if DEVICE == "cpu" else ["auto"]
@@ -126,7 +128,6 @@ def test_cpu_triton_needs_interpreter(monkeypatch):
         (lambda w: (torch.randn(4, 64, dtype=torch.float64), w, None), TypeError, r"x: dtype torch.float64"),
         (lambda w: (torch.randn(4, 64).half(), w, None), TypeError, r"x: dtype torch.float16 does not match"),
         (lambda w: (torch.randn(4, 48), w, None), ValueError, r"x: expected last dimension K=64"),
-        (lambda w: (torch.randn(0, 64), w, None), ValueError, r"x: expected a non-empty tensor"),
         (lambda w: (torch.tensor(1.0), w, None), ValueError, r"x: expected last dimension K=64"),
         (lambda w: ([[1.0] * 64], w, None), TypeError, r"x: expected a torch.Tensor"),
         (lambda w: (torch.randn(4, 64), w.to_dense(), None), TypeError, r"weight: expected an nmspmm.NMSparseWeight"),
@@ -165,3 +166,34 @@ def test_mixed_devices_rejected():
         nmspmm.linear(torch.randn(2, 64), weight)
     with pytest.raises(ValueError, match="bias: on cpu, but weight is on cuda"):
         nmspmm.linear(torch.randn(2, 64, device="cuda"), weight, torch.randn(32))
+
+
+def _empty_batch_modules() -> list[object]:
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32, device=DEVICE)
+    return [
+        pytest.param(lambda: nmspmm.SparseLinear.from_dense(dense, "8:32", 16), id="nm-V16"),
+        pytest.param(lambda: nmspmm.SparseLinear.from_dense(dense, "2:4", 1), id="nm-V1"),
+        pytest.param(lambda: nmspmm.CSRLinear.from_dense(dense, 0.75), id="csr"),
+        pytest.param(lambda: nmspmm.BlockShuffledLinear.from_dense(dense, 0.5, (16, 16), search=False), id="block"),
+        pytest.param(lambda: SRSTELinear(dense, "2:4", decay=0.0), id="srste"),  # no decay: no gradient either
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", _empty_batch_modules())
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)])
+def test_empty_batches_behave_like_nn_linear(make, backend, shape):
+    # A mixture-of-experts layer may send no token to an expert: like nn.Linear, return [..., 0, N] and zero
+    # gradients for the weights, without launching anything.
+    module = make()
+    module.backend = backend
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    y = module(x)
+    assert y.shape == (*shape[:-1], 32)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and not bool(parameter.grad.any()), name
+    with torch.no_grad():
+        assert module(x).shape == (*shape[:-1], 32)

@@ -97,7 +97,9 @@ def launch(
     per launch on the H200's host, more than ``F.linear``'s whole call). Here the first call of each
     specialization (see :func:`_specialization`) goes through it and keeps the compiled kernel; later calls launch
     that kernel's handle directly on the current stream. The interpreter and launch hooks (profilers) always take
-    the generic launcher."""
+    the generic launcher. A grid without programs launches nothing."""
+    if 0 in grid:  # no programs: nothing to run (CUDA refuses an empty grid)
+        return
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     if interpreter_active() or _RUNTIME is None:
         kernel[grid](*args, **constexprs, **options)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active
+from .launch import cdiv, interpreter_active, launch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -155,14 +155,17 @@ def _grad_input_scatter(
     precision, upcast = _input_precision(values.dtype, input_precision)
     groups = rows // vector
     grid = (cdiv(tokens, config.block_m) * groups * cdiv(kept, config.block_k),)
-    _nm_grad_input_scatter_kernel[grid](
-        grad_y, values, kept_offsets, target,
-        tokens, kept, groups,
-        grad_y.stride(0), grad_y.stride(1), values.stride(0), values.stride(1), target.stride(0), target.stride(1),
-        N_KEEP=n, GROUP=m, VECTOR=vector,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        INPUT_PRECISION=precision, UPCAST=upcast,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    launch(
+        _nm_grad_input_scatter_kernel, grid,
+        (
+            grad_y, values, kept_offsets, target, tokens, kept, groups, grad_y.stride(0), grad_y.stride(1),
+            values.stride(0), values.stride(1), target.stride(0), target.stride(1),
+        ),
+        dict(
+            N_KEEP=n, GROUP=m, VECTOR=vector, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            INPUT_PRECISION=precision, UPCAST=upcast,
+        ),
+        config.num_warps, config.num_stages,
     )
     if target is not out:
         out.copy_(target)
@@ -237,15 +240,18 @@ def _grad_input_dense(
     rows, kept = values.shape
     precision, upcast = _input_precision(values.dtype, input_precision)
     grid = (cdiv(tokens, config.block_m) * cdiv(cols, config.block_k),)
-    _nm_grad_input_dense_kernel[grid](
-        grad_y, values, kept_offsets, out,
-        tokens, rows, cols, kept,
-        grad_y.stride(0), grad_y.stride(1), values.stride(0), values.stride(1), out.stride(0), out.stride(1),
-        N_KEEP=n, GROUP=m, VECTOR=vector,
-        SEARCH_TOP=1 << (n.bit_length() - 1), SEARCH_STEPS=n.bit_length(),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        INPUT_PRECISION=precision, UPCAST=upcast,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    launch(
+        _nm_grad_input_dense_kernel, grid,
+        (
+            grad_y, values, kept_offsets, out, tokens, rows, cols, kept, grad_y.stride(0), grad_y.stride(1),
+            values.stride(0), values.stride(1), out.stride(0), out.stride(1),
+        ),
+        dict(
+            N_KEEP=n, GROUP=m, VECTOR=vector, SEARCH_TOP=1 << (n.bit_length() - 1), SEARCH_STEPS=n.bit_length(),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, INPUT_PRECISION=precision,
+            UPCAST=upcast,
+        ),
+        config.num_warps, config.num_stages,
     )
     return out
 
@@ -357,13 +363,17 @@ def _grad_values_vector(
         raise ValueError(f"config: block_n={config.block_n} must divide vector={vector}")
     precision, upcast = _input_precision(grad_y.dtype, input_precision)
     grid = (rows // config.block_n * cdiv(kept, config.block_k),)
-    _nm_grad_values_vector_kernel[grid](
-        x_t, grad_y, kept_offsets, out, tokens, kept,
-        x_t.stride(0), x_t.stride(1), grad_y.stride(0), grad_y.stride(1), out.stride(0), out.stride(1),
-        N_KEEP=n, GROUP=m, VECTOR=vector,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        INPUT_PRECISION=precision, UPCAST=upcast,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    launch(
+        _nm_grad_values_vector_kernel, grid,
+        (
+            x_t, grad_y, kept_offsets, out, tokens, kept, x_t.stride(0), x_t.stride(1), grad_y.stride(0),
+            grad_y.stride(1), out.stride(0), out.stride(1),
+        ),
+        dict(
+            N_KEEP=n, GROUP=m, VECTOR=vector, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            INPUT_PRECISION=precision, UPCAST=upcast,
+        ),
+        config.num_warps, config.num_stages,
     )
     return out
 
@@ -416,11 +426,16 @@ def _grad_values_element(
     tokens = x_t.shape[1]
     rows, kept = out.shape
     grid = (cdiv(rows, config.block_n) * cdiv(kept, config.block_k),)
-    _nm_grad_values_element_kernel[grid](
-        x_t, grad_y, kept_offsets, out, tokens, rows, kept,
-        x_t.stride(0), x_t.stride(1), grad_y.stride(0), grad_y.stride(1), out.stride(0), out.stride(1),
-        N_KEEP=n, GROUP=m, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    launch(
+        _nm_grad_values_element_kernel, grid,
+        (
+            x_t, grad_y, kept_offsets, out, tokens, rows, kept, x_t.stride(0), x_t.stride(1), grad_y.stride(0),
+            grad_y.stride(1), out.stride(0), out.stride(1),
+        ),
+        dict(
+            N_KEEP=n, GROUP=m, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ),
+        config.num_warps, config.num_stages,
     )
     return out
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active
+from .launch import cdiv, interpreter_active, launch
 
 
 @triton.jit
@@ -110,10 +110,10 @@ def sddmm(
     if depth > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
         raise ValueError(f"a, b: expected unit stride along D, got strides {a.stride()} and {b.stride()}")
     blocks = sddmm_blocks(depth)
-    _sddmm_kernel[(cdiv(nnz, blocks.block_nnz),)](
-        a, b, row_indices.contiguous(), col_indices.contiguous(), out,
-        nnz, depth, a.stride(0), b.stride(0),
-        BLOCK_NNZ=blocks.block_nnz, BLOCK_D=blocks.block_d, num_warps=blocks.num_warps,
+    launch(
+        _sddmm_kernel, (cdiv(nnz, blocks.block_nnz),),
+        (a, b, row_indices.contiguous(), col_indices.contiguous(), out, nnz, depth, a.stride(0), b.stride(0)),
+        dict(BLOCK_NNZ=blocks.block_nnz, BLOCK_D=blocks.block_d), blocks.num_warps,
     )
     return out
 
@@ -172,11 +172,13 @@ def sddmm_tiled(
     tile = sddmm_tile(depth, a.dtype)
     upcast = interpreter_active() and a.dtype == torch.bfloat16
     grid = (cdiv(rows, tile.block_r), cdiv(cols, tile.block_c))
-    _sddmm_tiled_kernel[grid](
-        a, b, cell_offsets, col_indices.contiguous(), out,
-        rows, cols, depth, a.stride(0), b.stride(0), cells_per_row,
-        BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, BLOCK_D=tile.block_d, CELL=CELL, UPCAST=upcast,
-        INPUT_PRECISION=input_precision if a.dtype == torch.float32 else "ieee",
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    launch(
+        _sddmm_tiled_kernel, grid,
+        (a, b, cell_offsets, col_indices.contiguous(), out, rows, cols, depth, a.stride(0), b.stride(0), cells_per_row),
+        dict(
+            BLOCK_R=tile.block_r, BLOCK_C=tile.block_c, BLOCK_D=tile.block_d, CELL=CELL, UPCAST=upcast,
+            INPUT_PRECISION=input_precision if a.dtype == torch.float32 else "ieee",
+        ),
+        tile.num_warps, tile.num_stages,
     )
     return out

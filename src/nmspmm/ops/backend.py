@@ -114,6 +114,4 @@ def check_operands(
         raise ValueError(
             f"{name}: expected {axis} dimension K={weight.shape[1]} (in_features), got shape {tuple(x.shape)}"
         )
-    if x.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(x.shape)}")
     check_bias(bias, weight)
