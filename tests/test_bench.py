@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 
@@ -84,9 +85,47 @@ def test_device_slug():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_bench_without_gpu_says_so():
+@pytest.mark.parametrize(
+    "argv", [["bench", "--quick"], ["bench-formats", "--quick"], ["models"], ["host"]], ids=lambda argv: argv[0]
+)
+def test_gpu_commands_without_gpu_end_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"nmspmm {argv[0]}: error: needs a CUDA GPU, and torch sees none (demo runs on the CPU)\n"
+    )
+
+
+def test_bench_run_without_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("checks the message shown without a GPU")
+    from nmspmm.bench import quick_cases, run
+
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        main(["bench", "--quick"])
+        run(quick_cases())
+
+
+def test_version(capsys):
+    import nmspmm
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"nmspmm {nmspmm.__version__}\n"
+    assert nmspmm.__version__ == "0.1.0"
+
+
+def test_every_option_has_help():
+    from nmspmm.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert set(commands.choices) == {"demo", "bench", "bench-formats", "models", "host"}
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+
 
 
 def test_cli_rejects_bad_layer():
@@ -204,3 +243,10 @@ def test_config_check_runs_every_sampled_config_under_the_interpreter(monkeypatc
     result = runner._config_check(case, chosen, [weight, weight], x_ts, reference)
     assert result["configs_tried"] == len(calls) == 13
     assert result["config_chosen_ms"] == 1.0 and result["config_within_10pct"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cap applies on the CPU")
+def test_demo_says_when_it_caps_the_tokens(capsys):
+    main(["demo", "--shape", "64", "64", "--tokens", "300"])
+    out = capsys.readouterr().out
+    assert "tokens: 300 capped at 256 on the CPU" in out and "256 tokens" in out

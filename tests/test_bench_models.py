@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nmspmm.bench import host, models
+from nmspmm import cli
 from nmspmm.cli import main
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -47,6 +48,7 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
 
 def test_cli_passes_a_selection_to_run_models(monkeypatch):
     seen = {}
+    monkeypatch.setattr(cli, "_require_gpu", lambda parser, command: None)
     monkeypatch.setattr(models, "run_models", lambda *args: seen.setdefault("args", args))
     main([
         "models", "--modes", "eager", "compiled", "--batches", "1", "16", "--patterns", "2:4", "8:32",
@@ -59,6 +61,7 @@ def test_cli_passes_a_selection_to_run_models(monkeypatch):
 
 def test_cli_defaults_are_the_full_plan(monkeypatch):
     seen = {}
+    monkeypatch.setattr(cli, "_require_gpu", lambda parser, command: None)
     monkeypatch.setattr(models, "run_models", lambda *args: seen.setdefault("args", args))
     main(["models"])
     assert seen["args"] == (
@@ -70,6 +73,7 @@ def test_cli_defaults_are_the_full_plan(monkeypatch):
 
 def test_cli_passes_shapes_to_run_host(monkeypatch):
     seen = {}
+    monkeypatch.setattr(cli, "_require_gpu", lambda parser, command: None)
     monkeypatch.setattr(host, "run_host", lambda *args: seen.setdefault("args", args))
     main(["host", "--shapes", "1x256x256", "8x512x1024", "--calls", "50"])
     assert seen["args"] == (((1, 256, 256), (8, 512, 1024)), 50, 5, "benchmarks/results")

@@ -1,5 +1,7 @@
 """nmspmm: sparse matrix products for pruned neural networks, as Triton kernels in PyTorch."""
 
+__version__ = "0.1.0"
+
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
 from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, SparsifyReport, sparsify
 from .ops import linear, linear_feature_major, sddmm
@@ -10,6 +12,7 @@ from .prune import magnitude_mask, unstructured_mask
 from . import prune
 
 __all__ = [
+    "__version__",
     "BlockShuffledLinear",
     "BlockShuffledWeight",
     "CSRLinear",

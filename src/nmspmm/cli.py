@@ -56,15 +56,34 @@ def _vector(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> None:
+def _require_gpu(parser: argparse.ArgumentParser, command: str) -> None:
+    """Exit with status 2 and a one-line message where ``command`` needs a CUDA GPU and torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        parser.exit(2, f"nmspmm {command}: error: needs a CUDA GPU, and torch sees none (demo runs on the CPU)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nmspmm`` parser: every subcommand and option, with its help and default."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nmspmm", description="N:M sparse matrix products for PyTorch")
+    parser.add_argument("--version", action="version", version=f"nmspmm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="prune a layer, run it sparse and dense, print error and speed")
-    demo.add_argument("--pattern", default="8:32")
-    demo.add_argument("--vector", type=int, default=64)
-    demo.add_argument("--tokens", type=int, default=2048)
-    demo.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), metavar=("N", "K"))
-    bench = commands.add_parser("bench", help="check and time nmspmm beside cuBLAS on the paper's suite")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    demo = commands.add_parser(
+        "demo", help="prune a layer, run it sparse and dense, print error and speed (CPU or GPU)", **defaults
+    )
+    demo.add_argument("--pattern", type=_pattern, default="8:32", help="n:m pattern")
+    demo.add_argument("--vector", type=_vector, default=64, help="vector length V")
+    demo.add_argument("--tokens", type=_positive, default=2048, help="tokens M (at most 256 on the CPU)")
+    demo.add_argument(
+        "--shape", type=_positive, nargs=2, default=(4096, 4096), metavar=("N", "K"), help="the layer's N and K"
+    )
+    bench = commands.add_parser(
+        "bench", help="check and time nmspmm beside cuBLAS on the paper's suite (GPU)", **defaults
+    )
     bench.add_argument("--quick", action="store_true", help="the quick set (a few minutes on an H100)")
     bench.add_argument("--tokens", type=int, nargs="+", help="token counts M (default: the suite's)")
     bench.add_argument("--layers", type=_layer, nargs="+", help="layers as NxK (default: the suite's 20)")
@@ -73,13 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--dtypes", nargs="+", help="bfloat16 float16 float32 tf32 (default: bfloat16)")
     bench.add_argument("--decode", action="store_true", help="add the decode token counts 1, 8, 16, 64")
     bench.add_argument("--out-dir", default="benchmarks/results", help="where <device>.csv and .png go")
-    bench.add_argument("--no-plot", action="store_true")
+    bench.add_argument("--no-plot", action="store_true", help="write the CSV only")
     bench.add_argument(
         "--check-configs", action="store_true",
         help="also time a sample of the tuner's configs per case: is the model's choice within 10%% of the best?",
     )
     formats = commands.add_parser(
-        "bench-formats", help="CSR SpMM/SDDMM vs cuSPARSE and dense, block-shuffled vs dense and N:M"
+        "bench-formats", help="CSR SpMM/SDDMM vs cuSPARSE and dense, block-shuffled vs dense and N:M (GPU)",
+        **defaults,
     )
     formats.add_argument("--quick", action="store_true", help="the quick set (a few minutes on an H100)")
     formats.add_argument("--kinds", nargs="+", help="csr sddmm block (default: all)")
@@ -89,31 +109,42 @@ def main(argv: list[str] | None = None) -> None:
     formats.add_argument("--dtypes", nargs="+", help="bfloat16 float16 float32 tf32")
     formats.add_argument("--blocks", type=_layer, nargs="+", help="block shapes as NxK, like 32x32")
     formats.add_argument("--out-dir", default="benchmarks/results", help="where <device>-formats.csv and .png go")
-    formats.add_argument("--no-plot", action="store_true")
+    formats.add_argument("--no-plot", action="store_true", help="write the CSV only")
     models = commands.add_parser(
-        "models", help="a LLaMA-layout model (transformers), sparse vs dense: prefill and generate, eager and compiled"
+        "models", help="a LLaMA-layout model (transformers), sparse vs dense: prefill and generate, eager and "
+        "compiled (GPU)", **defaults,
     )
-    models.add_argument("--patterns", type=_pattern, nargs="+", default=["2:4", "8:32", "4:32"])
-    models.add_argument("--vector", type=_vector, default=64)
-    models.add_argument(
-        "--intermediate", type=_positive, nargs="+", default=[11008, 14336], help="MLP sizes (default 11008 14336)"
-    )
-    models.add_argument("--layers", type=_positive, default=4, help="decoder layers (default 4)")
+    models.add_argument("--patterns", type=_pattern, nargs="+", default=["2:4", "8:32", "4:32"], help="n:m patterns")
+    models.add_argument("--vector", type=_vector, default=64, help="vector length V")
+    models.add_argument("--intermediate", type=_positive, nargs="+", default=[11008, 14336], help="MLP sizes")
+    models.add_argument("--layers", type=_positive, default=4, help="decoder layers")
     models.add_argument("--batches", type=_positive, nargs="+", default=[1, 16, 64], help="decode batch sizes")
     models.add_argument("--new-tokens", type=_positive, default=128, help="tokens generated per decode call (>= 2)")
     models.add_argument("--prompt", type=_positive, default=128, help="prompt tokens before decoding")
     models.add_argument("--prefill-tokens", type=_positive, default=2048, help="tokens of the prefill forward")
-    models.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
-    models.add_argument("--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"])
+    models.add_argument(
+        "--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"], help="how the model runs"
+    )
+    models.add_argument(
+        "--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"], help="what is timed"
+    )
     models.add_argument("--out-dir", default="benchmarks/results", help="where <device>-models.csv goes")
-    host = commands.add_parser("host", help="host time per eager call, nmspmm vs torch, at short GPU shapes")
+    host = commands.add_parser(
+        "host", help="host time per eager call, nmspmm vs torch, at short GPU shapes (GPU)", **defaults
+    )
     host.add_argument(
         "--shapes", type=_shape, nargs="+", default=[(1, 256, 256), (16, 4096, 4096), (256, 4096, 4096)],
-        help="MxNxK shapes (default 1x256x256 16x4096x4096 256x4096x4096)",
+        help="MxNxK shapes",
     )
-    host.add_argument("--calls", type=_positive, default=200, help="calls per timed batch (default 200)")
-    host.add_argument("--repeats", type=_positive, default=5, help="timed batches, the minimum is kept (default 5)")
+    host.add_argument("--calls", type=_positive, default=200, help="calls per timed batch")
+    host.add_argument("--repeats", type=_positive, default=5, help="timed batches, the minimum is kept")
     host.add_argument("--out-dir", default="benchmarks/results", help="where <device>-host.csv goes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command ``argv`` names (``sys.argv[1:]`` by default)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -122,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench":
         from .bench import quick_cases, run, suite_cases
 
+        _require_gpu(parser, args.command)
         if args.quick:
             cases = quick_cases()
         else:
@@ -130,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench-formats":
         from .bench.formats import format_cases, quick_format_cases, run_formats
 
+        _require_gpu(parser, args.command)
         if args.quick:
             cases = quick_format_cases()
         else:
@@ -146,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             check_models_arguments(*selection)
         except (TypeError, ValueError) as error:
             parser.error(f"models: {error}")
+        _require_gpu(parser, args.command)
         run_models(*selection, args.out_dir)
     elif args.command == "host":
         from .bench.host import check_shapes, run_host
@@ -154,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             check_shapes(args.shapes)
         except ValueError as error:
             parser.error(f"host: {error}")
+        _require_gpu(parser, args.command)
         run_host(tuple(args.shapes), args.calls, args.repeats, args.out_dir)
 
 if __name__ == "__main__":
