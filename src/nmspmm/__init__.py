@@ -1,6 +1,6 @@
 """nmspmm: sparse matrix products for pruned neural networks, as Triton kernels in PyTorch."""
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
 from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, SparsifyReport, sparsify

@@ -66,7 +66,7 @@ def _require_gpu(parser: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nmspmm`` parser: every subcommand and option, with its help and default."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="nmspmm", description="N:M sparse matrix products for PyTorch")
     parser.add_argument("--version", action="version", version=f"nmspmm {__version__}")
