@@ -1,7 +1,6 @@
 """nmspmm: sparse matrix products for pruned neural networks, as Triton kernels in PyTorch."""
 
 from ._version import __version__
-
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
 from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, SparsifyReport, sparsify
 from .ops import linear, linear_feature_major, sddmm
