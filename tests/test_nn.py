@@ -193,10 +193,55 @@ def test_sparsify_sequential_report():
     summary = str(report)
     assert summary.startswith("sparsify 2:4 (vector=16, magnitude): 2 linear layers swapped, 2 skipped")
     assert "16 KiB dense ->" in summary and "skipped 4: vector: V=16 must divide" in summary
+    assert "\n  swapped: {0,2}\n" in summary
     for index in (0, 2):
         reference[index].weight.data *= model[index].weight.mask()
     x = torch.randn(5, 32, device=DEVICE)
     assert relative_error(model[:4](x).detach(), reference[:4](x).detach()) < TOLERANCE[torch.float32]
+
+
+def test_sparsify_report_lists_swapped_layers_compactly():
+    model = TinyTransformer(width=32, depth=3)
+    report = nmspmm.sparsify(model, "2:4", vector=16, skip=lambda name, module: name == "blocks.2.attn.v")
+    assert f"  swapped: {_compact(report)}" in str(report)
+    assert _compact(report) == (
+        "blocks.{0-2}.attn.q, blocks.{0-2}.attn.k, blocks.{0-1}.attn.v, blocks.{0-2}.attn.o, blocks.{0-2}.mlp.0, "
+        "blocks.{0-2}.mlp.2"
+    )
+
+
+def _compact(report: nmspmm.SparsifyReport) -> str:
+    return str(report).split("  swapped: ")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_sparsify_refuses_a_bad_layer_before_swapping_any(method):
+    model = TinyTransformer(width=32, depth=2)
+    with torch.no_grad():
+        model.blocks[1].mlp[2].weight[3, 5] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    calibration = [torch.randn(4, 32, device=DEVICE)] if method == "wanda" else None
+    with pytest.raises(ValueError, match=r"^blocks\.1\.mlp\.2: weight: expected finite values, got nan at row 3, "
+                       r"column 5; no layer was swapped$"):
+        nmspmm.sparsify(model, "2:4", vector=16, method=method, calibration=calibration)
+    assert not any(isinstance(module, nmspmm.SparseLinear) for module in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[key], before[key]) or after[key].isnan().any() for key in before)
+
+
+def test_sparsify_names_the_layer_of_a_later_error(monkeypatch):
+    model = nn.Sequential(_dense(32, 32), nn.ReLU(), _dense(32, 32))
+
+    def failing(linear, *args, **kwargs):
+        if linear is model[2]:
+            raise ValueError("weight: something a layer cannot be pruned for")
+        return original(linear, *args, **kwargs)
+
+    original = nmspmm.SparseLinear.from_dense
+    monkeypatch.setattr(nmspmm.SparseLinear, "from_dense", failing)
+    with pytest.raises(ValueError, match=r"^2: weight: something a layer cannot be pruned for; swapped before it: 0$"):
+        nmspmm.sparsify(model, "2:4", vector=16)
 
 
 def test_sparsify_nested_model_with_user_filter():

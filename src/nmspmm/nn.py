@@ -18,6 +18,7 @@ from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
 from .prune import prune, prune_block_shuffled, prune_csr
 from .prune.block_shuffle import check_block_sparsity
+from .prune.magnitude import check_finite
 from .prune.unstructured import check_sparsity
 
 METHODS = ("magnitude", "wanda")
@@ -311,6 +312,7 @@ class SparsifyReport:
                 f"  weights of the swapped layers: {_format_bytes(self.dense_bytes)} dense -> "
                 f"{_format_bytes(self.sparse_bytes)} sparse ({self.sparse_bytes / self.dense_bytes:.1%})"
             )
+            lines.append(f"  swapped: {_compact_names(self.swapped)}")
         lines += [f"  skipped {name or '<model>'}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -369,6 +371,12 @@ def sparsify(
 
     report = SparsifyReport(pattern, vector, method, sparsity=sparsity)
     targets = eligible_linears(model, fits, skip, report)
+    # What can be refused is refused before the first swap, so that a bad layer leaves the model as it was.
+    for name, module in targets.items():
+        try:
+            check_finite(module.weight.detach())
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}; no layer was swapped") from None
     norms = None
     if method == "wanda":
         from .prune import collect_input_norms, wanda_mask
@@ -376,8 +384,12 @@ def sparsify(
         norms = collect_input_norms(model, calibration, list(targets))
     for name in list(targets):
         module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
-        mask = None if norms is None else wanda_mask(module.weight.detach(), norms.pop(name), pattern, vector)
-        sparse = make(module, mask)
+        try:
+            mask = None if norms is None else wanda_mask(module.weight.detach(), norms.pop(name), pattern, vector)
+            sparse = make(module, mask)
+        except (TypeError, ValueError) as error:
+            done = f"; swapped before it: {', '.join(report.swapped)}" if report.swapped else "; no layer was swapped"
+            raise type(error)(f"{name}: {error}{done}") from error
         replace_module(model, name, sparse)
         report.swapped.append(name)
         report.dense_bytes += module.weight.numel() * module.weight.element_size()
@@ -451,6 +463,35 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` where the submodule ``name`` of ``model`` is."""
     parent, _, attribute = name.rpartition(".")
     setattr(model.get_submodule(parent), attribute, module)
+
+
+def _compact_names(names: list[str]) -> str:
+    """Module names with their first numeric part (the layer index) collapsed, in first-seen order:
+    ``layers.{0-3}.mlp.up_proj`` stands for four layers' ``up_proj``; indices that are not one consecutive run are
+    listed (``{0,2,5}``)."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        numbers = [i for i, part in enumerate(parts) if part.isdigit()]
+        if not numbers:
+            groups.setdefault(name, [])
+            continue
+        key = ".".join("{}" if i == numbers[0] else part for i, part in enumerate(parts))
+        groups.setdefault(key, []).append(int(parts[numbers[0]]))
+    out = []
+    for key, indices in groups.items():
+        if not indices:
+            out.append(key)
+            continue
+        ordered = sorted(set(indices))
+        if len(ordered) == 1:
+            span = str(ordered[0])
+        elif ordered == list(range(ordered[0], ordered[-1] + 1)):
+            span = f"{{{ordered[0]}-{ordered[-1]}}}"
+        else:
+            span = "{" + ",".join(map(str, ordered)) + "}"
+        out.append(key.replace("{}", span))
+    return ", ".join(out)
 
 
 def _format_bytes(count: float) -> str:
