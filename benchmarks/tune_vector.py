@@ -1,7 +1,8 @@
 """Offline tuning of the vector-wise kernel's configs on a GPU: for each case, check and time a grid of
 configs (kernel level: feature-major x in; both output layouts), write every row to a CSV and print the
 best per case. Times replay CUDA graphs (GPU time, as the benchmark's headline), and fp32 multiplies as the
-library does (``nmspmm.ops.backend.input_precision``). The table in ``nmspmm.kernels.nm_vector`` is built from its output;
+library does (``nmspmm.ops.backend.input_precision``). The table in ``nmspmm.kernels.nm_vector`` is built from its
+output;
 nothing here runs at import."""
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ def main() -> None:
                         ])
                         if ms < best.get(layout, (float("inf"),))[0]:
                             best[layout] = (ms, config)
-                    rows_out.append(dict(device=device, dtype=dtype_name, M=tokens, N=out_f, K=in_f, pattern=pattern, vector=vector,
-                                         layout=layout, block_m=config.block_m, block_n=config.block_n, block_k=config.block_k,
-                                         warps=config.num_warps, stages=config.num_stages, split_k=config.split_k,
-                                         weight_first=int(config.weight_first), ms=ms, dense_ms=dense_ms,
-                                         transpose_ms=transpose_ms, rel_error=err))
+                    rows_out.append(dict(
+                        device=device, dtype=dtype_name, M=tokens, N=out_f, K=in_f, pattern=pattern, vector=vector,
+                        layout=layout, block_m=config.block_m, block_n=config.block_n, block_k=config.block_k,
+                        warps=config.num_warps, stages=config.num_stages, split_k=config.split_k,
+                        weight_first=int(config.weight_first), ms=ms, dense_ms=dense_ms,
+                        transpose_ms=transpose_ms, rel_error=err,
+                    ))
             for layout, (ms, config) in best.items():
                 extra = transpose_ms if layout == "row" else 0.0
                 print(f"{dtype_name} {tokens}x{out_f}x{in_f} {pattern} V={vector} {layout}: best {ms:.4f} ms "

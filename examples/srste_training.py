@@ -96,7 +96,9 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     figure, axes = plt.subplots(1, len(TASKS), figsize=(11, 4), squeeze=False)
     for axis, task in zip(axes[0], TASKS):
         for recipe, style in zip(RECIPES, ("k--", "C0-", "C1-", "C3-")):
-            points = [(row["step"], row["eval_loss"]) for row in rows if row["task"] == task and row["recipe"] == recipe]
+            points = [
+                (row["step"], row["eval_loss"]) for row in rows if row["task"] == task and row["recipe"] == recipe
+            ]
             axis.plot(*zip(*points), style, label=recipe)
         axis.set_title(titles[task])
         axis.set_xlabel("training step")

@@ -134,7 +134,10 @@ def test_from_dense_keeps_requires_grad():
         (lambda: (_dense(32, 32), 0.5), TypeError, r"pattern: expected a string"),
         (lambda: (_dense(32, 32), "2:5"), ValueError, r"pattern: m must be one of"),
         (lambda: (_dense(32, 32), "2:4", 16.0), TypeError, r"vector: expected an int"),
-        (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 32, dtype=torch.bool, device=DEVICE)), ValueError, r"mask: not 2:4"),
+        (
+            lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 32, dtype=torch.bool, device=DEVICE)), ValueError,
+            r"mask: not 2:4",
+        ),
         (lambda: (_dense(32, 32), "2:4", 1, torch.ones(32, 16)), ValueError, r"mask: expected shape \(32, 32\)"),
     ],
 )
@@ -501,7 +504,9 @@ FORMAT_CASES = [
 @pytest.mark.parametrize("kwargs,module_type,swapped", FORMAT_CASES)
 def test_sparsify_other_formats_matches_masked_dense(kwargs, module_type, swapped, backend):
     model = _three_layer_model(0)
-    dense = {name: layer.weight.detach().clone() for name, layer in model.named_children() if isinstance(layer, nn.Linear)}
+    dense = {
+        name: layer.weight.detach().clone() for name, layer in model.named_children() if isinstance(layer, nn.Linear)
+    }
     report = nmspmm.sparsify(model, **kwargs)
     assert report.swapped == swapped and report.sparse_bytes < report.dense_bytes
     assert f"sparsity={kwargs['sparsity']:.1%}" in str(report)
@@ -546,7 +551,10 @@ def test_other_formats_fine_tune_and_round_trip(kwargs, module_type, swapped, tm
     "kwargs,corrupt,match",
     [
         (FORMAT_CASES[0][0], lambda s: s["0.col_indices"].fill_(64), r"0.values, 0.col_indices and 0.row_offsets"),
-        (FORMAT_CASES[1][0], lambda s: s["0.row_permutation"].fill_(0), r"0.values, 0.block_columns, .*row_permutation"),
+        (
+            FORMAT_CASES[1][0], lambda s: s["0.row_permutation"].fill_(0),
+            r"0.values, 0.block_columns, .*row_permutation",
+        ),
     ],
 )
 def test_other_formats_refuse_corrupted_state(kwargs, corrupt, match):
@@ -565,7 +573,10 @@ def test_other_formats_refuse_corrupted_state(kwargs, corrupt, match):
         ({"pattern": "csr"}, ValueError, r"sparsity: pattern 'csr' needs the fraction of weights to prune"),
         ({"pattern": "csr", "sparsity": 1.0}, ValueError, r"sparsity: expected a float in \[0, 1\)"),
         ({"pattern": "block", "sparsity": 0.5, "block": (8, 8)}, ValueError, r"block"),
-        ({"pattern": "csr", "sparsity": 0.5, "method": "wanda"}, ValueError, r"method: pattern 'csr' prunes by magnitude"),
+        (
+            {"pattern": "csr", "sparsity": 0.5, "method": "wanda"}, ValueError,
+            r"method: pattern 'csr' prunes by magnitude",
+        ),
         ({"pattern": "csr", "sparsity": 0.5, "vector": 16}, ValueError, r"vector: applies to n:m patterns only"),
         ({"pattern": "2:4", "sparsity": 0.5}, ValueError, r"sparsity: an n:m pattern fixes the sparsity"),
     ],

@@ -42,7 +42,8 @@ def test_launch_cost_is_added_to_every_bound():
     # The fixed cost weighs on the short sparse product more than on the dense one.
     assert 1 < decode.ideal_speedup < decode.dense_bytes / decode.kernel_bytes
     large = model_case(4096, 4096, 4096, 8, 32, 64, torch.bfloat16, "bfloat16", launched)
-    assert large.ideal_speedup == pytest.approx((2e-3 + large.dense_flops / 800e9) / (2e-3 + large.sparse_flops / 800e9))
+    expected = (2e-3 + large.dense_flops / 800e9) / (2e-3 + large.sparse_flops / 800e9)
+    assert large.ideal_speedup == pytest.approx(expected)
 
 
 def test_l2_floor_counts_one_gather_of_x_per_tile_of_output_features():

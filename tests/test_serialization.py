@@ -218,7 +218,11 @@ def _edit_weight(field: str, value: object):
     [
         (_edit_header("version", 1), r"expected format version 2, got 1"),
         (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
-        (_edit_weight("format", "Dense"), r"metadata of weight 'b': expected a format in \['BlockShuffledWeight', 'CSRWeight', 'NMSparseWeight'\], got 'Dense'"),
+        (
+            _edit_weight("format", "Dense"),
+            r"metadata of weight 'b': expected a format in \['BlockShuffledWeight', 'CSRWeight', 'NMSparseWeight'\], "
+            r"got 'Dense'",
+        ),
         (_edit_header("weights", []), r"expected a 'weights' object, got \[\]"),
         (_edit_weight("pattern", "2:8"), r"weight 'b' is inconsistent: values: expected shape \(128, 16\)"),
         (_edit_weight("pattern", "12:16"), r"weight 'b' is inconsistent: offsets: expected shape \(4, 4, 4\)"),
@@ -227,7 +231,10 @@ def _edit_weight(field: str, value: object):
         (_edit_weight("vector", "32"), r"weight 'b' is inconsistent: vector: expected an int"),
         (_edit_weight("shape", [64, 128]), r"weight 'b' is inconsistent: values: expected shape \(64, 96\)"),
         (_edit_weight("shape", [128, 64, 1]), r"weight 'b' is inconsistent: shape: expected \(N, K\)"),
-        (_edit_weight("dtype", "float32"), r"weight 'b' is inconsistent: dtype: metadata says 'float32', but the stored values are torch.float16"),
+        (
+            _edit_weight("dtype", "float32"),
+            r"weight 'b' is inconsistent: dtype: metadata says 'float32', but the stored values are torch.float16",
+        ),
         (_edit_weight("dtype", "int8"), r"weight 'b' is inconsistent: dtype: metadata says 'int8'"),
         (lambda t, h: h["weights"]["b"].pop("dtype"), r"metadata of weight 'b': expected the fields"),
         (lambda t, h: t.pop("b.offsets"), r"does not hold the tensors .*missing \['b.offsets'\], unexpected \[\]"),

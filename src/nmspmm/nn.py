@@ -169,7 +169,8 @@ class SparseLinear(_SparseLinearBase):
 
     def _derive(self) -> None:
         shape = (self.out_features, self.in_features)
-        self.kept_offsets = NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape).kept_offsets()
+        weight = NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape)
+        self.kept_offsets = weight.kept_offsets()
 
     def extra_repr(self) -> str:
         backend = f", backend='{self.backend}'" if self.backend != "auto" else ""

@@ -277,7 +277,10 @@ def format_quality(
     for sparsity in sparsities:
         choices: list[tuple[str, Callable[[str, torch.Tensor], torch.Tensor]]] = [
             ("unstructured (CSR)", lambda name, weight: unstructured_mask(weight, sparsity)),
-            (f"N:M {NM_OF_SPARSITY[sparsity]} V=64", lambda name, weight: magnitude_mask(weight, NM_OF_SPARSITY[sparsity], 64)),
+            (
+                f"N:M {NM_OF_SPARSITY[sparsity]} V=64",
+                lambda name, weight: magnitude_mask(weight, NM_OF_SPARSITY[sparsity], 64),
+            ),
         ]
         for block in blocks:
             for search in (False, True):

@@ -317,7 +317,9 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_formats(cases: list[FormatCase], out_dir: str | Path = "benchmarks/results", make_plot: bool = True) -> list[dict]:
+def run_formats(
+    cases: list[FormatCase], out_dir: str | Path = "benchmarks/results", make_plot: bool = True
+) -> list[dict]:
     """Check and time ``cases`` on the current CUDA device, print the table and the summary, and merge the rows
     into ``<out_dir>/<device>-formats.csv`` (plus ``.png``); return this run's rows."""
     from ..perf import device_ceilings
@@ -331,7 +333,8 @@ def run_formats(cases: list[FormatCase], out_dir: str | Path = "benchmarks/resul
     rows = []
     ordered = sorted(cases, key=lambda c: (c.kind == "block", c.rows, c.cols, c.sparsity, c.dtype, c.block))
     for done, case in enumerate(ordered):
-        progress(done, len(ordered), f"{case.kind} {case.tokens}x{case.rows}x{case.cols} {case.sparsity:.3f} {case.dtype}")
+        label = f"{case.kind} {case.tokens}x{case.rows}x{case.cols} {case.sparsity:.3f} {case.dtype}"
+        progress(done, len(ordered), label)
         rows.append(run_format_case(case, ceilings, stamp, cache))
     progress(len(ordered), len(ordered), "done")
     out = Path(out_dir) / f"{device_slug(stamp['device'])}-formats.csv"

@@ -428,7 +428,6 @@ def measure_model(
             times[(mode, phase, batch)] = {"error": message}
             _reset_compiler()
         tick(label)
-    del reference
     return times
 
 

@@ -1,7 +1,8 @@
 """Save and load sparse weights (any nmspmm format) as safetensors files.
 
 A file holds, per weight ``<name>`` of any format (:class:`NMSparseWeight`, :class:`CSRWeight`,
-:class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and ``offsets``), and one metadata entry, ``"nmspmm"``, a JSON object::
+:class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and ``offsets``), and one
+metadata entry, ``"nmspmm"``, a JSON object::
 
     {"format": "nmspmm", "version": 2,
      "weights": {"<name>": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K],

@@ -151,9 +151,9 @@ def _half_tile_v64(tokens: int, rows: int, sms: int) -> tuple[int, int, int, int
 def choose_vector_config(
     tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device
 ) -> VectorConfig:
-    """The vector-wise kernel's config for a case. Few tokens (<= :data:`FEW_TOKENS`) are bound by weight bytes: narrow tiles
-    of output features streamed in long K steps, split over K only where a long reduction would leave too few
-    programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
+    """The vector-wise kernel's config for a case. Few tokens (<= :data:`FEW_TOKENS`) are bound by weight bytes:
+    narrow tiles of output features streamed in long K steps, split over K only where a long reduction would leave
+    too few programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
     table. Cached: the host time of a call matters when there are few tokens."""
     return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
 
@@ -260,7 +260,8 @@ def nm_vector_matmul(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
             INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-            TOKEN_ALIGN=_alignment(tokens, xt.stride(0)), Y_ROW_ALIGN=_alignment(out.stride(1)) if out.stride(0) == 1 else 1,
+            TOKEN_ALIGN=_alignment(tokens, xt.stride(0)),
+            Y_ROW_ALIGN=_alignment(out.stride(1)) if out.stride(0) == 1 else 1,
         ),
         config.num_warps, config.num_stages,
     )

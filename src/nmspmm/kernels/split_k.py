@@ -88,5 +88,6 @@ def _grown(
     thread.join()
     if failure:
         raise failure[0]
-    _RETIRED.extend(old for old, name in ((workspace, "workspace"), (counters, "counters")) if name in grown and old is not None)
+    replaced = ((workspace, "workspace"), (counters, "counters"))
+    _RETIRED.extend(old for old, name in replaced if name in grown and old is not None)
     return grown.get("workspace", workspace), grown.get("counters", counters)

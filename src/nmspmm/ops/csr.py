@@ -11,7 +11,9 @@ from ..kernels import transpose
 from ..kernels.csr_spmm import csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
-from .backend import autograd_function, call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton
+from .backend import (
+    autograd_function, call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton,
+)
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
 # Besides the forward structure they take, optionally, the structures their backward reads: the row of every

@@ -123,7 +123,8 @@ def _feature_major_product(
     vector: int,
     backend: str,
 ) -> torch.Tensor:
-    """:func:`_row_major_product` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``, contiguous."""
+    """:func:`_row_major_product` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``,
+    contiguous."""
     if not use_triton(backend, x.device):
         return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
     if x.stride(1) != 1:

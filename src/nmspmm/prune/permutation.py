@@ -52,8 +52,9 @@ def _improve_pairs(
 ) -> int:
     """In each of the disjoint run ``pairs`` ``[Q, 2]``, swap a column of one run for a column of the other
     while that raises the pair's kept score, best swap first, up to ``_SWAPS_PER_MEETING`` times: all m * m
-    swaps are ranked in float32 (half the memory traffic), the best one is re-evaluated in float64. ``column_scores`` is ``[K, G]``; ``slots``
-    ``[K / m, m]`` (the columns each run holds) and ``stats`` (:func:`_run_stats` per run) are updated in place.
+    swaps are ranked in float32 (half the memory traffic), the best one is re-evaluated in float64.
+    ``column_scores`` is ``[K, G]``; ``slots`` ``[K / m, m]`` (the columns each run holds) and ``stats``
+    (:func:`_run_stats` per run) are updated in place.
     Returns how many swaps were made."""
     m, v_groups = slots.shape[1], column_scores.shape[1]
     chunk = max(1, _CHUNK_ELEMENTS // (v_groups * m * m))
