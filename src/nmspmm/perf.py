@@ -33,13 +33,6 @@ class DeviceCeilings:
     launch_us: float
 
 
-def precision_of(dtype: torch.dtype) -> str:
-    """The arithmetic a product in ``dtype`` runs at: fp32 is tf32 when torch's matmul precision allows it."""
-    if dtype == torch.float32:
-        return "float32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return str(dtype).removeprefix("torch.")
-
-
 def measure_ceilings(device: torch.device | str = "cuda") -> DeviceCeilings:
     """Time a large matmul per precision, a large device copy and reads of a 16 MB buffer that stays in L2
     (median of ``triton.testing.do_bench``), and the fixed cost of launching a kernel that does nothing (one
@@ -112,11 +105,6 @@ class CaseModel:
     def ideal_speedup(self) -> float:
         """Dense bound over the sparse kernel's bound: m/n when both are arithmetic-bound."""
         return self.dense_ms / self.kernel_ms
-
-    @property
-    def ideal_op_speedup(self) -> float:
-        """Dense bound over the op's bound (the op also transposes x: two more passes over it)."""
-        return self.dense_ms / self.op_ms
 
 
 def model_case(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats.pattern import check_vector, parse_pattern
+from .formats.pattern import NM_OF_SPARSITY, check_vector, parse_pattern
 from .prune import (
     collect_input_norms,
     kept_magnitude,
@@ -255,7 +255,6 @@ def _evaluate(
 
 
 # N:M patterns of the same sparsity as the block-shuffled and unstructured rows of :func:`format_quality`.
-NM_OF_SPARSITY = {0.5: "16:32", 0.75: "8:32", 0.875: "4:32"}
 
 
 def format_quality(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..formats import BlockShuffledWeight, CSRWeight
+from ..formats.pattern import NM_OF_SPARSITY
 from ..ops import linear, sddmm
 from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm_case
 from ..prune import kept_magnitude, prune, prune_block_shuffled, prune_csr
@@ -28,8 +29,7 @@ CSR_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 CSR_TOKENS = (1, 16, 256, 1024, 4096)
 BLOCK_SPARSITIES = (0.5, 0.75, 0.875)
 BLOCK_TOKENS = (16, 256, 1024, 4096)
-# N:M patterns of the same sparsity as a block-sparse case, for the side-by-side with vector-wise N:M (V=64).
-NM_OF_SPARSITY = {0.5: "16:32", 0.75: "8:32", 0.875: "4:32"}
+# Vector length of the N:M side-by-side with block-sparse cases (their patterns: formats.pattern.NM_OF_SPARSITY).
 NM_VECTOR = 64
 DEVICE = "cuda"  # the benchmark's device; tests run the case logic on "cpu" with a stand-in timer
 

@@ -7,6 +7,8 @@ import torch
 SUPPORTED_M = (4, 8, 16, 32, 64)
 SUPPORTED_VECTORS = (1, 16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The vector-wise pattern of M=32 for each sparsity the studies compare formats at (N:M's is 1 - n/m).
+NM_OF_SPARSITY = {0.5: "16:32", 0.75: "8:32", 0.875: "4:32"}
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, next_power_of_2
+from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, next_power_of_2, upcasts_bf16
 from .split_k import split_k_buffers, split_k_total
 
 
@@ -121,7 +121,7 @@ def block_sparse_matmul(
     rows = row_permutation.shape[0]
     if config is None:
         config = choose_block_sparse_config(tokens, (bn, bk), values.dtype, rows, kept_blocks)
-    upcast = interpreter_active() and values.dtype == torch.bfloat16
+    upcast = upcasts_bf16(values.dtype)
     split_k = config.split_k
     grid = (block_row_order.shape[0], cdiv(tokens, config.block_m), split_k)
     partial = counters = values

@@ -31,6 +31,12 @@ def interpreter_active() -> bool:
 FEW_TOKENS = 64
 
 
+def upcasts_bf16(dtype: torch.dtype) -> bool:
+    """Whether a kernel's bf16 tiles must be cast to fp32 before ``tl.dot``: under Triton's CPU interpreter a bf16
+    dot returns garbage (relative error ~7e9, 2026-11-22), so the kernels take a constexpr switch for it."""
+    return dtype == torch.bfloat16 and interpreter_active()
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints. Launchers call this, not ``triton.cdiv``: from Python that is a constexpr
     function whose call cost 3-4 us of host time on the H200's host, twice per launch."""

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch, upcasts_bf16
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -87,7 +87,7 @@ def _check_common(values_shape: tuple[int, ...], kept_offsets: torch.Tensor, n: 
 
 def _input_precision(dtype: torch.dtype, input_precision: str) -> tuple[str, bool]:
     """(precision for tl.dot, whether to upcast bf16 tiles): the interpreter's bf16 tl.dot is wrong."""
-    upcast = interpreter_active() and dtype == torch.bfloat16
+    upcast = upcasts_bf16(dtype)
     return ("ieee" if upcast else input_precision), upcast
 
 

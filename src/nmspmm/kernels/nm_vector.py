@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, multiprocessors, next_power_of_2
+from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, multiprocessors, next_power_of_2, upcasts_bf16
 from .split_k import split_k_buffers, split_k_total
 
 
@@ -243,7 +243,7 @@ def nm_vector_matmul(
     rows, kept = values.shape
     if vector % config.block_n or rows % config.block_n:
         raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
-    upcast = interpreter_active() and values.dtype == torch.bfloat16
+    upcast = upcasts_bf16(values.dtype)
     split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
     tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
     partial = counters = values

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch
+from .launch import cdiv, interpreter_active, launch, upcasts_bf16
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def sddmm_tiled(
             f"of {CELL} columns, got {cell_offsets.numel()}"
         )
     tile = sddmm_tile(depth, a.dtype)
-    upcast = interpreter_active() and a.dtype == torch.bfloat16
+    upcast = upcasts_bf16(a.dtype)
     grid = (cdiv(rows, tile.block_r), cdiv(cols, tile.block_c))
     launch(
         _sddmm_tiled_kernel, grid,

@@ -20,7 +20,7 @@ import torch
 
 from ..formats.base import register_pruner
 from ..formats.block_shuffled import INDEX_DTYPE, BlockShuffledWeight, check_block, check_block_weight
-from .magnitude import check_finite
+from .magnitude import check_finite, largest_mask
 
 DEFAULT_ITERATIONS = 64
 # An exchange must raise the objective by more than this fraction of it (far above float64 rounding).
@@ -63,15 +63,6 @@ def tile_magnitudes(weight: torch.Tensor, block: tuple[int, int], row_permutatio
     bn, bk = block
     profiles = row_profiles(weight, bk)[row_permutation.long()]
     return profiles.view(-1, bn, profiles.shape[1]).sum(1)
-
-
-def largest_tiles_mask(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
-    """bool mask of the ``keep`` largest entries of ``magnitudes``, ties to the lower (row-major) index."""
-    flat = magnitudes.flatten()
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask.view(magnitudes.shape)
 
 
 def search_row_permutation(
@@ -138,7 +129,7 @@ def prune_block_shuffled(
             raise ValueError("iterations: only used by the search; pass search=True or leave iterations=None")
         permutation = torch.arange(rows, device=weight.device)
     magnitudes = tile_magnitudes(weight, (bn, bk), permutation)
-    kept = largest_tiles_mask(magnitudes, kept_block_count(rows // bn, cols // bk, sparsity))
+    kept = largest_mask(magnitudes, kept_block_count(rows // bn, cols // bk, sparsity))
     permuted_mask = kept.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
     mask = torch.empty_like(permuted_mask)
     mask[permutation] = permuted_mask
@@ -180,7 +171,7 @@ def _exchange_rows(profiles: torch.Tensor, slots: torch.Tensor, keep: int, round
     every_group = torch.arange(groups, device=slots.device)
     for _ in range(rounds):
         tile_sums = profiles[slots].sum(1)
-        kept = largest_tiles_mask(tile_sums, keep).to(profiles.dtype)
+        kept = largest_mask(tile_sums, keep).to(profiles.dtype)
         objective = float((tile_sums * kept).sum())
         # scores[g, i, h]: kept magnitude row slots[g, i] would hold in group h; gains: over staying in g.
         scores = (profiles @ kept.t())[slots]

@@ -27,6 +27,16 @@ def check_finite(weight: torch.Tensor) -> None:
         raise ValueError(f"weight: expected finite values, got {weight[row, col].item()} at row {row}, column {col}")
 
 
+def largest_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """bool mask of the ``keep`` largest entries of ``scores`` (any shape), ties to the lower row-major index, so
+    that the mask is deterministic."""
+    flat = scores.flatten()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask.view(scores.shape)
+
+
 def check_scores(scores: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
     """Check that ``scores`` is a float tensor of ``shape`` holding finite, non-negative values, as the
     pruning rules that rank by a score (Wanda's input norms, permutation search scores) require."""

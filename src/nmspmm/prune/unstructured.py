@@ -10,7 +10,7 @@ import torch
 from ..formats.base import register_pruner
 from ..formats.csr import CSRWeight
 from ..formats.pattern import check_weight_matrix
-from .magnitude import check_finite
+from .magnitude import check_finite, largest_mask
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -29,11 +29,7 @@ def unstructured_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
     check_weight_matrix(weight, 1, 1, 1)
     check_finite(weight)
-    keep = round((1 - sparsity) * weight.numel())
-    order = torch.sort(weight.detach().abs().flatten(), descending=True, stable=True).indices
-    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    mask[order[:keep]] = True
-    return mask.view(weight.shape)
+    return largest_mask(weight.detach().abs(), round((1 - sparsity) * weight.numel()))
 
 
 def prune_csr(weight: torch.Tensor, sparsity: float) -> CSRWeight:
