@@ -4,6 +4,7 @@ from ._version import __version__
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
 from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, SparsifyReport, sparsify
 from .ops import linear, linear_feature_major, sddmm
+from .pretrained import densify, load_pretrained, save_pretrained
 from .prune import magnitude_mask, unstructured_mask
 
 # The pruning package itself, callable as its N:M entry point (nmspmm.prune(weight, "8:32", vector=64)), so that
@@ -11,7 +12,6 @@ from .prune import magnitude_mask, unstructured_mask
 from . import prune
 
 __all__ = [
-    "__version__",
     "BlockShuffledLinear",
     "BlockShuffledWeight",
     "CSRLinear",
@@ -19,11 +19,15 @@ __all__ = [
     "NMSparseWeight",
     "SparseLinear",
     "SparsifyReport",
+    "__version__",
+    "densify",
     "linear",
     "linear_feature_major",
+    "load_pretrained",
     "load_safetensors",
     "magnitude_mask",
     "prune",
+    "save_pretrained",
     "save_safetensors",
     "sddmm",
     "sparsify",

@@ -46,9 +46,17 @@ def save_safetensors(weights: Mapping[str, SparseWeight] | SparseWeight, path: s
         raise TypeError(
             f"weights: expected an {_CLASS_NAMES} or a mapping of names to them, got {type(weights).__name__}"
         )
+    tensors, header = weights_payload(weights, set())
+    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+
+
+def weights_payload(
+    weights: Mapping[str, SparseWeight], storages: set[int]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The CPU tensors (``<name>.<field>``, none sharing a storage in ``storages``, which is updated) and the
+    metadata header that describe named sparse weights, as :func:`save_safetensors` writes them."""
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
-    storages: set[int] = set()
     for name, weight in weights.items():
         if not isinstance(name, str):
             raise TypeError(f"weights: expected string names, got {type(name).__name__} {name!r}")
@@ -57,13 +65,12 @@ def save_safetensors(weights: Mapping[str, SparseWeight] | SparseWeight, path: s
         if type(weight).__name__ not in WEIGHT_CLASSES:
             raise TypeError(f"weights: expected {_CLASS_NAMES} values, got {type(weight).__name__} for {name!r}")
         for field, tensor in weight.state_tensors().items():
-            tensors[f"{name}.{field}"] = _unshared_cpu(tensor, storages)
+            tensors[f"{name}.{field}"] = unshared_cpu(tensor, storages)
         described[name] = {"format": type(weight).__name__, **weight.state_fields()}
-    header = {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described}
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+    return tensors, {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described}
 
 
-def _unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
+def unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
     """``tensor`` on the CPU, copied if its storage was already taken (safetensors refuses shared memory, which
     arises when one weight is saved under two names or with its ``.to(same dtype)`` twin)."""
     tensor = tensor.detach().cpu().contiguous()
@@ -80,7 +87,7 @@ def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = 
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
-            header = _read_header(file.metadata(), path)
+            header = read_header(file.metadata(), path)
             expected = {
                 f"{name}.{field}"
                 for name, fields in header["weights"].items()
@@ -96,10 +103,16 @@ def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = 
             tensors = {key: file.get_tensor(key) for key in sorted(stored)}
     except SafetensorError as error:
         raise ValueError(f"path: {path!r} is not a readable safetensors file ({error})") from error
-    return {name: _rebuild(name, fields, tensors, path).to(device) for name, fields in header["weights"].items()}
+    return {name: weight.to(device) for name, weight in rebuild_weights(header, tensors, path).items()}
 
 
-def _read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
+def rebuild_weights(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> dict[str, SparseWeight]:
+    """The weights a checked header (:func:`read_header`) describes, each rebuilt (and so validated) from its
+    tensors in ``tensors`` (which may hold others too); raise ValueError naming the weight and ``path``."""
+    return {name: _rebuild(name, fields, tensors, path) for name, fields in header["weights"].items()}
+
+
+def read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
     """Parse and check the ``"nmspmm"`` metadata entry; raise ValueError naming ``path`` if it is wrong."""
     if not metadata or METADATA_KEY not in metadata:
         raise ValueError(f"path: {path!r} was not written by nmspmm (no {METADATA_KEY!r} metadata entry)")
