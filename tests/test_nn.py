@@ -594,3 +594,60 @@ def test_compile_csr_model_fullgraph():
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
     torch._dynamo.reset()
+
+
+def test_sparsify_takes_config_objects_like_its_short_form():
+    for config, short, swapped in [
+        (nmspmm.NMConfig("8:32", 16), {"pattern": "8:32", "vector": 16}, 12),  # the 10-output head: V=16 won't fit
+        (nmspmm.CSRConfig(0.9), {"pattern": "csr", "sparsity": 0.9}, 13),
+        (nmspmm.BlockConfig(0.5, (16, 16), search=False), None, 12),
+    ]:
+        by_config, by_string = TinyTransformer(), TinyTransformer()
+        by_string.load_state_dict(by_config.state_dict())
+        report = nmspmm.sparsify(by_config, config)
+        if short is not None:
+            expected = nmspmm.sparsify(by_string, **short)
+            assert report.swapped == expected.swapped and report.sparse_bytes == expected.sparse_bytes
+            assert str(report) == str(expected)
+        assert len(report.swapped) == swapped
+        assert all(type(by_config.get_submodule(name)).__name__.endswith("Linear") for name in report.swapped)
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: nmspmm.NMConfig("4:4"), ValueError, r"pattern: n must satisfy 1 <= n < m"),
+        (lambda: nmspmm.NMConfig("2:4", 8), ValueError, r"vector: expected one of"),
+        (lambda: nmspmm.NMConfig("2:4", method="sparsegpt"), ValueError, r"method: expected one of"),
+        (lambda: nmspmm.CSRConfig(1.0), ValueError, r"sparsity: expected a float in \[0, 1\)"),
+        (lambda: nmspmm.BlockConfig(0.5, (8, 8)), ValueError, r"block"),
+        (lambda: nmspmm.sparsify(TinyTransformer(), nmspmm.CSRConfig(0.5), vector=16), TypeError,
+         r"vector: part of the config when one is given"),
+        (lambda: nmspmm.sparsify(TinyTransformer(), 0.5), TypeError, r"pattern: expected an 'n:m', 'csr' or 'block'"),
+        (lambda: nmspmm.sparsify(TinyTransformer(), nmspmm.NMConfig("2:4", 16, "wanda")), ValueError,
+         r"calibration: method 'wanda' needs an iterable of input batches"),
+    ],
+)
+def test_configs_reject_bad_fields(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_a_config_of_ones_own_swaps_through_the_same_loop():
+    class WideOnly(nmspmm.SparsifyConfig):
+        """2:4 V=16, but only for layers with at least 64 outputs."""
+
+        def fits(self, weight):
+            if weight.shape[0] < 64:
+                raise ValueError(f"fewer than 64 outputs ({weight.shape[0]})")
+
+        def make(self, linear, input_norm=None):
+            return nmspmm.SparseLinear.from_dense(linear, "2:4", 16)
+
+        def describe(self):
+            return {"pattern": "2:4", "vector": 16, "method": "magnitude", "sparsity": None}
+
+    model = TinyTransformer()
+    report = nmspmm.sparsify(model, WideOnly())
+    assert report.swapped == ["blocks.0.mlp.0", "blocks.1.mlp.0"]
+    assert report.skipped["head"] == "fewer than 64 outputs (10)"

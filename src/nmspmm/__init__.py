@@ -2,7 +2,10 @@
 
 from ._version import __version__
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
-from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, SparsifyReport, sparsify
+from .nn import (
+    BlockConfig, BlockShuffledLinear, CSRConfig, CSRLinear, NMConfig, SparseLinear, SparsifyConfig, SparsifyReport,
+    sparsify,
+)
 from .ops import linear, linear_feature_major, sddmm
 from .pretrained import densify, load_pretrained, save_pretrained
 from .prune import magnitude_mask, unstructured_mask
@@ -12,12 +15,16 @@ from .prune import magnitude_mask, unstructured_mask
 from . import prune
 
 __all__ = [
+    "BlockConfig",
     "BlockShuffledLinear",
     "BlockShuffledWeight",
+    "CSRConfig",
     "CSRLinear",
     "CSRWeight",
+    "NMConfig",
     "NMSparseWeight",
     "SparseLinear",
+    "SparsifyConfig",
     "SparsifyReport",
     "__version__",
     "densify",

@@ -326,9 +326,114 @@ class SparsifyReport:
 FORMATS = ("csr", "block")
 
 
+class SparsifyConfig:
+    """How :func:`sparsify` swaps an ``nn.Linear``: the check that a layer fits, the module that replaces it,
+    and what the report says. ``calibrated`` configs get each layer's input-feature norms (from calibration
+    batches) in :meth:`make`. Subclass it for a format of your own; :func:`sparsify` takes any instance."""
+
+    calibrated = False
+
+    def fits(self, weight: torch.Tensor) -> None:
+        """Raise TypeError or ValueError (the reason the layer is skipped) if ``weight`` cannot take this format."""
+        raise NotImplementedError
+
+    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
+        """The module that replaces ``linear``."""
+        raise NotImplementedError
+
+    def sparse_bytes(self, module: nn.Module) -> int:
+        """Bytes of the replacement's weight (values, indices, metadata)."""
+        return module.weight.nbytes
+
+    def describe(self) -> dict[str, Any]:
+        """The report's pattern, vector, method and sparsity."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NMConfig(SparsifyConfig):
+    """Vector-wise N:M (:class:`SparseLinear`): ``pattern`` ("n:m") with V=``vector``, pruned by ``method``
+    ("magnitude", or "wanda", which needs calibration batches)."""
+
+    pattern: str
+    vector: int = 1
+    method: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        parse_pattern(self.pattern)
+        check_vector(self.vector)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method == "wanda"
+
+    def fits(self, weight: torch.Tensor) -> None:
+        n, m = parse_pattern(self.pattern)
+        check_weight_matrix(weight, n, m, self.vector)
+
+    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
+        mask = None
+        if input_norm is not None:
+            from .prune import wanda_mask
+
+            mask = wanda_mask(linear.weight.detach(), input_norm, self.pattern, self.vector)
+        return SparseLinear.from_dense(linear, self.pattern, self.vector, mask)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "vector": self.vector, "method": self.method, "sparsity": None}
+
+
+@dataclass(frozen=True)
+class CSRConfig(SparsifyConfig):
+    """Unstructured sparsity (:class:`CSRLinear`): the ``sparsity`` fraction of smallest |w| pruned."""
+
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+
+    def fits(self, weight: torch.Tensor) -> None:
+        check_weight_matrix(weight, 1, 1, 1)
+
+    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
+        return CSRLinear.from_dense(linear, self.sparsity)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pattern": "csr", "vector": 1, "method": "magnitude", "sparsity": self.sparsity}
+
+
+@dataclass(frozen=True)
+class BlockConfig(SparsifyConfig):
+    """Block-sparse after a row permutation (:class:`BlockShuffledLinear`): whole ``block`` tiles pruned to
+    ``sparsity``, the permutation searched when ``search``."""
+
+    sparsity: float
+    block: tuple[int, int] = (32, 32)
+    search: bool = True
+
+    def __post_init__(self) -> None:
+        check_block(self.block)
+        check_block_sparsity(self.sparsity)
+
+    def fits(self, weight: torch.Tensor) -> None:
+        check_weight_matrix(weight, 1, 1, 1)
+        check_block_weight(weight, self.block)
+
+    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
+        return BlockShuffledLinear.from_dense(linear, self.sparsity, self.block, search=self.search)
+
+    def describe(self) -> dict[str, Any]:
+        return {"pattern": "block", "vector": 1, "method": "magnitude", "sparsity": self.sparsity}
+
+
+CONFIGS = (NMConfig, CSRConfig, BlockConfig)
+
+
 def sparsify(
     model: nn.Module,
-    pattern: str,
+    pattern: str | SparsifyConfig,
     vector: int = 1,
     skip: Callable[[str, nn.Module], bool] | None = None,
     method: str = "magnitude",
@@ -339,90 +444,94 @@ def sparsify(
 ) -> SparsifyReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` that fits by a sparse module, and report.
 
-    ``pattern`` is an ``"n:m"`` pattern (:class:`SparseLinear`, vector-wise with V=``vector``, pruned with
-    ``method``: "magnitude", or "wanda" with ``calibration`` batches), ``"csr"`` (:class:`CSRLinear`,
-    unstructured magnitude pruning to ``sparsity``) or ``"block"`` (:class:`BlockShuffledLinear`: whole
-    ``block`` tiles after a searched row permutation, to ``sparsity``).
+    ``pattern`` is a config (:class:`NMConfig`, :class:`CSRConfig`, :class:`BlockConfig`), or its short form: an
+    ``"n:m"`` pattern (:class:`SparseLinear`, vector-wise with V=``vector``, pruned with ``method``: "magnitude",
+    or "wanda" with ``calibration`` batches), ``"csr"`` (:class:`CSRLinear`, unstructured magnitude pruning to
+    ``sparsity``) or ``"block"`` (:class:`BlockShuffledLinear`: whole ``block`` tiles after a searched row
+    permutation, to ``sparsity``).
 
     A layer is skipped, with its reason in the report, when ``skip(name, module)`` is true, its shape or dtype
     does not fit, its weight is shared (tied) with another module, it is a subclass of ``nn.Linear`` (whose
     owner may read ``.weight`` as a tensor) or it is ``model`` itself.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if skip is not None and not callable(skip):
-        raise TypeError(f"skip: expected a callable (name, module) -> bool or None, got {type(skip).__name__}")
+    if isinstance(pattern, SparsifyConfig):
+        given = {"vector": vector != 1, "method": method != "magnitude", "sparsity": sparsity is not None,
+                 "block": block not in ((32, 32), [32, 32])}
+        if any(given.values()):
+            names = ", ".join(name for name, set_ in given.items() if set_)
+            raise TypeError(f"{names}: part of the config when one is given; got {type(pattern).__name__} and {names}")
+        config = pattern
+    else:
+        config = config_of(pattern, vector, method, sparsity, block)
+    return swap_linears(model, config, skip, calibration)
+
+
+def config_of(
+    pattern: str, vector: int = 1, method: str = "magnitude", sparsity: float | None = None,
+    block: tuple[int, int] = (32, 32),
+) -> SparsifyConfig:
+    """The config that :func:`sparsify`'s short form names, with the checks across its arguments."""
+    if not isinstance(pattern, str):
+        raise TypeError(
+            f"pattern: expected an 'n:m', 'csr' or 'block' string or a config, got {type(pattern).__name__}"
+        )
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if pattern in FORMATS:
-        make, fits = _format_maker(pattern, vector, method, sparsity, block)
-    else:
-        n, m = parse_pattern(pattern)
+    if pattern not in FORMATS:
+        parse_pattern(pattern)
         check_vector(vector)
         if sparsity is not None:
             raise ValueError(f"sparsity: an n:m pattern fixes the sparsity ({pattern}); got sparsity={sparsity}")
-        if method == "wanda" and calibration is None:
-            raise ValueError("calibration: method 'wanda' needs an iterable of input batches, got None")
-
-        def fits(weight: torch.Tensor) -> None:
-            check_weight_matrix(weight, n, m, vector)
-
-        def make(module: nn.Linear, mask: torch.Tensor | None) -> nn.Module:
-            return SparseLinear.from_dense(module, pattern, vector, mask)
-
-    report = SparsifyReport(pattern, vector, method, sparsity=sparsity)
-    targets = eligible_linears(model, fits, skip, report)
-    # What can be refused is refused before the first swap, so that a bad layer leaves the model as it was.
-    for name, module in targets.items():
-        try:
-            check_finite(module.weight.detach())
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}; no layer was swapped") from None
-    norms = None
-    if method == "wanda":
-        from .prune import collect_input_norms, wanda_mask
-
-        norms = collect_input_norms(model, calibration, list(targets))
-    for name in list(targets):
-        module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
-        try:
-            mask = None if norms is None else wanda_mask(module.weight.detach(), norms.pop(name), pattern, vector)
-            sparse = make(module, mask)
-        except (TypeError, ValueError) as error:
-            done = f"; swapped before it: {', '.join(report.swapped)}" if report.swapped else "; no layer was swapped"
-            raise type(error)(f"{name}: {error}{done}") from error
-        replace_module(model, name, sparse)
-        report.swapped.append(name)
-        report.dense_bytes += module.weight.numel() * module.weight.element_size()
-        report.sparse_bytes += sparse.weight.nbytes
-    return report
-
-
-def _format_maker(
-    pattern: str, vector: int, method: str, sparsity: float | None, block: tuple[int, int]
-) -> tuple[Callable[[nn.Linear, torch.Tensor | None], nn.Module], Callable[[torch.Tensor], None]]:
-    """For ``sparsify`` with ``"csr"`` or ``"block"``: the module builder and the per-layer fit check."""
+        return NMConfig(pattern, vector, method)
     if sparsity is None:
         raise ValueError(f"sparsity: pattern {pattern!r} needs the fraction of weights to prune, got None")
     if method != "magnitude":
         raise ValueError(f"method: pattern {pattern!r} prunes by magnitude only, got {method!r}")
     if vector != 1:
         raise ValueError(f"vector: applies to n:m patterns only; pattern {pattern!r} needs vector=1, got {vector}")
-    if pattern == "csr":
-        check_sparsity(sparsity)
+    return CSRConfig(sparsity) if pattern == "csr" else BlockConfig(sparsity, block)
 
-        def fits(weight: torch.Tensor) -> None:
-            check_weight_matrix(weight, 1, 1, 1)
 
-        return (lambda module, mask: CSRLinear.from_dense(module, sparsity)), fits
-    check_block(block)
-    check_block_sparsity(sparsity)
+def swap_linears(
+    model: nn.Module,
+    config: SparsifyConfig,
+    skip: Callable[[str, nn.Module], bool] | None = None,
+    calibration: Iterable[Any] | None = None,
+) -> SparsifyReport:
+    """The one swap loop (:func:`sparsify`, SR-STE's preparation): every eligible ``nn.Linear`` of ``model``
+    (:func:`eligible_linears`) is replaced by ``config.make``. Layers that cannot be pruned are refused before the
+    first swap, so that the model is left as it was; every error names its module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if skip is not None and not callable(skip):
+        raise TypeError(f"skip: expected a callable (name, module) -> bool or None, got {type(skip).__name__}")
+    described = config.describe()
+    if config.calibrated and calibration is None:
+        raise ValueError(f"calibration: method {described['method']!r} needs an iterable of input batches, got None")
+    report = SparsifyReport(described["pattern"], described["vector"], described["method"], described["sparsity"])
+    targets = eligible_linears(model, config.fits, skip, report)
+    for name, module in targets.items():
+        try:
+            check_finite(module.weight.detach())
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}; no layer was swapped") from None
+    norms = None
+    if config.calibrated:
+        from .prune import collect_input_norms
 
-    def fits_block(weight: torch.Tensor) -> None:
-        check_weight_matrix(weight, 1, 1, 1)
-        check_block_weight(weight, block)
-
-    return (lambda module, mask: BlockShuffledLinear.from_dense(module, sparsity, block)), fits_block
+        norms = collect_input_norms(model, calibration, list(targets))
+    for name in list(targets):
+        module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
+        try:
+            sparse = config.make(module, None if norms is None else norms.pop(name))
+        except (TypeError, ValueError) as error:
+            done = f"; swapped before it: {', '.join(report.swapped)}" if report.swapped else "; no layer was swapped"
+            raise type(error)(f"{name}: {error}{done}") from error
+        replace_module(model, name, sparse)
+        report.swapped.append(name)
+        report.dense_bytes += module.weight.numel() * module.weight.element_size()
+        report.sparse_bytes += config.sparse_bytes(sparse)
+    return report
 
 
 def eligible_linears(

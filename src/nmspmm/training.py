@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .formats.nm import NMSparseWeight, kept_row_columns
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
-from .nn import SparseLinear, SparsifyReport, eligible_linears, replace_module
+from .nn import SparseLinear, SparsifyConfig, SparsifyReport, replace_module, swap_linears
 from .ops.backend import check_backend, check_operands
 from .ops.nm import grad_input, nm_linear
 from .prune import prune
@@ -146,6 +147,37 @@ class SRSTELinear(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class SRSTEConfig(SparsifyConfig):
+    """:func:`prepare_srste`'s swap: an :class:`SRSTELinear` of ``pattern`` with V=``vector`` sharing the layer's
+    parameters, its mask recomputed every ``mask_interval`` steps, ``decay`` on the pruned weights."""
+
+    pattern: str
+    vector: int = 1
+    mask_interval: int = 1
+    decay: float = DEFAULT_DECAY
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        parse_pattern(self.pattern)
+        check_vector(self.vector)
+
+    def fits(self, weight: torch.Tensor) -> None:
+        n, m = parse_pattern(self.pattern)
+        check_weight_matrix(weight, n, m, self.vector)
+
+    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
+        return SRSTELinear(
+            linear, self.pattern, self.vector, mask_interval=self.mask_interval, decay=self.decay, backend=self.backend
+        )
+
+    def sparse_bytes(self, module: nn.Module) -> int:
+        return module.to_sparse().weight.nbytes
+
+    def describe(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "vector": self.vector, "method": "sr-ste", "sparsity": None}
+
+
 def prepare_srste(
     model: nn.Module,
     pattern: str,
@@ -160,21 +192,7 @@ def prepare_srste(
     by an :class:`SRSTELinear` sharing its parameters; train as usual, then call :func:`finalize_srste`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    n, m = parse_pattern(pattern)
-    check_vector(vector)
-    if skip is not None and not callable(skip):
-        raise TypeError(f"skip: expected a callable (name, module) -> bool or None, got {type(skip).__name__}")
-    report = SparsifyReport(pattern, vector, "sr-ste")
-    def fits(weight: torch.Tensor) -> None:
-        check_weight_matrix(weight, n, m, vector)
-
-    for name, module in eligible_linears(model, fits, skip, report).items():
-        layer = SRSTELinear(module, pattern, vector, mask_interval=mask_interval, decay=decay, backend=backend)
-        replace_module(model, name, layer)
-        report.swapped.append(name)
-        report.dense_bytes += module.weight.numel() * module.weight.element_size()
-        report.sparse_bytes += layer.to_sparse().weight.nbytes
-    return report
+    return swap_linears(model, SRSTEConfig(pattern, vector, mask_interval, decay, backend), skip)
 
 
 def finalize_srste(model: nn.Module) -> list[str]:
