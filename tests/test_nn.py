@@ -428,13 +428,16 @@ def test_kept_launch_weight_follows_every_change(backend, pattern):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_weight_given_new_offsets_derives_them_again(backend):
-    weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), "2:4", 16)
-    other = nmspmm.prune(torch.randn(32, 64, device=DEVICE), "2:4", 16)
+@pytest.mark.parametrize("pattern", ["2:4", "24:32"])  # offsets stored kept, and dropped (kept ones derived)
+def test_weight_given_new_offsets_derives_them_again(backend, pattern):
+    weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), pattern, 16)
+    other = nmspmm.prune(torch.randn(32, 64, device=DEVICE), pattern, 16)
     x = torch.randn(3, 64, device=DEVICE)
     nmspmm.linear(x, weight, backend=backend)
     weight.offsets = other.offsets
-    expected = x.double() @ weight.to_dense().double().t()
+    fresh = nmspmm.NMSparseWeight(weight.values, other.offsets, pattern, 16, weight.shape)  # derives them anew
+    expected = x.double() @ fresh.to_dense().double().t()
+    assert torch.equal(weight.to_dense(), fresh.to_dense())
     assert relative_error(nmspmm.linear(x, weight, backend=backend), expected) < TOLERANCE[torch.float32]
 
 

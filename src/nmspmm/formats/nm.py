@@ -76,7 +76,8 @@ class NMSparseWeight(SparseWeightBase):
         self.shape = torch.Size(shape)
         self.values = values
         self.offsets = offsets
-        self._kept_offsets_cache = kept_offsets
+        # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.
+        self._kept_offsets_cache = None if kept_offsets is None else (offsets, kept_offsets)
 
     @property
     def pattern(self) -> str:
@@ -170,11 +171,12 @@ class NMSparseWeight(SparseWeightBase):
         """uint8 ``[N // V, K // m * n]``: kept positions within each group of m, ascending."""
         if not self.stores_dropped:
             return self.offsets.view(self.offsets.shape[0], -1)
-        if self._kept_offsets_cache is None:
+        if self._kept_offsets_cache is None or self._kept_offsets_cache[0] is not self.offsets:
             dropped = torch.zeros(*self.offsets.shape[:2], self.m, dtype=torch.bool, device=self.device)
             dropped.scatter_(2, self.offsets.long(), True)
-            self._kept_offsets_cache = _positions(~dropped, self.n).to(OFFSET_DTYPE).view(self.offsets.shape[0], -1)
-        return self._kept_offsets_cache
+            kept = _positions(~dropped, self.n).to(OFFSET_DTYPE).view(self.offsets.shape[0], -1)
+            self._kept_offsets_cache = (self.offsets, kept)
+        return self._kept_offsets_cache[1]
 
     def kept_columns(self) -> torch.Tensor:
         """int64 ``[N // V, K // m * n]``: the input features each V-group keeps, ascending."""
