@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .report import device_slug, merge_csv, progress
+from .runner import relative_error
 
 SHAPES = ((1, 256, 256), (16, 4096, 4096), (256, 4096, 4096))
 NM_FORMATS = (("8:32", 64), ("2:4", 1))
@@ -177,11 +178,7 @@ def case_functions(
                 return F.linear(x, weight)
 
     with torch.no_grad():
-        out = ours(xs[0]).double()
-        reference = xs[0].double() @ sparse.to_dense().double().t()
-    error = float((out - reference).norm() / reference.norm().clamp_min(1e-30))
-    if not math.isfinite(error):
-        error = math.inf
+        error = relative_error(ours(xs[0]), xs[0].double() @ sparse.to_dense().double().t())
     return ours, theirs, xs, error
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..formats.pattern import check_vector, parse_pattern
 from .report import device_slug, merge_csv, progress
+from .runner import relative_error
 
 HIDDEN = 4096
 HEADS = 32
@@ -175,15 +176,6 @@ def sparsified(model: torch.nn.Module, pattern: str, vector: int) -> dict:
         "layers_swapped": len(report.swapped), "weight_bytes_dense": report.dense_bytes,
         "weight_bytes_sparse": report.sparse_bytes,
     }
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64; inf where ``actual`` is not finite."""
-    actual = actual.double()
-    if not bool(torch.isfinite(actual).all()):
-        return math.inf
-    expected = expected.double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 @torch.no_grad()

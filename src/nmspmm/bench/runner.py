@@ -215,8 +215,8 @@ def _semi_structured_ms(xs: list[torch.Tensor], weights: list[NMSparseWeight]) -
 
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """``||actual - reference|| / ||reference||`` in float64 (``reference`` already float64); inf for NaN/Inf."""
-    actual = actual.double()
+    """``||actual - reference|| / ||reference||`` in float64; inf where ``actual`` is not finite."""
+    actual, reference = actual.double(), reference.double()
     if not bool(torch.isfinite(actual).all()):
         return math.inf
     return float((actual - reference).norm() / reference.norm().clamp_min(1e-30))
