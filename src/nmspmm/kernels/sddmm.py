@@ -123,7 +123,7 @@ def sddmm(
 CELL = 64
 TILED_MIN_DEPTH = 64
 # Exact fp32 (three tf32 products per tile) costs the whole dense product, 1.8 ms at 4096^3 whatever the density
-# (session 5's tiles); the per-nonzero kernel costs the kept dot products, 0.7 ms at 2% density (H100,
+# (the tiles of sddmm_tile); the per-nonzero kernel costs the kept dot products, 0.7 ms at 2% density (H100,
 # 2026-11-23). Scaling the latter linearly, they cross near 5%; below it the per-nonzero kernel is the faster.
 TILED_MIN_DENSITY_EXACT = 0.05
 
