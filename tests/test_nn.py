@@ -654,3 +654,11 @@ def test_a_config_of_ones_own_swaps_through_the_same_loop():
     report = nmspmm.sparsify(model, WideOnly())
     assert report.swapped == ["blocks.0.mlp.0", "blocks.1.mlp.0"]
     assert report.skipped["head"] == "fewer than 64 outputs (10)"
+
+
+def test_sparsify_draws_progress_when_asked(capsys):
+    nmspmm.sparsify(TinyTransformer(), "2:4", vector=16, progress=True)
+    err = capsys.readouterr().err
+    assert "12/12 sparsify 2:4: done" in err and "0/12 sparsify 2:4: blocks.0.attn.q" in err
+    nmspmm.sparsify(TinyTransformer(), "2:4", vector=16, progress=False)
+    assert capsys.readouterr().err == ""

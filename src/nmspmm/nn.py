@@ -4,6 +4,7 @@ and :func:`sparsify`, which swaps a model's ``nn.Linear`` layers for them in pla
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .progress import progress as draw_progress
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
@@ -441,6 +443,7 @@ def sparsify(
     *,
     sparsity: float | None = None,
     block: tuple[int, int] = (32, 32),
+    progress: bool | None = None,
 ) -> SparsifyReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` that fits by a sparse module, and report.
 
@@ -452,7 +455,8 @@ def sparsify(
 
     A layer is skipped, with its reason in the report, when ``skip(name, module)`` is true, its shape or dtype
     does not fit, its weight is shared (tied) with another module, it is a subclass of ``nn.Linear`` (whose
-    owner may read ``.weight`` as a tensor) or it is ``model`` itself.
+    owner may read ``.weight`` as a tensor) or it is ``model`` itself. ``progress`` draws a bar on stderr (by
+    default when stderr is a terminal).
     """
     if isinstance(pattern, SparsifyConfig):
         given = {"vector": vector != 1, "method": method != "magnitude", "sparsity": sparsity is not None,
@@ -463,7 +467,7 @@ def sparsify(
         config = pattern
     else:
         config = config_of(pattern, vector, method, sparsity, block)
-    return swap_linears(model, config, skip, calibration)
+    return swap_linears(model, config, skip, calibration, progress=progress)
 
 
 def config_of(
@@ -497,10 +501,13 @@ def swap_linears(
     config: SparsifyConfig,
     skip: Callable[[str, nn.Module], bool] | None = None,
     calibration: Iterable[Any] | None = None,
+    *,
+    progress: bool | None = None,
 ) -> SparsifyReport:
     """The one swap loop (:func:`sparsify`, SR-STE's preparation): every eligible ``nn.Linear`` of ``model``
     (:func:`eligible_linears`) is replaced by ``config.make``. Layers that cannot be pruned are refused before the
-    first swap, so that the model is left as it was; every error names its module."""
+    first swap, so that the model is left as it was; every error names its module. ``progress``: a bar on stderr
+    (None: when stderr is a terminal)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if skip is not None and not callable(skip):
@@ -520,7 +527,11 @@ def swap_linears(
         from .prune import collect_input_norms
 
         norms = collect_input_norms(model, calibration, list(targets))
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    total = len(targets)
     for name in list(targets):
+        if show:
+            draw_progress(len(report.swapped), total, f"sparsify {described['pattern']}: {name}")
         module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
         try:
             sparse = config.make(module, None if norms is None else norms.pop(name))
@@ -531,6 +542,8 @@ def swap_linears(
         report.swapped.append(name)
         report.dense_bytes += module.weight.numel() * module.weight.element_size()
         report.sparse_bytes += config.sparse_bytes(sparse)
+    if show and total:
+        draw_progress(total, total, f"sparsify {described['pattern']}: done")
     return report
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..progress import progress
 from .cases import Case, quick_cases, suite_cases
-from .report import config_summary, device_slug, format_rows, merge_csv, plot, progress, summary_markdown
+from .report import config_summary, device_slug, format_rows, merge_csv, plot, summary_markdown
 
 __all__ = ["Case", "quick_cases", "suite_cases", "run"]
 

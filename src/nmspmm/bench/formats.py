@@ -17,7 +17,8 @@ from ..ops import linear, sddmm
 from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm_case
 from ..prune import kept_magnitude, prune, prune_block_shuffled, prune_csr
 from .cases import DTYPES, load_suite
-from .report import device_slug, geomean, merge_csv, progress, speedup_of
+from ..progress import progress
+from .report import device_slug, geomean, merge_csv, speedup_of
 from .runner import (
     GRAPH_TOKENS, TOLERANCE, graph_median_ms, matmul_precision, median_ms, relative_error, rotated_dense,
     rotation_sets,

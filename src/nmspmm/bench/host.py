@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .report import device_slug, merge_csv, progress
+from ..progress import progress
+from .report import device_slug, merge_csv
 from .runner import relative_error
 
 SHAPES = ((1, 256, 256), (16, 4096, 4096), (256, 4096, 4096))

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.pattern import check_vector, parse_pattern
-from .report import device_slug, merge_csv, progress
+from ..progress import progress
+from .report import device_slug, merge_csv
 from .runner import relative_error
 
 HIDDEN = 4096

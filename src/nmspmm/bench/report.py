@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,16 +41,6 @@ def merge_csv(rows: list[dict], path: Path, key: tuple[str, ...] = KEY) -> list[
 def _key_of(row: dict, key: tuple[str, ...]) -> tuple[str, ...]:
     """``row``'s key columns as the CSV writes them: None and missing become ''."""
     return tuple("" if row.get(k) is None else str(row[k]) for k in key)
-
-
-def progress(done: int, total: int, label: str) -> None:
-    """A one-line progress bar on stderr."""
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:60]:<60}")
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
 
 
 def format_rows(rows: list[dict]) -> str:
