@@ -16,6 +16,7 @@ from torch import nn
 from . import ops
 from .progress import progress as draw_progress
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
+from .formats.base import SparseWeightBase
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
 from .prune import prune, prune_block_shuffled, prune_csr
@@ -36,7 +37,9 @@ class _SparseLinearBase(nn.Module):
     values: nn.Parameter
     bias: nn.Parameter | None
 
-    def __init__(self, weight: Any, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
+    def __init__(
+        self, weight: SparseWeightBase, bias: torch.Tensor | None = None, *, backend: str = "auto"
+    ) -> None:
         super().__init__()
         if not isinstance(weight, self.FORMAT):
             raise TypeError(f"weight: expected an nmspmm.{self.FORMAT.__name__}, got {type(weight).__name__}")
@@ -55,14 +58,14 @@ class _SparseLinearBase(nn.Module):
             self.bias = nn.Parameter(bias.detach())
 
     @property
-    def weight(self) -> Any:
+    def weight(self) -> SparseWeightBase:
         """The sparse weight over this module's tensors (validated when they were built or loaded, not again)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self._launch_weight(), self.bias, backend=self.backend)
 
-    def _launch_weight(self) -> Any:
+    def _launch_weight(self) -> SparseWeightBase:
         """:attr:`weight`, built once and kept until the module moves, loads or gets a new ``values`` tensor, so
         that what the products derive from it (their launch plan) is derived once too."""
         if torch.compiler.is_compiling():

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from .pattern import check_values, dtype_name
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # Format class -> (name of the pruning function, the function), filled when nmspmm.prune is imported.
 _PRUNERS: dict[type, tuple[str, Callable[..., Any]]] = {}
@@ -32,9 +37,16 @@ def deprecated_prune(format_type: type, *args: Any, **kwargs: Any) -> Any:
 
 
 class SparseWeightBase:
-    """Base of the weight formats; a subclass holds ``values`` and implements ``to`` (a validated copy)."""
+    """The contract of a weight format. A format holds its kept ``values`` and the index tensors named by
+    ``STATE_TENSORS`` (what a file stores), and the JSON-able fields ``STATE_FIELDS`` (:meth:`state_fields`);
+    :meth:`from_state` rebuilds it from both, validating everything; it has a ``shape`` ``[N, K]``, ``nbytes``,
+    ``to_dense()`` and ``mask()``. Written once here: dtype and device, :meth:`state_tensors`, and the moves
+    (:meth:`to`, :meth:`cuda`, :meth:`cpu`), which rebuild through :meth:`from_state`."""
 
+    STATE_TENSORS: ClassVar[tuple[str, ...]]
+    STATE_FIELDS: ClassVar[tuple[str, ...]]
     values: torch.Tensor
+    shape: torch.Size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -44,13 +56,47 @@ class SparseWeightBase:
     def device(self) -> torch.device:
         return self.values.device
 
-    def to(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values, index tensors and metadata."""
         raise NotImplementedError
 
-    def cuda(self, device: int | str | torch.device | None = None) -> Any:
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by field name (what a file holds; derived structures are rebuilt on use)."""
+        return {name: getattr(self, name) for name in self.STATE_TENSORS}
+
+    def state_fields(self) -> dict[str, Any]:
+        """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight (``dtype`` among them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> Self:
+        """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[N, K]`` weight, zeros where pruned."""
+        raise NotImplementedError
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[N, K]``: True where the weight is kept."""
+        raise NotImplementedError
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """Move to a device and/or cast the values to a float dtype (index tensors keep theirs), like Tensor.to:
+        a validated copy."""
+        values = self.values.to(*args, **kwargs)
+        check_values(values)
+        tensors = {
+            name: values if name == "values" else getattr(self, name).to(device=values.device)
+            for name in self.STATE_TENSORS
+        }
+        return type(self).from_state(tensors, {**self.state_fields(), "dtype": dtype_name(values.dtype)})
+
+    def cuda(self, device: int | str | torch.device | None = None) -> Self:
         """A copy on a CUDA device (the current one by default)."""
         return self.to("cuda" if device is None else device)
 
-    def cpu(self) -> Any:
+    def cpu(self) -> Self:
         """A copy on the CPU."""
         return self.to("cpu")

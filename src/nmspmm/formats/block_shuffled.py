@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .base import SparseWeightBase, deprecated_prune
-from .pattern import SUPPORTED_DTYPES, checked_mask
+from .pattern import SUPPORTED_DTYPES, check_values, checked_mask
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
 SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
@@ -145,9 +145,7 @@ class BlockShuffledWeight(SparseWeightBase):
         _check_divisible(self.shape, self.block, "shape")
         bn, bk = self.block
         block_rows, block_cols = self.shape[0] // bn, self.shape[1] // bk
-        if not isinstance(self.values, torch.Tensor) or self.values.dtype not in SUPPORTED_DTYPES:
-            got = self.values.dtype if isinstance(self.values, torch.Tensor) else type(self.values).__name__
-            raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
+        check_values(self.values)
         if self.values.dim() != 3 or tuple(self.values.shape[1:]) != (bn, bk):
             raise ValueError(f"values: expected shape (nblocks, {bn}, {bk}), got {tuple(self.values.shape)}")
         blocks = self.values.shape[0]
@@ -268,19 +266,8 @@ class BlockShuffledWeight(SparseWeightBase):
         permuted = dense_from_blocks(self.values, self.block_columns, self.block_row_offsets, self.shape)
         return permuted[self.inverse_permutation()]
 
-    def to(self, *args: Any, **kwargs: Any) -> "BlockShuffledWeight":
-        """Move to a device and/or cast the values to a float dtype (index tensors stay int32), like Tensor.to."""
-        values = self.values.to(*args, **kwargs)
-        indices = (self.block_columns, self.block_row_offsets, self.row_permutation)
-        moved = (tensor.to(device=values.device) for tensor in indices)
-        return BlockShuffledWeight(values, *moved, self.shape, self.block)
-
     STATE_TENSORS = ("values", "block_columns", "block_row_offsets", "row_permutation")
     STATE_FIELDS = ("shape", "dtype", "block")
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors to store, by field name (:meth:`from_state` rebuilds from them and :meth:`state_fields`)."""
-        return {name: getattr(self, name) for name in self.STATE_TENSORS}
 
     def state_fields(self) -> dict[str, Any]:
         """JSON-able fields that, with :meth:`state_tensors`, rebuild the weight."""

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .base import SparseWeightBase, deprecated_prune
-from .pattern import SUPPORTED_DTYPES, check_state_dtype, check_weight_matrix, checked_mask
+from .pattern import check_state_dtype, check_values, check_weight_matrix, checked_mask
 
 INDEX_DTYPE = torch.int32
 _MAX_NNZ = torch.iinfo(INDEX_DTYPE).max
@@ -114,9 +114,7 @@ class CSRWeight(SparseWeightBase):
             raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
         rows, cols = self.shape
         values = self.values
-        if not isinstance(values, torch.Tensor) or values.dtype not in SUPPORTED_DTYPES:
-            got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
-            raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
+        check_values(values)
         if values.dim() != 1:
             raise ValueError(f"values: expected a 1-D [nnz] tensor, got shape {tuple(values.shape)}")
         nnz = values.shape[0]
@@ -215,17 +213,6 @@ class CSRWeight(SparseWeightBase):
     def to_dense(self) -> torch.Tensor:
         """The dense ``[N, K]`` weight, zeros where pruned."""
         return dense_from_csr(self.values, self.row_indices(), self.col_indices, self.shape)
-
-    def to(self, *args: Any, **kwargs: Any) -> "CSRWeight":
-        """Move to a device and/or cast the values to a float dtype (indices stay int32), like Tensor.to."""
-        values = self.values.to(*args, **kwargs)
-        col_indices = self.col_indices.to(device=values.device)
-        row_offsets = self.row_offsets.to(device=values.device)
-        return CSRWeight(values, col_indices, row_offsets, self.shape)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by field name (what a file holds; the derived structures are rebuilt on use)."""
-        return {"values": self.values, "col_indices": self.col_indices, "row_offsets": self.row_offsets}
 
     def state_fields(self) -> dict[str, Any]:
         """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""

@@ -10,8 +10,8 @@ import torch
 
 from .base import SparseWeightBase
 from .pattern import (
-    SUPPORTED_DTYPES,
     check_state_dtype,
+    check_values,
     check_vector,
     check_weight_matrix,
     checked_mask,
@@ -108,9 +108,7 @@ class NMSparseWeight(SparseWeightBase):
             raise ValueError(f"shape: K={cols} must be divisible by m={self.m} of the pattern {self.pattern}")
         if rows % self.vector:
             raise ValueError(f"vector: V={self.vector} must divide N={rows}")
-        if not isinstance(self.values, torch.Tensor) or self.values.dtype not in SUPPORTED_DTYPES:
-            got = self.values.dtype if isinstance(self.values, torch.Tensor) else type(self.values).__name__
-            raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
+        check_values(self.values)
         expected_values = (rows, self.kept_per_row)
         if tuple(self.values.shape) != expected_values:
             raise ValueError(f"values: expected shape {expected_values}, got {tuple(self.values.shape)}")
@@ -191,18 +189,8 @@ class NMSparseWeight(SparseWeightBase):
         """The dense ``[N, K]`` weight, zeros where pruned."""
         return dense_from_kept(self.values, self.kept_offsets(), self.n, self.m, self.vector)
 
-    def to(self, *args: Any, **kwargs: Any) -> "NMSparseWeight":
-        """Move to a device and/or cast the values to a float dtype (offsets stay uint8), like Tensor.to."""
-        values = self.values.to(*args, **kwargs)
-        offsets = self.offsets.to(device=values.device)
-        return NMSparseWeight(values, offsets, self.pattern, self.vector, self.shape)
-
     STATE_TENSORS = ("values", "offsets")
     STATE_FIELDS = ("pattern", "vector", "shape", "dtype")
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by field name (what a file holds; ``kept_offsets`` is derived again on load)."""
-        return {"values": self.values, "offsets": self.offsets}
 
     def state_fields(self) -> dict[str, Any]:
         """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""

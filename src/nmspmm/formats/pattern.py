@@ -52,6 +52,18 @@ def check_weight_matrix(weight: torch.Tensor, n: int, m: int, vector: int, name:
         raise ValueError(f"vector: V={vector} must divide out_features N={rows} of {name}")
 
 
+def check_values(values: object) -> None:
+    """Refuse ``values`` that are not a tensor of a supported dtype (every format's kept values)."""
+    if not isinstance(values, torch.Tensor) or values.dtype not in SUPPORTED_DTYPES:
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as saved weights name it: ``"float16"``, ``"bfloat16"``, ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def check_state_dtype(values: torch.Tensor, dtype_name: object) -> None:
     """Check that a saved weight's ``values`` have the dtype its metadata names (``"float16"`` etc.)."""
     expected = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}.get(dtype_name)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..formats.base import SparseWeightBase
 from ..kernels.launch import interpreter_requested
 
 BACKENDS = ("auto", "triton", "reference")
@@ -79,7 +80,7 @@ def autograd_function(
     return type(name, (torch.autograd.Function,), methods)
 
 
-def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: Any) -> None:
+def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: SparseWeightBase | torch.Tensor) -> None:
     """Reject a tensor argument ``name`` of another dtype or device than ``weight`` (any format)."""
     if tensor.dtype != weight.dtype:
         raise TypeError(f"{name}: dtype {tensor.dtype} does not match weight dtype {weight.dtype}")
@@ -87,7 +88,7 @@ def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: Any) -> None
         raise ValueError(f"{name}: on {tensor.device}, but weight is on {weight.device}")
 
 
-def check_bias(bias: torch.Tensor | None, weight: Any) -> None:
+def check_bias(bias: torch.Tensor | None, weight: SparseWeightBase | torch.Tensor) -> None:
     """Reject a bias that is not None or an ``[N]`` tensor of the weight's dtype and device (any format)."""
     if bias is None:
         return
@@ -99,7 +100,8 @@ def check_bias(bias: torch.Tensor | None, weight: Any) -> None:
 
 
 def check_operands(
-    x: torch.Tensor, weight: Any, weight_type: type, bias: torch.Tensor | None, feature_axis: int = -1
+    x: torch.Tensor, weight: SparseWeightBase | torch.Tensor, weight_type: type, bias: torch.Tensor | None,
+    feature_axis: int = -1,
 ) -> None:
     """Reject a weight of another format and an ``x`` (``x_t`` when ``feature_axis`` is 0) or ``bias`` of
     another dtype, device or feature count than ``weight``, with errors that name the argument."""
