@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nmspmm
-from nmspmm.ops import nm_linear
+from nmspmm.ops import nm_linear_op
 from conftest import DEVICE, TOLERANCE, relative_error
 
 BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
@@ -20,7 +20,7 @@ def test_gradcheck_reference_float64():
     bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
     offsets = weight.kept_offsets()
     assert torch.autograd.gradcheck(
-        lambda x, v, b: nm_linear(x, v, offsets, b, weight.n, weight.m, weight.vector, "reference"),
+        lambda x, v, b: nm_linear_op(x, v, offsets, b, weight.n, weight.m, weight.vector, "reference"),
         (x, values, bias),
     )
 
@@ -59,11 +59,11 @@ def test_gradients_match_dense_masked(pattern, vector, dtype, backend, feature_m
 
 @pytest.mark.parametrize("pattern,vector", [("8:32", 32), ("3:8", 1)])
 def test_backward_ops_pass_opcheck(pattern, vector):
-    from nmspmm.ops.nm import nm_linear_grad_input, nm_linear_grad_values
+    from nmspmm.ops.nm import nm_linear_grad_input_op, nm_linear_grad_values_op
 
     weight = nmspmm.prune(torch.randn(32, 64, device=DEVICE), pattern, vector)
     grad_y = torch.randn(5, 32, device=DEVICE)
     x = torch.randn(5, 64, device=DEVICE)
     offsets = weight.kept_offsets()
-    torch.library.opcheck(nm_linear_grad_input, (grad_y, weight.values, offsets, weight.n, weight.m, vector, 64))
-    torch.library.opcheck(nm_linear_grad_values, (x, grad_y, offsets, weight.n, weight.m, vector))
+    torch.library.opcheck(nm_linear_grad_input_op, (grad_y, weight.values, offsets, weight.n, weight.m, vector, 64))
+    torch.library.opcheck(nm_linear_grad_values_op, (x, grad_y, offsets, weight.n, weight.m, vector))

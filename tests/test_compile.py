@@ -8,7 +8,7 @@ from torch import nn
 
 import nmspmm
 from conftest import DEVICE, TOLERANCE, relative_error
-from nmspmm.ops import nm_linear, nm_linear_feature_major
+from nmspmm.ops import nm_linear_feature_major_op, nm_linear_op
 
 
 def _model(dtype: torch.dtype = torch.float32, activation: bool = True) -> nn.Module:
@@ -78,9 +78,9 @@ def _op_samples() -> list[object]:
         for backend in backends:
             rest = (weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
             name = f"{pattern}-V{vector}-M{tokens}-{'bias' if with_bias else 'nobias'}-{backend}"
-            samples.append(pytest.param(nm_linear, (x, *rest), id=f"nm_linear-{name}"))
+            samples.append(pytest.param(nm_linear_op, (x, *rest), id=f"nm_linear-{name}"))
             x_t = x.t().contiguous()
-            samples.append(pytest.param(nm_linear_feature_major, (x_t, *rest), id=f"feature_major-{name}"))
+            samples.append(pytest.param(nm_linear_feature_major_op, (x_t, *rest), id=f"feature_major-{name}"))
     return samples
 
 

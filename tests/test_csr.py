@@ -19,9 +19,9 @@ from nmspmm.ops.csr import (
     csr_linear,
     csr_linear_feature_major,
     csr_linear_feature_major_op,
-    csr_linear_grad_input,
+    csr_linear_grad_input_op,
     csr_linear_op,
-    csr_sddmm,
+    csr_sddmm_op,
     sddmm,
 )
 from nmspmm.prune.unstructured import prune_csr, unstructured_mask
@@ -672,12 +672,12 @@ def _op_samples() -> list[object]:
         samples.append(pytest.param(csr_linear_feature_major_op, feature_major, id=f"feature_major-{backend}"))
         a, b = torch.randn(8, 3, device=DEVICE), torch.randn(12, 3, device=DEVICE)
         sddmm_args = (a, b, weight.row_indices(), weight.col_indices, weight.tile_offsets(CELL), backend)
-        samples.append(pytest.param(csr_sddmm, sddmm_args, id=f"csr_sddmm-{backend}"))
-        samples.append(pytest.param(csr_sddmm, (*sddmm_args[:4], None, backend), id=f"csr_sddmm-derived-{backend}"))
+        samples.append(pytest.param(csr_sddmm_op, sddmm_args, id=f"csr_sddmm-{backend}"))
+        samples.append(pytest.param(csr_sddmm_op, (*sddmm_args[:4], None, backend), id=f"csr_sddmm-derived-{backend}"))
     transposed = weight.transposed_structure()
     grad_input_args = (torch.randn(3, 8, device=DEVICE), weight.values, transposed.permutation, *transposed[:2],
                        transposed.row_order)  # fmt: skip
-    samples.append(pytest.param(csr_linear_grad_input, grad_input_args, id="csr_linear_grad_input"))
+    samples.append(pytest.param(csr_linear_grad_input_op, grad_input_args, id="csr_linear_grad_input"))
     return samples
 
 

@@ -20,7 +20,7 @@ from .formats.nm import NMSparseWeight, kept_row_columns
 from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
 from .nn import SparseLinear, SparsifyConfig, SparsifyReport, replace_module, swap_linears
 from .ops.backend import check_backend, check_operands
-from .ops.nm import grad_input, nm_linear
+from .ops.nm import grad_input, nm_linear_op
 from .prune import prune
 
 DEFAULT_DECAY = 2e-4
@@ -47,7 +47,7 @@ class _SRSTEProduct(torch.autograd.Function):
         values = weight.gather(1, columns)
         ctx.save_for_backward(x_rows, weight, values, kept_offsets, columns)
         ctx.pattern = (n, m, vector, decay, backend)
-        return nm_linear(x_rows, values, kept_offsets, bias, n, m, vector, backend)
+        return nm_linear_op(x_rows, values, kept_offsets, bias, n, m, vector, backend)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:

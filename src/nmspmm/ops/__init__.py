@@ -1,15 +1,18 @@
-"""Torch-facing sparse products, one module per weight format (nm, csr, block_shuffled), each with its argument
-checks and torch.library custom ops; ``linear`` dispatches on the weight's format, and ``backend`` chooses the
-Triton kernels (CUDA, or the CPU interpreter when asked) or the dense reference (CPU)."""
+"""Torch-facing sparse products, one module per weight format (nm, csr, block_shuffled), each in one shape: the
+checked public functions (``nm_linear``, ``csr_linear``, ``block_shuffled_linear``, ...), and their torch.library
+custom ops (``*_op``, defined with their fakes and autograd by ``backend.define_op``), which torch.compile traces
+while eager calls run the implementation directly. ``linear`` dispatches on the weight's format, and ``backend``
+chooses the Triton kernels (CUDA, or the CPU interpreter when asked) or the dense reference (CPU)."""
 
-from .backend import BACKENDS, call_op, check_backend, check_bias
+from .backend import BACKENDS, Op, call_op, check_backend, check_bias, define_op
 from .block_shuffled import block_shuffled_linear, block_shuffled_linear_op
 from .csr import csr_linear, csr_linear_feature_major, csr_linear_feature_major_op, csr_linear_op, sddmm
 from .dispatch import linear, linear_feature_major
-from .nm import nm_linear, nm_linear_feature_major
+from .nm import nm_linear, nm_linear_feature_major, nm_linear_feature_major_op, nm_linear_op
 
 __all__ = [
     "BACKENDS",
+    "Op",
     "block_shuffled_linear",
     "block_shuffled_linear_op",
     "call_op",
@@ -19,9 +22,12 @@ __all__ = [
     "csr_linear_feature_major",
     "csr_linear_feature_major_op",
     "csr_linear_op",
+    "define_op",
     "linear",
     "linear_feature_major",
     "nm_linear",
     "nm_linear_feature_major",
+    "nm_linear_feature_major_op",
+    "nm_linear_op",
     "sddmm",
 ]

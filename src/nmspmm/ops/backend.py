@@ -4,7 +4,7 @@ or the dense reference on the CPU, and the precision of fp32 tensor-core product
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,19 +46,45 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.get_float32_matmul_precision() != "highest" else "tf32x3"
 
 
-def call_op(
-    op: Callable[..., torch.Tensor], implementation: Callable[..., torch.Tensor], args: tuple,
-    eager_autograd: type[torch.autograd.Function] | None = None,
-) -> torch.Tensor:
-    """The custom op while torch.compile traces; in eager mode the implementation directly, through
-    ``eager_autograd`` (the same formulas, see :func:`autograd_function`; the op where none is given) where a
-    gradient is needed. The op's dispatch costs 0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more
-    than most products."""
+class Op(NamedTuple):
+    """A product registered by :func:`define_op`: the custom op (what torch.compile traces), its implementation
+    (what an eager call without gradient runs) and, for a differentiable one, the ``torch.autograd.Function`` that
+    eager calls with gradient run (the op's own formulas)."""
+
+    op: Callable[..., torch.Tensor]
+    implementation: Callable[..., torch.Tensor]
+    eager_autograd: type[torch.autograd.Function] | None
+
+
+def define_op(
+    name: str,
+    schema: str,
+    implementation: Callable[..., torch.Tensor],
+    fake: Callable[..., torch.Tensor],
+    setup_context: Callable[..., None] | None = None,
+    backward: Callable[..., tuple] | None = None,
+) -> Op:
+    """Register ``implementation`` as the custom op ``name`` (``"nmspmm::..."``, functional: it mutates nothing)
+    with its fake (the output's shape and dtype, for torch.compile) and, given ``setup_context`` and ``backward``,
+    its autograd formula; the one way every format's products are defined."""
+    op = torch.library.custom_op(name, mutates_args=(), schema=schema)(implementation)
+    op.register_fake(fake)
+    eager = None
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+        eager = autograd_function(implementation, setup_context, backward)
+    return Op(op, implementation, eager)
+
+
+def call_op(defined: Op, args: tuple) -> torch.Tensor:
+    """The custom op while torch.compile traces; in eager mode the implementation directly, through its
+    ``torch.autograd.Function`` where a gradient is needed (the op where it has none). The op's dispatch cost
+    0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more than most products."""
     if torch.compiler.is_compiling():
-        return op(*args)
+        return defined.op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return op(*args) if eager_autograd is None else eager_autograd.apply(*args)
-    return implementation(*args)
+        return defined.op(*args) if defined.eager_autograd is None else defined.eager_autograd.apply(*args)
+    return defined.implementation(*args)
 
 
 def autograd_function(

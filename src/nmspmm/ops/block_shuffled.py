@@ -7,7 +7,7 @@ import torch
 
 from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
 from ..kernels.block_sparse import block_sparse_matmul
-from .backend import autograd_function, call_op, check_backend, check_operands, input_precision, use_triton
+from .backend import call_op, check_backend, check_operands, define_op, input_precision, use_triton
 
 _OP_SCHEMA = (
     "(Tensor x, Tensor values, Tensor block_columns, Tensor block_row_offsets, Tensor block_row_order, "
@@ -32,7 +32,7 @@ def block_shuffled_linear(
         rows_in, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
         weight.row_permutation, bias, backend,
     )
-    y = call_op(block_shuffled_linear_op, _product, args, _BlockShuffledLinear)
+    y = call_op(_BLOCK_SHUFFLED_LINEAR, args)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -65,21 +65,9 @@ def _product(
     return y
 
 
-block_shuffled_linear_op = torch.library.custom_op(
-    "nmspmm::block_shuffled_linear", mutates_args=(), schema=_OP_SCHEMA
-)(_product)
-
-
-@block_shuffled_linear_op.register_fake
-def _block_shuffled_linear_fake(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    block_columns: torch.Tensor,
-    block_row_offsets: torch.Tensor,
-    block_row_order: torch.Tensor,
-    row_permutation: torch.Tensor,
-    bias: torch.Tensor | None,
-    backend: str,
+def _fake(
+    x: torch.Tensor, values: torch.Tensor, block_columns: torch.Tensor, block_row_offsets: torch.Tensor,
+    block_row_order: torch.Tensor, row_permutation: torch.Tensor, *_: object,
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], row_permutation.shape[0]))
 
@@ -111,5 +99,8 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) ->
     return grad_x, grad_values, None, None, None, None, grad_bias, None
 
 
-block_shuffled_linear_op.register_autograd(_backward, setup_context=_setup_backward)
-_BlockShuffledLinear = autograd_function(_product, _setup_backward, _backward)
+_BLOCK_SHUFFLED_LINEAR = define_op(
+    "nmspmm::block_shuffled_linear", _OP_SCHEMA, _product, _fake, _setup_backward, _backward
+)
+# The custom op itself (torch.ops.nmspmm.block_shuffled_linear): what torch.compile traces and opcheck checks.
+block_shuffled_linear_op = _BLOCK_SHUFFLED_LINEAR.op

@@ -12,7 +12,7 @@ from ..kernels.csr_spmm import csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import (
-    autograd_function, call_op, check_backend, check_dtype_and_device, check_operands, input_precision, use_triton,
+    call_op, check_backend, check_dtype_and_device, check_operands, define_op, input_precision, use_triton,
 )
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
@@ -39,7 +39,7 @@ def csr_linear(
     check_operands(x, weight, CSRWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
-    y = call_op(csr_linear_op, _row_major_product, _op_args(rows_in, weight, bias, backend), _CSRLinear)
+    y = call_op(_CSR_LINEAR, _op_args(rows_in, weight, bias, backend))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -55,7 +55,7 @@ def csr_linear_feature_major(
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
     args = _op_args(x_t, weight, bias, backend)
-    return call_op(csr_linear_feature_major_op, _feature_major_product, args, _CSRLinearFeatureMajor)
+    return call_op(_CSR_LINEAR_FEATURE_MAJOR, args)
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str = "auto") -> CSRWeight:
@@ -71,7 +71,7 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str =
     tiled = use_triton(backend, a.device) and _takes_tiles(a.shape[1], a.dtype, weight.nnz, *weight.shape)
     cell_offsets = weight.tile_offsets(CELL) if tiled else None
     args = (a, b, weight.row_indices(), weight.col_indices, cell_offsets, backend)
-    values = call_op(csr_sddmm, _sampled_product, args)
+    values = call_op(_CSR_SDDMM, args)
     return weight._with_values(values)
 
 
@@ -141,21 +141,15 @@ def _feature_major_product(
     return y_t
 
 
-csr_linear_op = torch.library.custom_op("nmspmm::csr_linear", mutates_args=(), schema=_LINEAR_SCHEMA)(
-    _row_major_product
-)
-csr_linear_feature_major_op = torch.library.custom_op(
-    "nmspmm::csr_linear_feature_major", mutates_args=(), schema=_LINEAR_SCHEMA
-)(_feature_major_product)
-
-
-@csr_linear_op.register_fake
-def _csr_linear_fake(x, values, col_indices, row_offsets, *rest):
+def _row_major_fake(
+    x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, *_: object
+) -> torch.Tensor:
     return x.new_empty((x.shape[0], row_offsets.shape[0] - 1))
 
 
-@csr_linear_feature_major_op.register_fake
-def _csr_linear_feature_major_fake(x, values, col_indices, row_offsets, *rest):
+def _feature_major_fake(
+    x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, *_: object
+) -> torch.Tensor:
     return x.new_empty((row_offsets.shape[0] - 1, x.shape[1]))
 
 
@@ -192,27 +186,11 @@ def _takes_tiles(depth: int, dtype: torch.dtype, nnz: int, rows: int, cols: int)
     return depth >= TILED_MIN_DEPTH and (input_precision(dtype) != "tf32x3" or density >= TILED_MIN_DENSITY_EXACT)
 
 
-csr_sddmm = torch.library.custom_op(
-    "nmspmm::csr_sddmm", mutates_args=(),
-    schema=(
-        "(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, Tensor? cell_offsets, str backend) -> Tensor"
-    ),
-)(_sampled_product)
-
-
-@csr_sddmm.register_fake
-def _csr_sddmm_fake(a, b, row_indices, col_indices, cell_offsets, backend):
+def _sampled_fake(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, *_: object):
     return a.new_empty(col_indices.shape[0])
 
 
-@torch.library.custom_op(
-    "nmspmm::csr_linear_grad_input", mutates_args=(),
-    schema=(
-        "(Tensor grad_y, Tensor values, Tensor permutation, Tensor transposed_offsets, Tensor transposed_columns, "
-        "Tensor transposed_order) -> Tensor"
-    ),
-)
-def csr_linear_grad_input(
+def _grad_input_product(
     grad_y: torch.Tensor,
     values: torch.Tensor,
     permutation: torch.Tensor,
@@ -227,8 +205,9 @@ def csr_linear_grad_input(
     return csr_spmm(grad_y_t, values[permutation], transposed_columns, transposed_offsets, transposed_order, grad_x)
 
 
-@csr_linear_grad_input.register_fake
-def _csr_linear_grad_input_fake(grad_y, values, permutation, transposed_offsets, *rest):
+def _grad_input_fake(
+    grad_y: torch.Tensor, values: torch.Tensor, permutation: torch.Tensor, transposed_offsets: torch.Tensor, *_: object
+) -> torch.Tensor:
     return grad_y.new_empty((grad_y.shape[0], transposed_offsets.shape[0] - 1))
 
 
@@ -252,12 +231,14 @@ def _backward(
         row_indices = row_indices_of(row_offsets, values.shape[0])
     grad_x = grad_values = None
     if need_values:
-        grad_values = csr_sddmm(grad_rows.t(), x_rows.t(), row_indices, col_indices, cell_offsets, ctx.backend)
+        grad_values = call_op(
+            _CSR_SDDMM, (grad_rows.t(), x_rows.t(), row_indices, col_indices, cell_offsets, ctx.backend)
+        )
     if triton_x:
         if transposed[0] is None:
             transposed = transposed_structure_of(row_indices, col_indices, cols)
         offsets_t, columns_t, permutation, order_t = transposed
-        grad_x = csr_linear_grad_input(grad_rows, values, permutation, offsets_t, columns_t, order_t)
+        grad_x = call_op(_CSR_LINEAR_GRAD_INPUT, (grad_rows, values, permutation, offsets_t, columns_t, order_t))
     elif need_x:
         compute = torch.promote_types(grad_rows.dtype, torch.float32)
         dense = dense_from_csr(values.to(compute), row_indices, col_indices, (rows, cols))
@@ -277,10 +258,29 @@ def _csr_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx,
     return (None if grad_x is None else grad_x.t(), grad_values, None, None, None, grad_bias) + (None,) * 7
 
 
-csr_linear_op.register_autograd(_csr_linear_backward, setup_context=_setup_backward)
-csr_linear_feature_major_op.register_autograd(_csr_linear_feature_major_backward, setup_context=_setup_backward)
-_CSRLinear = autograd_function(_row_major_product, _setup_backward, _csr_linear_backward)
-_CSRLinearFeatureMajor = autograd_function(_feature_major_product, _setup_backward, _csr_linear_feature_major_backward)
+_CSR_LINEAR = define_op(
+    "nmspmm::csr_linear", _LINEAR_SCHEMA, _row_major_product, _row_major_fake, _setup_backward, _csr_linear_backward
+)
+_CSR_LINEAR_FEATURE_MAJOR = define_op(
+    "nmspmm::csr_linear_feature_major", _LINEAR_SCHEMA, _feature_major_product, _feature_major_fake, _setup_backward,
+    _csr_linear_feature_major_backward,
+)
+_CSR_SDDMM = define_op(
+    "nmspmm::csr_sddmm",
+    "(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, Tensor? cell_offsets, str backend) -> Tensor",
+    _sampled_product, _sampled_fake,
+)
+_CSR_LINEAR_GRAD_INPUT = define_op(
+    "nmspmm::csr_linear_grad_input",
+    "(Tensor grad_y, Tensor values, Tensor permutation, Tensor transposed_offsets, Tensor transposed_columns, "
+    "Tensor transposed_order) -> Tensor",
+    _grad_input_product, _grad_input_fake,
+)
+# The custom ops themselves (torch.ops.nmspmm.*): what torch.compile traces and opcheck checks.
+csr_linear_op = _CSR_LINEAR.op
+csr_linear_feature_major_op = _CSR_LINEAR_FEATURE_MAJOR.op
+csr_sddmm_op = _CSR_SDDMM.op
+csr_linear_grad_input_op = _CSR_LINEAR_GRAD_INPUT.op
 
 
 def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:

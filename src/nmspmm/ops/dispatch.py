@@ -17,7 +17,7 @@ def linear(
     ``[..., N]`` result in x's dtype. On CUDA the format's Triton kernels run (never a silent dense fallback);
     on the CPU the dense reference, or the kernels under ``TRITON_INTERPRET=1`` with ``backend="triton"``."""
     if isinstance(weight, NMSparseWeight):
-        return nm.linear(x, weight, bias, backend=backend)
+        return nm.nm_linear(x, weight, bias, backend=backend)
     if isinstance(weight, CSRWeight):
         return csr.csr_linear(x, weight, bias, backend=backend)
     if isinstance(weight, BlockShuffledWeight):
@@ -31,7 +31,7 @@ def linear_feature_major(
     """The product on feature-major activations: ``x_t`` is ``[K, M]`` (``X.T``), the result ``[N, M]``, so a
     chain of sparse layers needs no transposes. N:M and CSR weights (block-sparse reads x row-major)."""
     if isinstance(weight, NMSparseWeight):
-        return nm.linear_feature_major(x_t, weight, bias, backend=backend)
+        return nm.nm_linear_feature_major(x_t, weight, bias, backend=backend)
     if isinstance(weight, CSRWeight):
         return csr.csr_linear_feature_major(x_t, weight, bias, backend=backend)
     if isinstance(weight, BlockShuffledWeight):

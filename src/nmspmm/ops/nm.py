@@ -11,7 +11,7 @@ from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import (
     choose_vector_config, nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose,
 )
-from .backend import autograd_function, call_op, check_backend, check_operands, input_precision, use_triton
+from .backend import call_op, check_backend, check_operands, define_op, input_precision, use_triton
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
 # transposed first, so that every gathered feature is one contiguous row.
@@ -24,7 +24,7 @@ _OP_SCHEMA = (
 )
 
 
-def linear(
+def nm_linear(
     x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]``: a contiguous ``[..., N]`` result in x's dtype.
@@ -37,7 +37,7 @@ def linear(
     flat = x.dim() == 2
     rows_in = x if flat else x.reshape(-1, weight.shape[1])
     args = (rows_in, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
-    y = call_op(nm_linear, _row_major_product, args, _NMLinear)
+    y = call_op(_NM_LINEAR, args)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -52,7 +52,7 @@ def kept_offsets(weight: NMSparseWeight) -> torch.Tensor:
     return cached[2]
 
 
-def linear_feature_major(
+def nm_linear_feature_major(
     x_t: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> torch.Tensor:
     """The same product on feature-major activations: ``x_t`` is ``[K, M]`` (``X.T``), the result ``[N, M]``.
@@ -64,7 +64,7 @@ def linear_feature_major(
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
     args = (x_t, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
-    return call_op(nm_linear_feature_major, _feature_major_product, args, _NMLinearFeatureMajor)
+    return call_op(_NM_LINEAR_FEATURE_MAJOR, args)
 
 
 def _row_major_product(
@@ -96,20 +96,7 @@ def _reads_rows(x: torch.Tensor, vector: int) -> bool:
     return tokens == 1 or (vector > 1 and tokens <= ROW_MAJOR_TOKENS)
 
 
-nm_linear = torch.library.custom_op("nmspmm::nm_linear", mutates_args=(), schema=_OP_SCHEMA)(_row_major_product)
-
-
-@nm_linear.register_fake
-def _nm_linear_fake(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    kept_offsets: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    m: int,
-    vector: int,
-    backend: str,
-) -> torch.Tensor:
+def _row_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
@@ -134,22 +121,7 @@ def _feature_major_product(
     return y_t
 
 
-nm_linear_feature_major = torch.library.custom_op(
-    "nmspmm::nm_linear_feature_major", mutates_args=(), schema=_OP_SCHEMA
-)(_feature_major_product)
-
-
-@nm_linear_feature_major.register_fake
-def _nm_linear_feature_major_fake(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    kept_offsets: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    m: int,
-    vector: int,
-    backend: str,
-) -> torch.Tensor:
+def _feature_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
     return x.new_empty((values.shape[0], x.shape[1]))
 
 
@@ -172,7 +144,7 @@ def _backward(
         grad_x = grad_input(grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1], backend)
     if ctx.needs_input_grad[1]:
         if use_triton(backend, grad_rows.device):
-            grad_values = nm_linear_grad_values(x_rows, grad_rows, kept_offsets, n, m, vector)
+            grad_values = call_op(_NM_LINEAR_GRAD_VALUES, (x_rows, grad_rows, kept_offsets, n, m, vector))
         else:
             compute = torch.promote_types(grad_rows.dtype, torch.float32)
             full = grad_rows.to(compute).t() @ x_rows.to(compute)
@@ -193,17 +165,13 @@ def grad_input(
     """``grad_rows @ W`` ``[M, cols]`` for the N:M weight ``W`` (the activations' gradient): the Triton kernel,
     or the dense reference in at least fp32."""
     if use_triton(backend, grad_rows.device):
-        return nm_linear_grad_input(grad_rows, values, kept_offsets, n, m, vector, cols)
+        return call_op(_NM_LINEAR_GRAD_INPUT, (grad_rows, values, kept_offsets, n, m, vector, cols))
     compute = torch.promote_types(grad_rows.dtype, torch.float32)
     dense = dense_from_kept(values, kept_offsets, n, m, vector).to(compute)
     return (grad_rows.to(compute) @ dense).to(grad_rows.dtype)
 
 
-@torch.library.custom_op(
-    "nmspmm::nm_linear_grad_input", mutates_args=(),
-    schema="(Tensor grad_y, Tensor values, Tensor kept_offsets, int n, int m, int vector, int cols) -> Tensor",
-)
-def nm_linear_grad_input(
+def _grad_input_product(
     grad_y: torch.Tensor, values: torch.Tensor, kept_offsets: torch.Tensor, n: int, m: int, vector: int, cols: int
 ) -> torch.Tensor:
     """``grad_y @ W`` ``[M, cols]`` by the Triton kernel; an op of its own so compiled backward graphs trace it."""
@@ -213,16 +181,13 @@ def nm_linear_grad_input(
     )
 
 
-@nm_linear_grad_input.register_fake
-def _nm_linear_grad_input_fake(grad_y, values, kept_offsets, n, m, vector, cols):
+def _grad_input_fake(
+    grad_y: torch.Tensor, values: torch.Tensor, kept_offsets: torch.Tensor, n: int, m: int, vector: int, cols: int
+) -> torch.Tensor:
     return grad_y.new_empty((grad_y.shape[0], cols))
 
 
-@torch.library.custom_op(
-    "nmspmm::nm_linear_grad_values", mutates_args=(),
-    schema="(Tensor x, Tensor grad_y, Tensor kept_offsets, int n, int m, int vector) -> Tensor",
-)
-def nm_linear_grad_values(
+def _grad_values_product(
     x: torch.Tensor, grad_y: torch.Tensor, kept_offsets: torch.Tensor, n: int, m: int, vector: int
 ) -> torch.Tensor:
     """The kept weights' gradient ``[N, K*n/m]`` (SDDMM of ``grad_y.T`` and ``x`` ``[M, K]``) by the Triton kernel."""
@@ -231,8 +196,7 @@ def nm_linear_grad_values(
     )
 
 
-@nm_linear_grad_values.register_fake
-def _nm_linear_grad_values_fake(x, grad_y, kept_offsets, n, m, vector):
+def _grad_values_fake(x: torch.Tensor, grad_y: torch.Tensor, kept_offsets: torch.Tensor, *_: int) -> torch.Tensor:
     return grad_y.new_empty((grad_y.shape[1], kept_offsets.shape[1]))
 
 
@@ -250,12 +214,28 @@ def _nm_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, 
     return None if grad_x is None else grad_x.t(), grad_values, None, grad_bias, None, None, None, None
 
 
-nm_linear.register_autograd(_nm_linear_backward, setup_context=_setup_backward)
-nm_linear_feature_major.register_autograd(_nm_linear_feature_major_backward, setup_context=_setup_backward)
-_NMLinear = autograd_function(_row_major_product, _setup_backward, _nm_linear_backward)
-_NMLinearFeatureMajor = autograd_function(
-    _feature_major_product, _setup_backward, _nm_linear_feature_major_backward
+_NM_LINEAR = define_op(
+    "nmspmm::nm_linear", _OP_SCHEMA, _row_major_product, _row_major_fake, _setup_backward, _nm_linear_backward
 )
+_NM_LINEAR_FEATURE_MAJOR = define_op(
+    "nmspmm::nm_linear_feature_major", _OP_SCHEMA, _feature_major_product, _feature_major_fake, _setup_backward,
+    _nm_linear_feature_major_backward,
+)
+_NM_LINEAR_GRAD_INPUT = define_op(
+    "nmspmm::nm_linear_grad_input",
+    "(Tensor grad_y, Tensor values, Tensor kept_offsets, int n, int m, int vector, int cols) -> Tensor",
+    _grad_input_product, _grad_input_fake,
+)
+_NM_LINEAR_GRAD_VALUES = define_op(
+    "nmspmm::nm_linear_grad_values",
+    "(Tensor x, Tensor grad_y, Tensor kept_offsets, int n, int m, int vector) -> Tensor",
+    _grad_values_product, _grad_values_fake,
+)
+# The custom ops themselves (torch.ops.nmspmm.*): what torch.compile traces and opcheck checks.
+nm_linear_op = _NM_LINEAR.op
+nm_linear_feature_major_op = _NM_LINEAR_FEATURE_MAJOR.op
+nm_linear_grad_input_op = _NM_LINEAR_GRAD_INPUT.op
+nm_linear_grad_values_op = _NM_LINEAR_GRAD_VALUES.op
 
 
 def _launch(
