@@ -25,6 +25,31 @@ def test_gradcheck_reference_float64():
     )
 
 
+def test_gradcheck_eager_autograd_function_float64():
+    # Eager calls with a gradient run a torch.autograd.Function built from the op's own setup and backward.
+    from nmspmm.ops import nm as nm_ops
+    from nmspmm.ops.backend import call_op
+
+    weight = nmspmm.prune(torch.randn(32, 64, dtype=torch.float32), "2:8", 16)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    values = weight.values.double().requires_grad_()
+    bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    offsets = weight.kept_offsets()
+    seen = []
+    original = nm_ops._NM_LINEAR.eager_autograd.apply
+
+    def counting(*args):
+        seen.append(len(args))
+        return original(*args)
+
+    eager = nm_ops._NM_LINEAR._replace(eager_autograd=type("Counted", (), {"apply": staticmethod(counting)}))
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: call_op(eager, (x, v, offsets, b, weight.n, weight.m, weight.vector, "reference")),
+        (x, values, bias),
+    )
+    assert seen and set(seen) == {8}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pattern,vector", [("8:32", 32), ("2:4", 16), ("3:8", 1), ("13:16", 64)])

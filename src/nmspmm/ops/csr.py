@@ -231,14 +231,12 @@ def _backward(
         row_indices = row_indices_of(row_offsets, values.shape[0])
     grad_x = grad_values = None
     if need_values:
-        grad_values = call_op(
-            _CSR_SDDMM, (grad_rows.t(), x_rows.t(), row_indices, col_indices, cell_offsets, ctx.backend)
-        )
+        grad_values = csr_sddmm_op(grad_rows.t(), x_rows.t(), row_indices, col_indices, cell_offsets, ctx.backend)
     if triton_x:
         if transposed[0] is None:
             transposed = transposed_structure_of(row_indices, col_indices, cols)
         offsets_t, columns_t, permutation, order_t = transposed
-        grad_x = call_op(_CSR_LINEAR_GRAD_INPUT, (grad_rows, values, permutation, offsets_t, columns_t, order_t))
+        grad_x = csr_linear_grad_input_op(grad_rows, values, permutation, offsets_t, columns_t, order_t)
     elif need_x:
         compute = torch.promote_types(grad_rows.dtype, torch.float32)
         dense = dense_from_csr(values.to(compute), row_indices, col_indices, (rows, cols))

@@ -144,7 +144,7 @@ def _backward(
         grad_x = grad_input(grad_rows, values, kept_offsets, n, m, vector, x_rows.shape[1], backend)
     if ctx.needs_input_grad[1]:
         if use_triton(backend, grad_rows.device):
-            grad_values = call_op(_NM_LINEAR_GRAD_VALUES, (x_rows, grad_rows, kept_offsets, n, m, vector))
+            grad_values = nm_linear_grad_values_op(x_rows, grad_rows, kept_offsets, n, m, vector)
         else:
             compute = torch.promote_types(grad_rows.dtype, torch.float32)
             full = grad_rows.to(compute).t() @ x_rows.to(compute)
@@ -165,7 +165,7 @@ def grad_input(
     """``grad_rows @ W`` ``[M, cols]`` for the N:M weight ``W`` (the activations' gradient): the Triton kernel,
     or the dense reference in at least fp32."""
     if use_triton(backend, grad_rows.device):
-        return call_op(_NM_LINEAR_GRAD_INPUT, (grad_rows, values, kept_offsets, n, m, vector, cols))
+        return nm_linear_grad_input_op(grad_rows, values, kept_offsets, n, m, vector, cols)
     compute = torch.promote_types(grad_rows.dtype, torch.float32)
     dense = dense_from_kept(values, kept_offsets, n, m, vector).to(compute)
     return (grad_rows.to(compute) @ dense).to(grad_rows.dtype)
