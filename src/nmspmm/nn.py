@@ -484,8 +484,13 @@ def config_of(
         )
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if pattern.lower() in FORMATS and pattern not in FORMATS:
+        raise ValueError(f"pattern: expected {pattern.lower()!r} (lower case), got {pattern!r}")
     if pattern not in FORMATS:
-        parse_pattern(pattern)
+        try:
+            parse_pattern(pattern)
+        except ValueError as error:
+            raise ValueError(f"{error}; or 'csr' or 'block' for the other formats") from None
         check_vector(vector)
         if sparsity is not None:
             raise ValueError(f"sparsity: an n:m pattern fixes the sparsity ({pattern}); got sparsity={sparsity}")
@@ -518,6 +523,8 @@ def swap_linears(
     described = config.describe()
     if config.calibrated and calibration is None:
         raise ValueError(f"calibration: method {described['method']!r} needs an iterable of input batches, got None")
+    if calibration is not None and not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration: expected an iterable of input batches, got {type(calibration).__name__}")
     report = SparsifyReport(described["pattern"], described["vector"], described["method"], described["sparsity"])
     targets = eligible_linears(model, config.fits, skip, report)
     for name, module in targets.items():

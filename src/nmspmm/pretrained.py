@@ -26,7 +26,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .formats.serialization import METADATA_KEY, read_header, rebuild_weights, unshared_cpu, weights_payload
+from .formats.serialization import (
+    METADATA_KEY, read_header, readable_path, rebuild_weights, unshared_cpu, weights_payload, writable_path,
+)
 from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, replace_module
 
 MODEL_KEY = "nmspmm_model"
@@ -60,7 +62,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
         "modules": {name: type(module).__name__ for name, module in sparse.items()}, "aliases": aliases,
     }
     metadata = {METADATA_KEY: json.dumps(header), MODEL_KEY: json.dumps(model_header)}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    save_file(tensors, writable_path(path), metadata=metadata)
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -70,7 +72,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
     ValueError for a file nmspmm did not write, a corrupted one, or a model it does not fit."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    path = os.fspath(path)
+    path = readable_path(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
             metadata = file.metadata() or {}

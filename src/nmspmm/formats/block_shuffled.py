@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .base import SparseWeightBase, deprecated_prune
-from .pattern import SUPPORTED_DTYPES, check_values, checked_mask
+from .pattern import SUPPORTED_DTYPES, check_shape, check_values, checked_mask
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
 SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
@@ -113,7 +113,7 @@ class BlockShuffledWeight(SparseWeightBase):
     ) -> None:
         """Set the fields; block is checked, the tensors are not."""
         self.block = check_block(block)
-        self.shape = torch.Size(shape)
+        self.shape = torch.Size(check_shape(shape))
         self.values = values
         self.block_columns = block_columns
         self.block_row_offsets = block_row_offsets

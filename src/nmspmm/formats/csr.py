@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .base import SparseWeightBase, deprecated_prune
-from .pattern import check_state_dtype, check_values, check_weight_matrix, checked_mask
+from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask
 
 INDEX_DTYPE = torch.int32
 _MAX_NNZ = torch.iinfo(INDEX_DTYPE).max
@@ -80,11 +80,8 @@ class CSRWeight(SparseWeightBase):
         shape: tuple[int, int] | torch.Size,
         derived: dict[str, Any] | None = None,
     ) -> None:
-        """Set the fields; the shape is converted, nothing is checked."""
-        try:
-            self.shape = torch.Size(shape)
-        except TypeError as error:
-            raise TypeError(f"shape: expected (N, K) as two ints, got {shape!r}") from error
+        """Set the fields; the shape is converted (a TypeError if it is not ints), nothing else is checked."""
+        self.shape = torch.Size(check_shape(shape))
         self.values = values
         self.col_indices = col_indices
         self.row_offsets = row_offsets

@@ -10,6 +10,7 @@ import torch
 
 from .base import SparseWeightBase
 from .pattern import (
+    check_shape,
     check_state_dtype,
     check_values,
     check_vector,
@@ -73,7 +74,7 @@ class NMSparseWeight(SparseWeightBase):
         """Set the fields; pattern and vector are parsed, the tensors are not checked."""
         self.n, self.m = parse_pattern(pattern)
         self.vector = check_vector(vector)
-        self.shape = torch.Size(shape)
+        self.shape = torch.Size(check_shape(shape))
         self.values = values
         self.offsets = offsets
         # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.

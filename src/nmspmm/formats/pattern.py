@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 SUPPORTED_M = (4, 8, 16, 32, 64)
@@ -15,15 +17,30 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     """Split an ``"n:m"`` pattern into ``(n, m)``, checking 1 <= n < m and m in SUPPORTED_M."""
     if not isinstance(pattern, str):
         raise TypeError(f"pattern: expected a string like '8:32', got {type(pattern).__name__} {pattern!r}")
-    parts = pattern.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"pattern: expected 'n:m' with two positive integers, like '8:32', got {pattern!r}")
-    n, m = (int(p) for p in parts)
+    match = re.fullmatch(r"\s*([0-9]{1,3})\s*:\s*([0-9]{1,3})\s*", pattern)
+    if match is None:
+        shown = pattern if len(pattern) <= 40 else f"{pattern[:40]}... ({len(pattern)} characters)"
+        raise ValueError(
+            f"pattern: expected 'n:m' with two positive integers (ASCII digits), like '8:32', got {shown!r}"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
     if m not in SUPPORTED_M:
         raise ValueError(f"pattern: m must be one of {SUPPORTED_M}, got m={m} in {pattern!r}")
     if not 1 <= n < m:
         raise ValueError(f"pattern: n must satisfy 1 <= n < m, got n={n}, m={m} in {pattern!r}")
     return n, m
+
+
+def check_shape(shape: object) -> tuple[int, ...]:
+    """A weight's shape as a tuple of Python ints, or a TypeError naming ``shape`` (the formats' validation checks
+    that it is ``(N, K)`` with N, K > 0)."""
+    try:
+        items = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape: expected (N, K) as two ints, got {type(shape).__name__} {shape!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"shape: expected (N, K) as two ints, got {shape!r}")
+    return items
 
 
 def check_vector(vector: int) -> int:

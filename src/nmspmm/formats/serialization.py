@@ -47,7 +47,35 @@ def save_safetensors(weights: Mapping[str, SparseWeight] | SparseWeight, path: s
             f"weights: expected an {_CLASS_NAMES} or a mapping of names to them, got {type(weights).__name__}"
         )
     tensors, header = weights_payload(weights, set())
-    save_file(tensors, os.fspath(path), metadata={METADATA_KEY: json.dumps(header)})
+    save_file(tensors, writable_path(path), metadata={METADATA_KEY: json.dumps(header)})
+
+
+def writable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string, after checking that a file can be written there: not a directory, in one that
+    exists (else a clear error naming it, where safetensors gives a bare I/O error)."""
+    path = _path_string(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path!r} is a directory; expected a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"path: the directory {parent!r} of {path!r} does not exist")
+    return path
+
+
+def readable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string, after checking that it names an existing file (a clear error naming it otherwise)."""
+    path = _path_string(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path: {path!r} is a directory; expected a safetensors file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: {path!r} does not exist")
+    return path
+
+
+def _path_string(path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
 
 
 def weights_payload(
@@ -84,7 +112,7 @@ def unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
 def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, SparseWeight]:
     """Read the sparse weights that :func:`save_safetensors` wrote to ``path``, validate each on the CPU and
     move it to ``device``; raise ValueError for a file that nmspmm did not write or that is corrupted."""
-    path = os.fspath(path)
+    path = readable_path(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
             header = read_header(file.metadata(), path)
