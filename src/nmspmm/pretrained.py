@@ -69,7 +69,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
     """Load a :func:`save_pretrained` file into ``model``, a freshly built dense model of the same architecture:
     each recorded sparse layer replaces the ``nn.Linear`` of its name (on that layer's device and dtype), then
     every tensor is loaded (``strict``: a missing or unexpected key is an error). Returns ``model``. Raises
-    ValueError for a file nmspmm did not write, a corrupted one, or a model it does not fit."""
+    ValueError for a file nmspmm did not write, a corrupted one (NaN or infinite sparse values too: the layers'
+    state dicts refuse them), or a model it does not fit."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     path = readable_path(path)

@@ -70,13 +70,30 @@ class SparseWeightBase:
         raise NotImplementedError
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> Self:
-        """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any], *, allow_nonfinite: bool = False
+    ) -> Self:
+        """Rebuild (and so validate, :meth:`check_storage` included) a weight from :meth:`state_tensors` and
+        :meth:`state_fields`."""
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[N, K]`` weight, zeros where pruned."""
         raise NotImplementedError
+
+    def check_storage(self, allow_nonfinite: bool = False) -> None:
+        """Refuse stored tensors whose elements overlap in memory (a stride-0 or aliased view: every row would read
+        row 0) and, unless ``allow_nonfinite``, NaN or infinite values (no product over them means anything;
+        pruning refuses them too). Run after :meth:`validate` when a weight is built or loaded."""
+        for name in self.STATE_TENSORS:
+            if torch._debug_has_internal_overlap(getattr(self, name)) == 1:
+                raise ValueError(f"{name}: its elements overlap in memory (a stride-0 or aliased view); expected "
+                                 "a tensor of its own")
+        if not allow_nonfinite and self.values.numel() and not bool(torch.isfinite(self.values).all()):
+            bad = int((~torch.isfinite(self.values)).sum())
+            raise ValueError(
+                f"values: expected finite values, found {bad} NaN or infinite (allow_nonfinite=True accepts them)"
+            )
 
     def mask(self) -> torch.Tensor:
         """bool ``[N, K]``: True where the weight is kept."""
@@ -84,14 +101,18 @@ class SparseWeightBase:
 
     def to(self, *args: Any, **kwargs: Any) -> Self:
         """Move to a device and/or cast the values to a float dtype (index tensors keep theirs), like Tensor.to:
-        a validated copy."""
+        a validated copy (:meth:`check_storage` included)."""
         values = self.values.to(*args, **kwargs)
         check_values(values)
         tensors = {
             name: values if name == "values" else getattr(self, name).to(device=values.device)
             for name in self.STATE_TENSORS
         }
-        return type(self).from_state(tensors, {**self.state_fields(), "dtype": dtype_name(values.dtype)})
+        # A weight that already holds NaN or infinite values (built with allow_nonfinite) may move; a cast that
+        # makes them (an overflow to fp16, say) is refused.
+        held = self.values.numel() > 0 and not bool(torch.isfinite(self.values).all())
+        fields = {**self.state_fields(), "dtype": dtype_name(values.dtype)}
+        return type(self).from_state(tensors, fields, allow_nonfinite=held)
 
     def cuda(self, device: int | str | torch.device | None = None) -> Self:
         """A copy on a CUDA device (the current one by default)."""

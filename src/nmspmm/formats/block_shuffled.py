@@ -77,9 +77,12 @@ class BlockShuffledWeight(SparseWeightBase):
         row_permutation: torch.Tensor,
         shape: tuple[int, int] | torch.Size,
         block: tuple[int, int],
+        *,
+        allow_nonfinite: bool = False,
     ) -> None:
         self._assign(values, block_columns, block_row_offsets, row_permutation, shape, block)
         self.validate()
+        self.check_storage(allow_nonfinite)
         self.block_row_order = descending_block_count_order(block_row_offsets)
 
     @classmethod
@@ -274,7 +277,9 @@ class BlockShuffledWeight(SparseWeightBase):
         return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."), "block": list(self.block)}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> "BlockShuffledWeight":
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any], *, allow_nonfinite: bool = False
+    ) -> "BlockShuffledWeight":
         """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`; TypeError or
         ValueError when they are missing pieces or disagree."""
         if not isinstance(tensors, dict) or set(tensors) != set(cls.STATE_TENSORS):
@@ -290,7 +295,9 @@ class BlockShuffledWeight(SparseWeightBase):
         shape, block = fields["shape"], fields["block"]
         if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(type(side) is int for side in shape):
             raise ValueError(f"fields: expected shape [N, K] of two ints, got {shape!r}")
-        return cls(*(tensors[name] for name in cls.STATE_TENSORS), tuple(shape), block)
+        return cls(
+            *(tensors[name] for name in cls.STATE_TENSORS), tuple(shape), block, allow_nonfinite=allow_nonfinite
+        )
 
     def __reduce__(self) -> tuple[Callable[..., BlockShuffledWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only

@@ -47,9 +47,12 @@ class CSRWeight(SparseWeightBase):
         col_indices: torch.Tensor,
         row_offsets: torch.Tensor,
         shape: tuple[int, int] | torch.Size,
+        *,
+        allow_nonfinite: bool = False,
     ) -> None:
         self._assign(values, col_indices, row_offsets, shape)
         self.validate()
+        self.check_storage(allow_nonfinite)
 
     @classmethod
     def _trusted(
@@ -216,10 +219,15 @@ class CSRWeight(SparseWeightBase):
         return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> "CSRWeight":
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any], *, allow_nonfinite: bool = False
+    ) -> "CSRWeight":
         """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
         check_state_dtype(tensors["values"], fields["dtype"])
-        return cls(tensors["values"], tensors["col_indices"], tensors["row_offsets"], fields["shape"])
+        return cls(
+            tensors["values"], tensors["col_indices"], tensors["row_offsets"], fields["shape"],
+            allow_nonfinite=allow_nonfinite,
+        )
 
     def __reduce__(self) -> tuple[Callable[..., CSRWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only

@@ -42,9 +42,12 @@ class NMSparseWeight(SparseWeightBase):
         pattern: str,
         vector: int,
         shape: tuple[int, int] | torch.Size,
+        *,
+        allow_nonfinite: bool = False,
     ) -> None:
         self._assign(values, offsets, pattern, vector, shape)
         self.validate()
+        self.check_storage(allow_nonfinite)
 
     @classmethod
     def _trusted(
@@ -199,10 +202,15 @@ class NMSparseWeight(SparseWeightBase):
         return {"pattern": self.pattern, "vector": self.vector, "shape": list(self.shape), "dtype": dtype}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> "NMSparseWeight":
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any], *, allow_nonfinite: bool = False
+    ) -> "NMSparseWeight":
         """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
         check_state_dtype(tensors["values"], fields["dtype"])
-        return cls(tensors["values"], tensors["offsets"], fields["pattern"], fields["vector"], fields["shape"])
+        return cls(
+            tensors["values"], tensors["offsets"], fields["pattern"], fields["vector"], fields["shape"],
+            allow_nonfinite=allow_nonfinite,
+        )
 
     def __reduce__(self) -> tuple[Callable[..., NMSparseWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only

@@ -109,9 +109,12 @@ def unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
     return tensor
 
 
-def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, SparseWeight]:
+def load_safetensors(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", *, allow_nonfinite: bool = False
+) -> dict[str, SparseWeight]:
     """Read the sparse weights that :func:`save_safetensors` wrote to ``path``, validate each on the CPU and
-    move it to ``device``; raise ValueError for a file that nmspmm did not write or that is corrupted."""
+    move it to ``device``; raise ValueError for a file that nmspmm did not write or that is corrupted. NaN or
+    infinite values are refused unless ``allow_nonfinite``."""
     path = readable_path(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
@@ -131,13 +134,18 @@ def load_safetensors(path: str | os.PathLike[str], device: str | torch.device = 
             tensors = {key: file.get_tensor(key) for key in sorted(stored)}
     except SafetensorError as error:
         raise ValueError(f"path: {path!r} is not a readable safetensors file ({error})") from error
-    return {name: weight.to(device) for name, weight in rebuild_weights(header, tensors, path).items()}
+    rebuilt = rebuild_weights(header, tensors, path, allow_nonfinite)
+    return {name: weight.to(device) for name, weight in rebuilt.items()}
 
 
-def rebuild_weights(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> dict[str, SparseWeight]:
+def rebuild_weights(
+    header: dict[str, Any], tensors: dict[str, torch.Tensor], path: str, allow_nonfinite: bool = False
+) -> dict[str, SparseWeight]:
     """The weights a checked header (:func:`read_header`) describes, each rebuilt (and so validated) from its
     tensors in ``tensors`` (which may hold others too); raise ValueError naming the weight and ``path``."""
-    return {name: _rebuild(name, fields, tensors, path) for name, fields in header["weights"].items()}
+    return {
+        name: _rebuild(name, fields, tensors, path, allow_nonfinite) for name, fields in header["weights"].items()
+    }
 
 
 def read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
@@ -174,12 +182,14 @@ def read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
     return header
 
 
-def _rebuild(name: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor], path: str) -> SparseWeight:
+def _rebuild(
+    name: str, fields: dict[str, Any], tensors: dict[str, torch.Tensor], path: str, allow_nonfinite: bool
+) -> SparseWeight:
     """Construct (and so validate) one weight from its metadata and tensors; raise ValueError naming it."""
     cls = WEIGHT_CLASSES[fields["format"]]
     own = {field: tensors[f"{name}.{field}"] for field in cls.STATE_TENSORS}
     state = {key: value for key, value in fields.items() if key != "format"}
     try:
-        return cls.from_state(own, state)
+        return cls.from_state(own, state, allow_nonfinite=allow_nonfinite)
     except (TypeError, ValueError) as error:
         raise ValueError(f"path: {path!r} weight {name!r} is inconsistent: {error}") from error
