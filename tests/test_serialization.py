@@ -11,6 +11,7 @@ import random
 import re
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -161,9 +162,13 @@ def test_safetensors_file_layout(tmp_path: Path) -> None:
         header = json.loads(file.metadata()["nmspmm"])
     assert header == {
         "format": "nmspmm",
-        "version": 2,
+        "version": 3,
         "weights": {
             "a": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}
+        },
+        "checksums": {
+            "a.values": zlib.crc32(weight.values.view(torch.uint8).numpy().tobytes()),
+            "a.offsets": zlib.crc32(weight.offsets.numpy().tobytes()),
         },
     }
 
@@ -216,7 +221,7 @@ def _edit_weight(field: str, value: object):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_edit_header("version", 1), r"expected format version 2, got 1"),
+        (_edit_header("version", 1), r"expected a format version in \(2, 3\), got 1"),
         (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
         (
             _edit_weight("format", "Dense"),
@@ -322,3 +327,37 @@ def test_safetensors_holds_every_format(tmp_path: Path) -> None:
     _write(tmp_path / "w.safetensors", tensors, header)
     with pytest.raises(ValueError, match=r"weight 'csr' is inconsistent"):
         load_safetensors(tmp_path / "w.safetensors")
+
+
+def test_checksums_catch_a_change_that_still_validates(tmp_path: Path) -> None:
+    # A flipped bit in a value gives another valid weight: only the checksum written with it tells.
+    weight = make("6:8", 16)
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"w": weight}, path)
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    tensors["w.values"].view(torch.int32)[0, 0] ^= 1 << 20
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"w.values: its bytes do not match the checksum saved with them: path"):
+        load_safetensors(path)
+    pt = tmp_path / "w.pt"
+    torch.save(weight, pt)
+    flipped = weight.values.clone()
+    flipped.view(torch.int32)[0, 0] ^= 1 << 20
+    _rewrite_zip_entry(pt, weight.values.numpy().tobytes(), flipped.numpy().tobytes())
+    with pytest.raises(ValueError, match=r"values: its bytes do not match .*the pickled NMSparseWeight is corrupted"):
+        torch.load(pt)
+
+
+def test_files_written_before_checksums_still_load(tmp_path: Path) -> None:
+    weight = make("8:32", 16)
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"w": weight}, path)
+    with safe_open(path, framework="pt") as file:
+        header = json.loads(file.metadata()["nmspmm"])
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    header["version"] = 2
+    del header["checksums"]
+    save_file(tensors, str(path), metadata={"nmspmm": json.dumps(header)})
+    assert_same(load_safetensors(path)["w"], weight)

@@ -5,6 +5,7 @@ below pruning and import nothing of it)."""
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -14,6 +15,22 @@ from .pattern import check_values, dtype_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+def checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes in row-major order (about 7 GB/s on one CPU core, so 0.15 s per GB): written
+    with every saved weight and checked on load, since neither torch.load nor safetensors checks the data."""
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    return zlib.crc32(memoryview(data.numpy()))
+
+
+def verify_checksums(tensors: dict[str, torch.Tensor], checksums: dict[str, int] | None, where: str) -> None:
+    """Refuse any of ``tensors`` whose bytes differ from the checksum saved with it (``where`` names the file)."""
+    if checksums is None:
+        return
+    for name, tensor in tensors.items():
+        if name in checksums and checksum(tensor) != checksums[name]:
+            raise ValueError(f"{name}: its bytes do not match the checksum saved with them: {where} is corrupted")
+
 
 # Format class -> (name of the pruning function, the function), filled when nmspmm.prune is imported.
 _PRUNERS: dict[type, tuple[str, Callable[..., Any]]] = {}
@@ -64,6 +81,10 @@ class SparseWeightBase:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by field name (what a file holds; derived structures are rebuilt on use)."""
         return {name: getattr(self, name) for name in self.STATE_TENSORS}
+
+    def state_checksums(self) -> dict[str, int]:
+        """:func:`checksum` of every stored tensor, by field name (what a pickle or file carries beside them)."""
+        return {name: checksum(tensor) for name, tensor in self.state_tensors().items()}
 
     def state_fields(self) -> dict[str, Any]:
         """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight (``dtype`` among them)."""

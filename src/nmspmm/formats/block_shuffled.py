@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .base import SparseWeightBase, deprecated_prune
+from .base import SparseWeightBase, deprecated_prune, verify_checksums
 from .pattern import SUPPORTED_DTYPES, check_shape, check_values, checked_mask
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
@@ -302,7 +302,10 @@ class BlockShuffledWeight(SparseWeightBase):
     def __reduce__(self) -> tuple[Callable[..., BlockShuffledWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
         mode) always goes through :meth:`validate`."""
-        args = (*(getattr(self, name) for name in self.STATE_TENSORS), tuple(self.shape), self.block)
+        args = (
+            *(getattr(self, name) for name in self.STATE_TENSORS), tuple(self.shape), self.block,
+            self.state_checksums(),
+        )
         return _rebuild_block_shuffled_weight, args
 
     def __repr__(self) -> str:
@@ -381,9 +384,17 @@ def _rebuild_block_shuffled_weight(
     row_permutation: torch.Tensor,
     shape: tuple[int, int],
     block: tuple[int, int],
+    checksums: dict[str, int] | None = None,
 ) -> BlockShuffledWeight:
-    """Unpickling entry point: the constructor, which validates everything a file may have tampered with."""
-    return BlockShuffledWeight(values, block_columns, block_row_offsets, row_permutation, shape, block)
+    """Unpickling entry point: the constructor, which validates everything a file may have tampered with, then
+    the saved checksums, which catch a change that still validates (pickles written before them have none)."""
+    weight = BlockShuffledWeight(values, block_columns, block_row_offsets, row_permutation, shape, block)
+    tensors = {
+        "values": values, "block_columns": block_columns, "block_row_offsets": block_row_offsets,
+        "row_permutation": row_permutation,
+    }
+    verify_checksums(tensors, checksums, "the pickled BlockShuffledWeight")
+    return weight
 
 
 # torch.load(weights_only=True) may call only allowlisted functions; the class itself is deliberately not

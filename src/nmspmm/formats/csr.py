@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import SparseWeightBase, deprecated_prune
+from .base import SparseWeightBase, deprecated_prune, verify_checksums
 from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask
 
 INDEX_DTYPE = torch.int32
@@ -232,7 +232,8 @@ class CSRWeight(SparseWeightBase):
     def __reduce__(self) -> tuple[Callable[..., CSRWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
         mode) always goes through :meth:`validate`."""
-        return _rebuild_csr_weight, (self.values, self.col_indices, self.row_offsets, tuple(self.shape))
+        args = (self.values, self.col_indices, self.row_offsets, tuple(self.shape), self.state_checksums())
+        return _rebuild_csr_weight, args
 
     def __repr__(self) -> str:
         return (
@@ -297,10 +298,15 @@ def _check_index_tensor(tensor: torch.Tensor, name: str, shape: tuple[int], devi
 
 
 def _rebuild_csr_weight(
-    values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, shape: tuple[int, int]
+    values: torch.Tensor, col_indices: torch.Tensor, row_offsets: torch.Tensor, shape: tuple[int, int],
+    checksums: dict[str, int] | None = None,
 ) -> CSRWeight:
-    """Unpickling entry point: the constructor, which validates everything a file may have tampered with."""
-    return CSRWeight(values, col_indices, row_offsets, shape)
+    """Unpickling entry point: the constructor, which validates everything a file may have tampered with, then
+    the saved checksums, which catch a change that still validates (pickles written before them have none)."""
+    weight = CSRWeight(values, col_indices, row_offsets, shape)
+    tensors = {"values": values, "col_indices": col_indices, "row_offsets": row_offsets}
+    verify_checksums(tensors, checksums, "the pickled CSRWeight")
+    return weight
 
 
 # torch.load(weights_only=True) may call only allowlisted functions; the class itself is deliberately not

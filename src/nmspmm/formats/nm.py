@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import SparseWeightBase
+from .base import SparseWeightBase, verify_checksums
 from .pattern import (
     check_shape,
     check_state_dtype,
@@ -215,7 +215,7 @@ class NMSparseWeight(SparseWeightBase):
     def __reduce__(self) -> tuple[Callable[..., NMSparseWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
         mode) always goes through :meth:`validate`."""
-        args = (self.values, self.offsets, self.pattern, self.vector, tuple(self.shape))
+        args = (self.values, self.offsets, self.pattern, self.vector, tuple(self.shape), self.state_checksums())
         return _rebuild_nm_sparse_weight, args
 
     def __repr__(self) -> str:
@@ -251,10 +251,14 @@ def _columns(offsets: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _rebuild_nm_sparse_weight(
-    values: torch.Tensor, offsets: torch.Tensor, pattern: str, vector: int, shape: tuple[int, int]
+    values: torch.Tensor, offsets: torch.Tensor, pattern: str, vector: int, shape: tuple[int, int],
+    checksums: dict[str, int] | None = None,
 ) -> NMSparseWeight:
-    """Unpickling entry point: the constructor, which validates everything a file may have tampered with."""
-    return NMSparseWeight(values, offsets, pattern, vector, shape)
+    """Unpickling entry point: the constructor, which validates everything a file may have tampered with, then
+    the saved checksums, which catch a change that still validates (pickles written before them have none)."""
+    weight = NMSparseWeight(values, offsets, pattern, vector, shape)
+    verify_checksums({"values": values, "offsets": offsets}, checksums, "the pickled NMSparseWeight")
+    return weight
 
 
 # torch.load(weights_only=True) may call only allowlisted functions. The class itself is deliberately not

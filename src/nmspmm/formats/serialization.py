@@ -24,12 +24,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .base import checksum, verify_checksums
 from .block_shuffled import BlockShuffledWeight
 from .csr import CSRWeight
 from .nm import NMSparseWeight
 
 FILE_FORMAT = "nmspmm"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Version 2 files (before checksums) still load, unchecked.
+READABLE_VERSIONS = (2, 3)
 METADATA_KEY = "nmspmm"
 DEFAULT_NAME = "weight"
 SparseWeight = NMSparseWeight | CSRWeight | BlockShuffledWeight
@@ -95,7 +98,8 @@ def weights_payload(
         for field, tensor in weight.state_tensors().items():
             tensors[f"{name}.{field}"] = unshared_cpu(tensor, storages)
         described[name] = {"format": type(weight).__name__, **weight.state_fields()}
-    return tensors, {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described}
+    checksums = {key: checksum(tensor) for key, tensor in tensors.items()}
+    return tensors, {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described, "checksums": checksums}
 
 
 def unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
@@ -143,9 +147,12 @@ def rebuild_weights(
 ) -> dict[str, SparseWeight]:
     """The weights a checked header (:func:`read_header`) describes, each rebuilt (and so validated) from its
     tensors in ``tensors`` (which may hold others too); raise ValueError naming the weight and ``path``."""
-    return {
+    weights = {
         name: _rebuild(name, fields, tensors, path, allow_nonfinite) for name, fields in header["weights"].items()
     }
+    # After validation, which names what a change breaks; the checksums catch a change that still validates.
+    verify_checksums(tensors, header.get("checksums"), f"path {path!r}")
+    return weights
 
 
 def read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
@@ -159,10 +166,15 @@ def read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
         got = header.get("format") if isinstance(header, dict) else header
         raise ValueError(f"path: {path!r} metadata: expected format {FILE_FORMAT!r}, got {got!r}")
-    if header.get("version") != FORMAT_VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise ValueError(
-            f"path: {path!r} metadata: expected format version {FORMAT_VERSION}, got {header.get('version')!r}"
+            f"path: {path!r} metadata: expected a format version in {READABLE_VERSIONS}, got {header.get('version')!r}"
         )
+    checksums = header.get("checksums")
+    if header["version"] >= 3 and (
+        not isinstance(checksums, dict) or not all(isinstance(c, int) for c in checksums.values())
+    ):
+        raise ValueError(f"path: {path!r} metadata: expected a 'checksums' object of ints, got {checksums!r}")
     weights = header.get("weights")
     if not isinstance(weights, dict):
         raise ValueError(f"path: {path!r} metadata: expected a 'weights' object, got {weights!r}")
