@@ -103,3 +103,16 @@ def test_load_refuses_a_corrupted_file(tmp_path):
     save_file(tensors, str(corrupted), metadata={**metadata, "nmspmm_model": json.dumps(header)})
     with pytest.raises(ValueError, match=r"expected 'modules' mapping names to one of"):
         nmspmm.load_pretrained(_llama(seed=1), corrupted)
+
+
+def test_load_refuses_a_dense_tensor_changed_after_saving(tmp_path):
+    sparse = _sparsified()
+    path = tmp_path / "model.safetensors"
+    nmspmm.save_pretrained(sparse, path)
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    tensors["model.norm.weight"][0] += 1.0  # still a valid model: only the checksum tells
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"model.norm.weight: its bytes do not match the checksum saved with them"):
+        nmspmm.load_pretrained(_llama(seed=1), path)

@@ -10,7 +10,8 @@ object::
 
     {"format": "nmspmm-model", "version": 1,
      "modules": {"<module name>": "SparseLinear" | "CSRLinear" | "BlockShuffledLinear", ...},
-     "aliases": {"<state key>": "<state key stored in its place>", ...}}
+     "aliases": {"<state key>": "<state key stored in its place>", ...},
+     "checksums": {"<state key>": <CRC-32 of its bytes>, ...}}
 
 ``aliases`` lists state-dict entries that share their tensor with another (tied embeddings), stored once.
 """
@@ -26,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .formats.base import checksum, verify_checksums
 from .formats.serialization import (
     METADATA_KEY, read_header, readable_path, rebuild_weights, unshared_cpu, weights_payload, writable_path,
 )
@@ -60,6 +62,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
     model_header = {
         "format": MODEL_FORMAT, "version": MODEL_VERSION,
         "modules": {name: type(module).__name__ for name, module in sparse.items()}, "aliases": aliases,
+        "checksums": {key: checksum(tensor) for key, tensor in tensors.items()},
     }
     metadata = {METADATA_KEY: json.dumps(header), MODEL_KEY: json.dumps(model_header)}
     save_file(tensors, writable_path(path), metadata=metadata)
@@ -89,6 +92,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         )
     for name, class_name in model_header["modules"].items():
         replace_module(model, name, _sparse_layer(model, name, SPARSE_MODULES[class_name], weights[name], tensors))
+    verify_checksums(tensors, model_header["checksums"], f"path {path!r}")
     for alias, source in model_header["aliases"].items():
         if source not in tensors:
             raise ValueError(f"path: {path!r} metadata: alias {alias!r} names {source!r}, which the file lacks")
@@ -120,6 +124,9 @@ def _read_model_header(metadata: dict[str, str], path: str) -> dict[str, Any]:
         )
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ValueError(f"path: {path!r} metadata: expected 'aliases' mapping state keys to keys, got {aliases!r}")
+    checksums = header.get("checksums")
+    if not isinstance(checksums, dict) or not all(isinstance(v, int) for v in checksums.values()):
+        raise ValueError(f"path: {path!r} metadata: expected 'checksums' mapping keys to ints, got {checksums!r}")
     return header
 
 
