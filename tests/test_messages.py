@@ -78,3 +78,25 @@ def test_file_paths_that_cannot_be_written_or_read(tmp_path):
             load(missing)
         with pytest.raises(TypeError, match=r"path: expected a str or os.PathLike, got int"):
             load(5)
+
+
+def test_shapes_beyond_int32_indices_are_refused():
+    # A K of 2**32 + 64 compared in int32 wrapped to 64; a K of 2**40 asked to_dense() for 140 TB.
+    with pytest.raises(ValueError, match=r"shape: N and K must be at most 2147483647 \(int32 indices"):
+        nmspmm.CSRWeight(torch.randn(2), torch.tensor([0, 5], dtype=torch.int32),
+                         torch.tensor([0] * 32 + [2], dtype=torch.int32), (32, 2**32 + 64))
+    with pytest.raises(ValueError, match=r"shape: N and K must be at most 2147483647"):
+        nmspmm.BlockShuffledWeight(
+            torch.randn(1, 32, 32), torch.zeros(1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
+            torch.arange(32, dtype=torch.int32), (32, 2**40), (32, 32),
+        )
+
+
+def test_csr_columns_are_compared_with_k_in_int64():
+    # K = 2**31 - 1 is allowed; a column just below it is valid and one at it is not, however int32 would wrap.
+    valid = nmspmm.CSRWeight(torch.randn(1), torch.tensor([2**31 - 2], dtype=torch.int32),
+                             torch.tensor([0, 1], dtype=torch.int32), (1, 2**31 - 1))
+    assert valid.nnz == 1
+    with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, K=2147483647\), got 2147483647"):
+        nmspmm.CSRWeight(torch.randn(1), torch.tensor([2**31 - 1], dtype=torch.int32),
+                         torch.tensor([0, 1], dtype=torch.int32), (1, 2**31 - 1))

@@ -134,7 +134,7 @@ class CSRWeight(SparseWeightBase):
                 f"row_offsets: must be non-decreasing, but row_offsets[{row + 1}]={int(offsets[row + 1])} "
                 f"< row_offsets[{row}]={int(offsets[row])}"
             )
-        outside = (columns < 0) | (columns >= cols)
+        outside = (columns < 0) | (columns.long() >= cols)  # in int64: an int32 comparison with K would wrap
         if bool(outside.any()):
             j = int(outside.nonzero()[0])
             raise ValueError(f"col_indices: expected values in [0, K={cols}), got {int(columns[j])} at position {j}")

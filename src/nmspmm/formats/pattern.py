@@ -9,6 +9,8 @@ import torch
 SUPPORTED_M = (4, 8, 16, 32, 64)
 SUPPORTED_VECTORS = (1, 16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The largest N or K of a weight: the formats' int32 indices (and the kernels' offsets) address up to it.
+MAX_SIDE = 2**31 - 1
 # The vector-wise pattern of M=32 for each sparsity the studies compare formats at (N:M's is 1 - n/m).
 NM_OF_SPARSITY = {0.5: "16:32", 0.75: "8:32", 0.875: "4:32"}
 
@@ -40,6 +42,8 @@ def check_shape(shape: object) -> tuple[int, ...]:
         raise TypeError(f"shape: expected (N, K) as two ints, got {type(shape).__name__} {shape!r}") from None
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise TypeError(f"shape: expected (N, K) as two ints, got {shape!r}")
+    if any(v > MAX_SIDE for v in items):
+        raise ValueError(f"shape: N and K must be at most {MAX_SIDE} (int32 indices and kernel offsets), got {items}")
     return items
 
 
