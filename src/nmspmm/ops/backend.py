@@ -106,6 +106,29 @@ def autograd_function(
     return type(name, (torch.autograd.Function,), methods)
 
 
+def reference_linear(
+    x: torch.Tensor, dense: torch.Tensor, kept: Callable[[], torch.Tensor], bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The dense reference ``x @ dense.T + bias`` of every format, accumulated in at least fp32, with the sparse
+    meaning the kernels have: a pruned weight is absent, so a NaN or infinite ``x`` at an input feature an output
+    prunes does not reach that output (``NaN * 0`` would). ``kept()`` gives the ``[N, K]`` bool structure; it is
+    built only when ``x`` holds such values."""
+    out_dtype, compute = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    x, dense = x.to(compute), dense.to(compute)
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        y = x @ dense.t()
+    else:
+        y = torch.where(finite, x, 0.0) @ dense.t()
+        rows, cols = (~finite).nonzero(as_tuple=True)
+        # Each non-finite x[m, k] reaches the outputs that keep input k, and only those.
+        reach = torch.where(kept()[:, cols].t(), x[rows, cols][:, None] * dense[:, cols].t(), 0.0)
+        y = y.index_add(0, rows, reach)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(out_dtype)
+
+
 def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: SparseWeightBase | torch.Tensor) -> None:
     """Reject a tensor argument ``name`` of another dtype or device than ``weight`` (any format)."""
     if tensor.dtype != weight.dtype:

@@ -7,7 +7,9 @@ import torch
 
 from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
 from ..kernels.block_sparse import block_sparse_matmul
-from .backend import call_op, check_backend, check_operands, define_op, input_precision, use_triton
+from .backend import (
+    call_op, check_backend, check_operands, define_op, input_precision, reference_linear, use_triton,
+)
 
 _OP_SCHEMA = (
     "(Tensor x, Tensor values, Tensor block_columns, Tensor block_row_offsets, Tensor block_row_order, "
@@ -50,12 +52,14 @@ def _product(
     plus ``bias``; operands are trusted (:func:`block_shuffled_linear` checks them)."""
     rows = row_permutation.shape[0]
     if not use_triton(backend, x.device):
-        compute = torch.promote_types(x.dtype, torch.float32)
-        permuted = dense_from_blocks(values, block_columns, block_row_offsets, (rows, x.shape[1]))
-        y = x.to(compute) @ permuted[inverse_permutation(row_permutation)].to(compute).t()
-        if bias is not None:
-            y += bias.to(compute)
-        return y.to(x.dtype)
+        order = inverse_permutation(row_permutation)
+        dense = dense_from_blocks(values, block_columns, block_row_offsets, (rows, x.shape[1]))[order]
+
+        def kept() -> torch.Tensor:
+            ones = torch.ones_like(values)
+            return dense_from_blocks(ones, block_columns, block_row_offsets, (rows, x.shape[1]))[order] != 0
+
+        return reference_linear(x, dense, kept, bias)
     y = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
     block_sparse_matmul(
         x, values.contiguous(), block_columns.contiguous(), block_row_offsets.contiguous(),

@@ -12,7 +12,8 @@ from ..kernels.csr_spmm import csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import (
-    call_op, check_backend, check_dtype_and_device, check_operands, define_op, input_precision, use_triton,
+    call_op, check_backend, check_dtype_and_device, check_operands, define_op, input_precision, reference_linear,
+    use_triton,
 )
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
@@ -296,14 +297,16 @@ def _reference(
     row_offsets: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Dense reference: the product over the densified weight, accumulated in at least fp32."""
-    compute = torch.promote_types(rows_in.dtype, torch.float32)
+    """Dense reference: the product over the densified weight (:func:`backend.reference_linear`)."""
     shape = (row_offsets.shape[0] - 1, rows_in.shape[1])
-    dense = dense_from_csr(values.to(compute), row_indices_of(row_offsets, values.shape[0]), col_indices, shape)
-    y = rows_in.to(compute) @ dense.t()
-    if bias is not None:
-        y += bias.to(compute)
-    return y.to(rows_in.dtype)
+    rows = row_indices_of(row_offsets, values.shape[0])
+
+    def kept() -> torch.Tensor:
+        mask = torch.zeros(shape, dtype=torch.bool, device=values.device)
+        mask[rows.long(), col_indices.long()] = True
+        return mask
+
+    return reference_linear(rows_in, dense_from_csr(values, rows, col_indices, shape), kept, bias)
 
 
 def _check_sddmm_operands(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight) -> None:

@@ -11,7 +11,9 @@ from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import (
     choose_vector_config, nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose,
 )
-from .backend import call_op, check_backend, check_operands, define_op, input_precision, use_triton
+from .backend import (
+    call_op, check_backend, check_operands, define_op, input_precision, reference_linear, use_triton,
+)
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
 # transposed first, so that every gathered feature is one contiguous row.
@@ -270,10 +272,10 @@ def _reference(
     m: int,
     vector: int,
 ) -> torch.Tensor:
-    """Dense reference: the product over the densified weight, accumulated in at least fp32."""
-    compute = torch.promote_types(rows_in.dtype, torch.float32)
-    dense = dense_from_kept(values, kept_offsets, n, m, vector)
-    y = rows_in.to(compute) @ dense.to(compute).t()
-    if bias is not None:
-        y += bias.to(compute)
-    return y.to(rows_in.dtype)
+    """Dense reference: the product over the densified weight (:func:`backend.reference_linear`)."""
+
+    def kept() -> torch.Tensor:
+        mask = torch.zeros(values.shape[0], kept_offsets.shape[1] // n * m, dtype=torch.bool, device=values.device)
+        return mask.scatter_(1, kept_row_columns(kept_offsets, n, m, vector), True)
+
+    return reference_linear(rows_in, dense_from_kept(values, kept_offsets, n, m, vector), kept, bias)
