@@ -81,7 +81,7 @@ class NMSparseWeight(SparseWeightBase):
         self.values = values
         self.offsets = offsets
         # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.
-        self._kept_offsets_cache = None if kept_offsets is None else (offsets, kept_offsets)
+        self._kept_offsets_cache = None if kept_offsets is None else (offsets, offsets.data_ptr(), kept_offsets)
 
     @property
     def pattern(self) -> str:
@@ -170,15 +170,20 @@ class NMSparseWeight(SparseWeightBase):
         return cls(kept_values.contiguous(), stored.to(OFFSET_DTYPE), pattern, vector, weight.shape)
 
     def kept_offsets(self) -> torch.Tensor:
-        """uint8 ``[N // V, K // m * n]``: kept positions within each group of m, ascending."""
-        if not self.stores_dropped:
-            return self.offsets.view(self.offsets.shape[0], -1)
-        if self._kept_offsets_cache is None or self._kept_offsets_cache[0] is not self.offsets:
-            dropped = torch.zeros(*self.offsets.shape[:2], self.m, dtype=torch.bool, device=self.device)
-            dropped.scatter_(2, self.offsets.long(), True)
-            kept = _positions(~dropped, self.n).to(OFFSET_DTYPE).view(self.offsets.shape[0], -1)
-            self._kept_offsets_cache = (self.offsets, kept)
-        return self._kept_offsets_cache[1]
+        """uint8 ``[N // V, K // m * n]``, contiguous: kept positions within each group of m, ascending. Derived
+        once per ``offsets`` tensor (and its storage) and kept, since every product reads it."""
+        offsets = self.offsets
+        cache = self._kept_offsets_cache
+        if cache is None or cache[0] is not offsets or cache[1] != offsets.data_ptr():
+            if self.stores_dropped:
+                dropped = torch.zeros(*offsets.shape[:2], self.m, dtype=torch.bool, device=self.device)
+                dropped.scatter_(2, offsets.long(), True)
+                kept = _positions(~dropped, self.n).to(OFFSET_DTYPE)
+            else:
+                kept = offsets
+            cache = (offsets, offsets.data_ptr(), kept.reshape(offsets.shape[0], -1).contiguous())
+            self._kept_offsets_cache = cache
+        return cache[2]
 
     def kept_columns(self) -> torch.Tensor:
         """int64 ``[N // V, K // m * n]``: the input features each V-group keeps, ascending."""

@@ -38,20 +38,9 @@ def nm_linear(
     check_backend(backend)
     flat = x.dim() == 2
     rows_in = x if flat else x.reshape(-1, weight.shape[1])
-    args = (rows_in, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
+    args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     y = call_op(_NM_LINEAR, args)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
-
-
-def kept_offsets(weight: NMSparseWeight) -> torch.Tensor:
-    """The weight's contiguous kept offsets, as the kernels read them: derived once per ``offsets`` tensor and
-    kept on the weight (a weight given a new ``offsets`` tensor, or new storage under it, derives them again)."""
-    cached = weight.__dict__.get("_launch_offsets")
-    offsets = weight.offsets
-    if cached is None or cached[0] is not offsets or cached[1] != offsets.data_ptr():
-        cached = (offsets, offsets.data_ptr(), weight.kept_offsets().contiguous())
-        weight._launch_offsets = cached
-    return cached[2]
 
 
 def nm_linear_feature_major(
@@ -65,7 +54,7 @@ def nm_linear_feature_major(
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
-    args = (x_t, weight.values, kept_offsets(weight), bias, weight.n, weight.m, weight.vector, backend)
+    args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     return call_op(_NM_LINEAR_FEATURE_MAJOR, args)
 
 
