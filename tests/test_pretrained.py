@@ -86,13 +86,16 @@ def test_load_refuses_what_does_not_fit(tmp_path):
         nmspmm.load_pretrained("model", path)
 
 
-def test_load_refuses_a_corrupted_file(tmp_path):
-    sparse = _sparsified()
+def _saved(tmp_path) -> tuple[object, dict, dict]:
+    """A save_pretrained file of the sparsified model, its metadata and its tensors (to edit)."""
     path = tmp_path / "model.safetensors"
-    nmspmm.save_pretrained(sparse, path)
+    nmspmm.save_pretrained(_sparsified(), path)
     with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        return path, file.metadata(), {key: file.get_tensor(key) for key in file.keys()}
+
+
+def test_load_refuses_a_corrupted_file(tmp_path):
+    path, metadata, tensors = _saved(tmp_path)
     tensors["model.layers.0.self_attn.q_proj.offsets"][0, 0] = 40  # an offset beyond m=32
     corrupted = tmp_path / "corrupted.safetensors"
     save_file(tensors, str(corrupted), metadata=metadata)
@@ -106,12 +109,7 @@ def test_load_refuses_a_corrupted_file(tmp_path):
 
 
 def test_load_refuses_a_dense_tensor_changed_after_saving(tmp_path):
-    sparse = _sparsified()
-    path = tmp_path / "model.safetensors"
-    nmspmm.save_pretrained(sparse, path)
-    with safe_open(str(path), framework="pt") as file:
-        metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    path, metadata, tensors = _saved(tmp_path)
     tensors["model.norm.weight"][0] += 1.0  # still a valid model: only the checksum tells
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(ValueError, match=r"model.norm.weight: its bytes do not match the checksum saved with them"):
