@@ -106,16 +106,15 @@ def launch(
     the generic launcher. A grid without programs launches nothing."""
     if 0 in grid:  # no programs: nothing to run (CUDA refuses an empty grid)
         return
-    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     if interpreter_active() or _RUNTIME is None:
-        kernel[grid](*args, **constexprs, **options)
+        _generic(kernel, grid, args, constexprs, num_warps, num_stages)
         return
     device = torch._C._cuda_getDevice()
     key = (kernel, device, *constexprs.values(), num_warps, num_stages, *_specialization(args))
     try:
         entry = _COMPILED.get(key, False)
     except TypeError:  # an unhashable argument
-        kernel[grid](*args, **constexprs, **options)
+        _generic(kernel, grid, args, constexprs, num_warps, num_stages)
         return
     if entry and not _hooked(_RUNTIME.launch_enter_hook) and not _hooked(_RUNTIME.launch_exit_hook):
         grid_y = grid[1] if len(grid) > 1 else 1
@@ -123,11 +122,20 @@ def launch(
         stream = torch._C._cuda_getCurrentRawStream(device)
         entry.launch(grid[0], grid_y, grid_z, stream, *entry.prefix, *args, *entry.tail)
         return
-    compiled = kernel[grid](*args, **constexprs, **options)
+    compiled = _generic(kernel, grid, args, constexprs, num_warps, num_stages)
     if entry is False:
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.clear()
         _COMPILED[key] = _handle(kernel, compiled, len(args), constexprs)
+
+
+def _generic(
+    kernel: Any, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
+    num_stages: int | None,
+) -> Any:
+    """Launch through Triton's own launcher; returns what it returns (the compiled kernel)."""
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    return kernel[grid](*args, **constexprs, **options)
 
 
 def _handle(kernel: Any, compiled: Any, positional: int, constexprs: dict[str, Any]) -> _Compiled | None:
