@@ -142,10 +142,14 @@ def test_launches_per_product(monkeypatch, tokens, pattern, vector, expected):
     assert len(launched) == expected
 
 
-@pytest.mark.parametrize("tokens,expected", [(1, 1), (5, 2), (40, 3)])
+@pytest.mark.parametrize("tokens,expected", [(1, 1), (5, 2), ("transposed write", 3)])
 def test_csr_launches_per_product(monkeypatch, tokens, expected):
     # One token: the SpMM alone; more: x's transpose first; from _transposed_write_min_tokens (32 under the
     # interpreter, 512 on a GPU, where it measured faster) the output is also written feature-major and transposed.
+    from nmspmm.kernels.csr_spmm import _transposed_write_min_tokens
+
+    if tokens == "transposed write":
+        tokens = _transposed_write_min_tokens()
     weight = nmspmm.prune.prune_csr(torch.randn(48, 80, device=DEVICE), sparsity=0.7)
     launched = []
     real_launch = launch_module.launch

@@ -171,19 +171,26 @@ class NMSparseWeight(SparseWeightBase):
 
     def kept_offsets(self) -> torch.Tensor:
         """uint8 ``[N // V, K // m * n]``, contiguous: kept positions within each group of m, ascending. Derived
-        once per ``offsets`` tensor (and its storage) and kept, since every product reads it."""
+        once per ``offsets`` tensor (and its storage) and kept, since every product reads it; while torch.compile
+        traces, derived in the graph (a traced storage address cannot key a cache)."""
         offsets = self.offsets
+        if torch.compiler.is_compiling():
+            return self._derive_kept_offsets()
         cache = self._kept_offsets_cache
         if cache is None or cache[0] is not offsets or cache[1] != offsets.data_ptr():
-            if self.stores_dropped:
-                dropped = torch.zeros(*offsets.shape[:2], self.m, dtype=torch.bool, device=self.device)
-                dropped.scatter_(2, offsets.long(), True)
-                kept = _positions(~dropped, self.n).to(OFFSET_DTYPE)
-            else:
-                kept = offsets
-            cache = (offsets, offsets.data_ptr(), kept.reshape(offsets.shape[0], -1).contiguous())
+            cache = (offsets, offsets.data_ptr(), self._derive_kept_offsets())
             self._kept_offsets_cache = cache
         return cache[2]
+
+    def _derive_kept_offsets(self) -> torch.Tensor:
+        offsets = self.offsets
+        if self.stores_dropped:
+            dropped = torch.zeros(*offsets.shape[:2], self.m, dtype=torch.bool, device=self.device)
+            dropped.scatter_(2, offsets.long(), True)
+            kept = _positions(~dropped, self.n).to(OFFSET_DTYPE)
+        else:
+            kept = offsets
+        return kept.reshape(offsets.shape[0], -1).contiguous()
 
     def kept_columns(self) -> torch.Tensor:
         """int64 ``[N // V, K // m * n]``: the input features each V-group keeps, ascending."""
