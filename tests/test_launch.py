@@ -110,6 +110,27 @@ def test_split_k_under_compiled_cuda_graphs():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def launched(monkeypatch) -> list:
+    """The kernels launched while a test runs, through :func:`launch` or a prepared ``Launcher``."""
+    kernels: list = []
+    real_launch, real_prepared = launch_module.launch, launch_module.Launcher.__call__
+
+    def counting(kernel, *args, **kwargs):
+        kernels.append(kernel)
+        return real_launch(kernel, *args, **kwargs)
+
+    def counting_prepared(self, *leading):
+        kernels.append(self.kernel)
+        return real_prepared(self, *leading)
+
+    for module in ("nm_vector", "nm_element", "transpose", "block_sparse", "csr_spmm"):
+        if hasattr(sys.modules[f"nmspmm.kernels.{module}"], "launch"):
+            monkeypatch.setattr(sys.modules[f"nmspmm.kernels.{module}"], "launch", counting)
+    monkeypatch.setattr(launch_module.Launcher, "__call__", counting_prepared)
+    return kernels
+
+
 @pytest.mark.parametrize(
     "tokens,pattern,vector,expected",
     [
@@ -121,21 +142,12 @@ def test_split_k_under_compiled_cuda_graphs():
         (3, "2:4", 1, 2),
     ],
 )
-def test_launches_per_product(monkeypatch, tokens, pattern, vector, expected):
+def test_launches_per_product(launched, tokens, pattern, vector, expected):
     # Split-K is reduced inside the product's launch, so a call costs one launch, or two with a transpose.
     from nmspmm.ops.nm import ROW_MAJOR_TOKENS
 
     assert ROW_MAJOR_TOKENS == 4
     weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), pattern, vector)
-    launched = []
-    real_launch = launch_module.launch
-
-    def counting(kernel, *args, **kwargs):
-        launched.append(kernel)
-        return real_launch(kernel, *args, **kwargs)
-
-    for module in ("nm_vector", "nm_element", "transpose", "block_sparse", "csr_spmm"):
-        monkeypatch.setattr(sys.modules[f"nmspmm.kernels.{module}"], "launch", counting)
     x = torch.randn(tokens, 512, device=DEVICE)
     y = nmspmm.linear(x, weight, backend="triton")
     assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.float32]
@@ -143,7 +155,7 @@ def test_launches_per_product(monkeypatch, tokens, pattern, vector, expected):
 
 
 @pytest.mark.parametrize("tokens,expected", [(1, 1), (5, 2), ("transposed write", 3)])
-def test_csr_launches_per_product(monkeypatch, tokens, expected):
+def test_csr_launches_per_product(launched, tokens, expected):
     # One token: the SpMM alone; more: x's transpose first; from _transposed_write_min_tokens (32 under the
     # interpreter, 512 on a GPU, where it measured faster) the output is also written feature-major and transposed.
     from nmspmm.kernels.csr_spmm import _transposed_write_min_tokens
@@ -151,29 +163,14 @@ def test_csr_launches_per_product(monkeypatch, tokens, expected):
     if tokens == "transposed write":
         tokens = _transposed_write_min_tokens()
     weight = nmspmm.prune.prune_csr(torch.randn(48, 80, device=DEVICE), sparsity=0.7)
-    launched = []
-    real_launch = launch_module.launch
-
-    def counting(kernel, *args, **kwargs):
-        launched.append(kernel)
-        return real_launch(kernel, *args, **kwargs)
-
-    for module in ("transpose", "csr_spmm"):
-        monkeypatch.setattr(sys.modules[f"nmspmm.kernels.{module}"], "launch", counting)
     x = torch.randn(tokens, 80, device=DEVICE)
     y = nmspmm.linear(x, weight, backend="triton")
     assert relative_error(y, x.double() @ weight.to_dense().double().t()) < TOLERANCE[torch.float32]
     assert len(launched) == expected
 
 
-def test_block_product_is_one_launch_with_split_k(monkeypatch):
+def test_block_product_is_one_launch_with_split_k(launched):
     weight = nmspmm.prune.prune_block_shuffled(torch.randn(64, 512, device=DEVICE), 0.5, (16, 16), search=False)
-    launched = []
-    real_launch = launch_module.launch
-    monkeypatch.setattr(
-        sys.modules["nmspmm.kernels.block_sparse"], "launch",
-        lambda kernel, *args, **kwargs: launched.append(kernel) or real_launch(kernel, *args, **kwargs),
-    )
     from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
 
     x = torch.randn(3, 512, device=DEVICE)
@@ -186,3 +183,44 @@ def test_block_product_is_one_launch_with_split_k(monkeypatch):
     expected = x.double() @ weight.to_dense().double().t()
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
     assert len(launched) == 1
+
+
+def test_eager_products_keep_one_plan_per_layout():
+    # A no-grad eager call keeps its prepared launches on the weight: a repeat of the layout builds nothing.
+    weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), "8:32", 16)
+    bias = torch.randn(64, device=DEVICE)
+    with torch.no_grad():
+        for tokens in (1, 1, 7, 7, 1):
+            x = torch.randn(2, tokens, 512, device=DEVICE)
+            y = nmspmm.linear(x, weight, bias, backend="triton")
+            assert relative_error(y, _dense(x, weight) + bias) < TOLERANCE[torch.float32]
+        assert len(weight.launch_plans) == 2
+        y_t = nmspmm.linear_feature_major(x[0].t().contiguous(), weight, backend="triton")
+        assert relative_error(y_t.t(), _dense(x[0], weight)) < TOLERANCE[torch.float32]
+        assert len(weight.launch_plans) == 3
+        nmspmm.linear(x, weight, backend="triton")  # another bias: a plan of its own, in place of the first
+        assert len(weight.launch_plans) == 3
+    values = weight.values.requires_grad_()
+    y = nmspmm.linear(torch.randn(2, 3, 512, device=DEVICE), weight, backend="triton")
+    assert y.requires_grad and len(weight.launch_plans) == 3  # calls with gradient keep none
+    values.requires_grad_(False)
+
+
+def test_kept_plan_takes_misaligned_and_bad_inputs():
+    # The same shape and strides at an address off 16 bytes: the kept plan must not launch the handle compiled
+    # for aligned data (it falls back to Triton's launcher); a bad x still gets its error.
+    weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), "8:32", 16)
+    storage = torch.randn(3 * 512 + 1, device=DEVICE)
+    with torch.no_grad():
+        for x in (storage[:-1].view(3, 512), storage[1:].view(3, 512), storage[:-1].view(3, 512)):
+            assert relative_error(nmspmm.linear(x, weight, backend="triton"), _dense(x, weight)) < 1e-5
+        with pytest.raises(TypeError, match="x: dtype"):
+            nmspmm.linear(storage[:-1].view(3, 512).double(), weight, backend="triton")
+        with pytest.raises(ValueError, match="x: expected last dimension K=512"):
+            nmspmm.linear(storage[:-1].view(3, 512)[:, :500], weight, backend="triton")
+
+
+def test_feature_major_plan_refuses_what_the_full_path_refuses():
+    weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), "8:32", 16)
+    with torch.no_grad(), pytest.raises(ValueError, match="x_t: expected a 2-D"):
+        nmspmm.linear_feature_major(torch.randn(512, 2, 3, device=DEVICE), weight, backend="triton")

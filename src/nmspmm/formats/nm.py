@@ -82,6 +82,8 @@ class NMSparseWeight(SparseWeightBase):
         self.offsets = offsets
         # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.
         self._kept_offsets_cache = None if kept_offsets is None else (offsets, offsets.data_ptr(), kept_offsets)
+        # What the products prepare for repeated calls on this weight (nmspmm.ops fills it; never saved).
+        self.launch_plans: dict[tuple, Any] = {}
 
     @property
     def pattern(self) -> str:

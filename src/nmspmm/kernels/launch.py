@@ -129,6 +129,49 @@ def launch(
         _COMPILED[key] = _handle(kernel, compiled, len(args), constexprs)
 
 
+class Launcher:
+    """One kernel launch prepared once: grid, constexprs, warps, stages and the trailing runtime arguments are
+    fixed; a call passes the leading tensor arguments (those that change between calls: activations, outputs,
+    workspaces) and launches. Only their data pointers are read, so any view of the right storage will do.
+
+    Where every leading tensor is 16-byte aligned, the first call goes through Triton's launcher and keeps the
+    compiled kernel's handle, and later calls launch that handle on the current stream: no per-call key, no
+    argument binding. Misaligned tensors, the interpreter, launch hooks and another current device take
+    Triton's launcher, as :func:`launch` does."""
+
+    __slots__ = ("kernel", "grid", "trailing", "constexprs", "num_warps", "num_stages", "_handle", "_device")
+
+    def __init__(
+        self, kernel: Any, grid: tuple[int, int, int], trailing: tuple, constexprs: dict[str, Any], num_warps: int,
+        num_stages: int | None = None,
+    ) -> None:
+        self.kernel, self.grid, self.trailing, self.constexprs = kernel, grid, trailing, constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self._handle: _Compiled | None = None
+        self._device = -1  # the device of the handle; -1 until a call has tried to take one
+
+    def __call__(self, *leading: torch.Tensor) -> None:
+        grid = self.grid
+        if 0 in grid:  # no programs: nothing to run (CUDA refuses an empty grid)
+            return
+        handle = self._handle
+        if handle is not None and not _hooked(_RUNTIME.launch_enter_hook) and not _hooked(_RUNTIME.launch_exit_hook):
+            device = torch._C._cuda_getDevice()
+            aligned = True
+            for tensor in leading:
+                aligned = aligned and not tensor.data_ptr() & 15
+            if aligned and device == self._device:
+                stream = torch._C._cuda_getCurrentRawStream(device)
+                handle.launch(*grid, stream, *handle.prefix, *leading, *self.trailing, *handle.tail)
+                return
+        args = (*leading, *self.trailing)
+        compiled = _generic(self.kernel, grid, args, self.constexprs, self.num_warps, self.num_stages)
+        if self._device == -1 and not interpreter_active() and _RUNTIME is not None:
+            if all(not tensor.data_ptr() & 15 for tensor in leading):
+                self._handle = _handle(self.kernel, compiled, len(args), self.constexprs)
+                self._device = torch._C._cuda_getDevice()
+
+
 def _generic(
     kernel: Any, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
     num_stages: int | None,

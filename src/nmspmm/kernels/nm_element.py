@@ -7,12 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch
+from .launch import Launcher, cdiv, interpreter_active
 
 
 @triton.jit
 def _nm_element_kernel(
-    xt_ptr, values_ptr, offsets_ptr, bias_ptr, y_ptr,
+    xt_ptr, y_ptr, values_ptr, offsets_ptr, bias_ptr,
     M, N, KEPT,
     stride_xk, stride_xm, stride_ym, stride_yn,
     N_KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -41,6 +41,38 @@ def _nm_element_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
+class ElementProduct:
+    """The element-wise kernel's launch for one weight and one layout of ``xt`` [K, M] and ``out`` [M, N],
+    prepared once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides;
+    only their data pointers are read). See :func:`nm_element_matmul` for the arguments."""
+
+    __slots__ = ("_launch",)
+
+    def __init__(
+        self,
+        xt_shape: tuple[int, int],
+        xt_strides: tuple[int, int],
+        out_strides: tuple[int, int],
+        values: torch.Tensor,
+        kept_offsets: torch.Tensor,
+        n: int,
+        m: int,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        tokens = xt_shape[1]
+        rows, kept = values.shape
+        block_m, block_n, block_k = (16, 16, 8) if interpreter_active() else (32, 32, 8)
+        self._launch = Launcher(
+            _nm_element_kernel, (cdiv(tokens, block_m), cdiv(rows, block_n), 1),
+            (values, kept_offsets, values if bias is None else bias, tokens, rows, kept, *xt_strides, *out_strides),
+            dict(N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+            4,
+        )
+
+    def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
+        self._launch(xt, out)
+
+
 def nm_element_matmul(
     xt: torch.Tensor,
     values: torch.Tensor,
@@ -51,17 +83,7 @@ def nm_element_matmul(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``xt.T @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for an element-wise N:M ``W``
-    given as ``values`` and uint8 ``kept_offsets``, both [N, K*n/m]; accumulates in fp32."""
-    tokens = xt.shape[1]
-    rows, kept = values.shape
-    block_m, block_n, block_k = (16, 16, 8) if interpreter_active() else (32, 32, 8)
-    grid = (cdiv(tokens, block_m), cdiv(rows, block_n))
-    launch(
-        _nm_element_kernel, grid,
-        (
-            xt, values, kept_offsets, bias if bias is not None else values, out,
-            tokens, rows, kept, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
-        ),
-        dict(N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), 4,
-    )
+    given as ``values`` and uint8 ``kept_offsets``, both [N, K*n/m]; accumulates in fp32. Repeated products of
+    one weight keep an :class:`ElementProduct` instead."""
+    ElementProduct(tuple(xt.shape), xt.stride(), out.stride(), values, kept_offsets, n, m, bias)(xt, out)
     return out

@@ -12,13 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, multiprocessors, next_power_of_2, upcasts_bf16
-from .split_k import split_k_buffers, split_k_total
+from .launch import FEW_TOKENS, Launcher, cdiv, interpreter_active, multiprocessors, next_power_of_2, upcasts_bf16
+from .split_k import StreamBuffers, split_k_total
 
 
 @triton.jit
 def _nm_vector_kernel(
-    xt_ptr, values_ptr, offsets_ptr, bias_ptr, y_ptr, partial_ptr, counter_ptr,
+    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, offsets_ptr, bias_ptr,
     M, N, KEPT,
     stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
     SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -214,10 +214,65 @@ def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: to
 
 def _alignment(*values: int) -> int:
     """The largest power of two up to 16 that divides every value (a token count, strides between token rows)."""
-    alignment = 16
-    while any(value % alignment for value in values):
-        alignment //= 2
-    return alignment
+    combined = 16
+    for value in values:
+        combined |= value
+    return combined & -combined
+
+
+class VectorProduct:
+    """The vector-wise kernel's launch for one weight and one layout of ``xt`` [K, M] and ``out`` [M, N], prepared
+    once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their
+    data pointers are read). See :func:`nm_vector_matmul` for the arguments."""
+
+    __slots__ = ("_launch", "_buffers")
+
+    def __init__(
+        self,
+        xt_shape: tuple[int, int],
+        xt_strides: tuple[int, int],
+        out_strides: tuple[int, int],
+        values: torch.Tensor,
+        kept_offsets: torch.Tensor,
+        n: int,
+        m: int,
+        vector: int,
+        config: VectorConfig,
+        bias: torch.Tensor | None = None,
+        input_precision: str = "ieee",
+    ) -> None:
+        tokens = xt_shape[1]
+        rows, kept = values.shape
+        if vector % config.block_n or rows % config.block_n:
+            raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
+        upcast = upcasts_bf16(values.dtype)
+        split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
+        tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
+        weight = (values, kept_offsets, values if bias is None else bias)
+        sizes = (tokens, rows, kept, *xt_strides, *out_strides, tokens * rows)
+        self._buffers = None
+        if split_k > 1:
+            self._buffers = StreamBuffers(values.device, split_k, tokens, rows, tiles)
+            trailing = (*weight, *sizes)
+        else:  # the workspace and counters are not read: any tensor will do
+            trailing = (values, values, *weight, *sizes)
+        constexprs = dict(
+            SPLIT_K=split_k, N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
+            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+            TOKEN_ALIGN=_alignment(tokens, xt_strides[0]),
+            Y_ROW_ALIGN=_alignment(out_strides[1]) if out_strides[0] == 1 else 1,
+        )
+        self._launch = Launcher(
+            _nm_vector_kernel, (tiles, split_k, 1), trailing, constexprs, config.num_warps, config.num_stages
+        )
+
+    def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
+        if self._buffers is None:
+            self._launch(xt, out)
+        else:
+            self._launch(xt, out, *self._buffers.get())
 
 
 def nm_vector_matmul(
@@ -237,32 +292,11 @@ def nm_vector_matmul(
 
     For fp32 inputs ``input_precision`` is ``"ieee"`` (FMA), ``"tf32x3"`` (fp32 accuracy from three
     tf32 tensor-core products) or ``"tf32"``; fp16/bf16 use tensor cores either way. Shapes are trusted:
-    ``nmspmm.ops`` validates them and :func:`choose_vector_config` picks ``config``.
+    ``nmspmm.ops`` validates them and :func:`choose_vector_config` picks ``config``. Repeated products of one
+    weight keep a :class:`VectorProduct` instead.
     """
-    tokens = xt.shape[1]
-    rows, kept = values.shape
-    if vector % config.block_n or rows % config.block_n:
-        raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
-    upcast = upcasts_bf16(values.dtype)
-    split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
-    tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
-    partial = counters = values
-    if split_k > 1:
-        partial, counters = split_k_buffers(out.device, split_k, tokens, rows, tiles)
-    launch(
-        _nm_vector_kernel, (tiles, split_k),
-        (
-            xt, values, kept_offsets, values if bias is None else bias, out, partial, counters,
-            tokens, rows, kept, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1), tokens * rows,
-        ),
-        dict(
-            SPLIT_K=split_k, N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
-            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-            TOKEN_ALIGN=_alignment(tokens, xt.stride(0)),
-            Y_ROW_ALIGN=_alignment(out.stride(1)) if out.stride(0) == 1 else 1,
-        ),
-        config.num_warps, config.num_stages,
+    product = VectorProduct(
+        tuple(xt.shape), xt.stride(), out.stride(), values, kept_offsets, n, m, vector, config, bias, input_precision
     )
+    product(xt, out)
     return out

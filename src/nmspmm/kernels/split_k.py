@@ -91,3 +91,33 @@ def _grown(
     replaced = ((workspace, "workspace"), (counters, "counters"))
     _RETIRED.extend(old for old, name in replaced if name in grown and old is not None)
     return grown.get("workspace", workspace), grown.get("counters", counters)
+
+
+class StreamBuffers:
+    """The split-K buffers of one prepared launch (:func:`split_k_buffers`), asked for again only when the
+    current stream changes: a call on the stream of the last one costs one stream query."""
+
+    __slots__ = ("_device", "_index", "_sizes", "_stream", "_buffers")
+
+    def __init__(self, device: torch.device, splits: int, tokens: int, rows: int, tiles: int) -> None:
+        self._device = device
+        self._index = -1
+        if device.type == "cuda":
+            self._index = device.index if device.index is not None else torch.cuda.current_device()
+        self._sizes = (splits, tokens, rows, tiles)
+        self._stream = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(workspace, counters) for a launch on the current stream."""
+        if self._index < 0:
+            return split_k_buffers(self._device, *self._sizes)
+        stream = torch._C._cuda_getCurrentRawStream(self._index)
+        if stream == self._stream:
+            return self._buffers
+        buffers = split_k_buffers(self._device, *self._sizes)
+        shared = _BUFFERS.get((self._index, stream))
+        # Buffers allocated for one launch in CUDA-graph capture are not kept: the next call needs its own.
+        if shared is not None and buffers[1] is shared[1]:
+            self._stream, self._buffers = stream, buffers
+        return buffers

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch
+from .launch import Launcher, cdiv, interpreter_active
 
 
 @triton.jit
@@ -25,15 +25,28 @@ def _transpose_kernel(
     tl.store(out_ptr + offs_k[None, :] * stride_ok + offs_m[:, None] * stride_om, tile, mask=valid)
 
 
+class Transpose:
+    """The transpose's launch for one shape and layout of ``x`` [M, K] and ``out`` [K, M], prepared once: a call
+    writes ``x.T`` into ``out`` (tensors of the prepared shapes and strides; only their data pointers are read)."""
+
+    __slots__ = ("_launch",)
+
+    def __init__(self, shape: tuple[int, int], x_strides: tuple[int, int], out_strides: tuple[int, int]) -> None:
+        rows, cols = shape
+        block = 16 if interpreter_active() else 64
+        self._launch = Launcher(
+            _transpose_kernel, (cdiv(rows, block), cdiv(cols, block), 1), (rows, cols, *x_strides, *out_strides),
+            dict(BLOCK_M=block, BLOCK_K=block), 4,
+        )
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self._launch(x, out)
+
+
 def transpose(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``x.T`` as a contiguous ``[K, M]`` tensor (written into ``out`` if given)."""
     rows, cols = x.shape
     if out is None:
         out = torch.empty((cols, rows), dtype=x.dtype, device=x.device)
-    block = 16 if interpreter_active() else 64
-    grid = (cdiv(rows, block), cdiv(cols, block))
-    launch(
-        _transpose_kernel, grid, (x, out, rows, cols, x.stride(0), x.stride(1), out.stride(0), out.stride(1)),
-        dict(BLOCK_M=block, BLOCK_K=block), 4,
-    )
+    Transpose((rows, cols), x.stride(), out.stride())(x, out)
     return out

@@ -8,9 +8,10 @@ import torch
 
 from ..formats import NMSparseWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
-from ..kernels import (
-    choose_vector_config, nm_element_matmul, nm_grad_input, nm_grad_values, nm_vector_matmul, transpose,
-)
+from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, transpose
+from ..kernels.nm_element import ElementProduct
+from ..kernels.nm_vector import VectorProduct
+from ..kernels.transpose import Transpose
 from .backend import (
     call_op, check_backend, check_operands, define_op, input_precision, reference_linear, use_triton,
 )
@@ -34,6 +35,9 @@ def nm_linear(
     On CUDA this runs the Triton kernels (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
+    plan = _cached_plan(x, weight, bias, backend, False)
+    if plan is not None:
+        return plan(x)
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     flat = x.dim() == 2
@@ -50,6 +54,9 @@ def nm_linear_feature_major(
 
     No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
     """
+    plan = _cached_plan(x_t, weight, bias, backend, True)
+    if plan is not None:
+        return plan(x_t)
     check_operands(x_t, weight, NMSparseWeight, bias, feature_axis=0)
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
@@ -72,18 +79,15 @@ def _row_major_product(
     :meth:`NMSparseWeight.kept_offsets`), plus ``bias``; operands are trusted (:func:`linear` checks them)."""
     if not use_triton(backend, x.device):
         return _reference(x, values, kept_offsets, bias, n, m, vector)
-    y = x.new_empty((x.shape[0], values.shape[0]))
-    _launch(x.t() if _reads_rows(x, vector) else transpose(x), values, kept_offsets, bias, n, m, vector, y)
-    return y
+    return ProductPlan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector)(x)
 
 
-def _reads_rows(x: torch.Tensor, vector: int) -> bool:
+def _reads_rows(tokens: int, vector: int) -> bool:
     """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
     transpose launch first). One token is already feature-major. At 2 tokens the vector-wise kernel's scattered
     2-byte gathers from token rows cost about what the transpose does; from 8 tokens they took up to 2.2x the
     GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the transpose's launch saves on the
     host. :data:`ROW_MAJOR_TOKENS` lies between the two."""
-    tokens = x.shape[0]
     return tokens == 1 or (vector > 1 and tokens <= ROW_MAJOR_TOKENS)
 
 
@@ -107,9 +111,7 @@ def _feature_major_product(
         return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    y_t = torch.empty((values.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
-    _launch(x, values, kept_offsets, bias, n, m, vector, y_t.t())
-    return y_t
+    return ProductPlan(tuple(x.shape), x.stride(), True, values, kept_offsets, bias, n, m, vector)(x)
 
 
 def _feature_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
@@ -229,27 +231,125 @@ nm_linear_grad_input_op = _NM_LINEAR_GRAD_INPUT.op
 nm_linear_grad_values_op = _NM_LINEAR_GRAD_VALUES.op
 
 
-def _launch(
-    x_t: torch.Tensor,
-    values: torch.Tensor,
-    kept_offsets: torch.Tensor,
-    bias: torch.Tensor | None,
-    n: int,
-    m: int,
-    vector: int,
-    out: torch.Tensor,
-) -> None:
-    """Run the kernel for the layout, writing ``[M, N]`` results into ``out`` (any strides)."""
-    # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
-    values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    if vector == 1:
-        nm_element_matmul(x_t, values, kept_offsets, n, m, out, bias)
-        return
-    precision = input_precision(values.dtype)
-    config = choose_vector_config(x_t.shape[1], values.shape[0], values.shape[1], vector, values.dtype, x_t.device)
-    nm_vector_matmul(x_t, values, kept_offsets, n, m, vector, out, config, bias, precision)
+class ProductPlan:
+    """One N:M product prepared for one weight and one layout of its activations: the output's shape, whether
+    they are transposed first, and the kernels' prepared launches. Every Triton product runs through one; eager
+    calls without gradient keep theirs on the weight (:func:`_cached_plan`), so that a repeated call costs its
+    allocations and launches, not the checks and the config choice again.
+
+    ``x`` is ``[..., K]`` row-major activations (2-D with any strides, or contiguous), or with ``feature_major``
+    ``[K, M]`` (contiguous); the result is ``[..., N]`` or ``[N, M]``, contiguous."""
+
+    __slots__ = (
+        "values", "offsets", "bias", "precision", "source", "_out_shape", "_xt_shape", "_transpose", "_product",
+    )
+
+    def __init__(
+        self,
+        x_shape: tuple[int, ...],
+        x_strides: tuple[int, ...],
+        feature_major: bool,
+        values: torch.Tensor,
+        kept_offsets: torch.Tensor,
+        bias: torch.Tensor | None,
+        n: int,
+        m: int,
+        vector: int,
+    ) -> None:
+        # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
+        self.values, self.offsets, self.bias = values, kept_offsets, bias
+        self.source: torch.Tensor | None = None  # the weight's stored offsets, for a plan kept on the weight
+        values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        self.precision = input_precision(values.dtype)
+        rows = values.shape[0]
+        self._transpose = None
+        if feature_major:
+            features, tokens = x_shape
+            self._out_shape = (rows, tokens)
+            xt_strides, out_strides = x_strides, (1, tokens)
+        else:
+            features = x_shape[-1]
+            tokens = 1
+            for size in x_shape[:-1]:
+                tokens *= size
+            self._out_shape = (*x_shape[:-1], rows)
+            out_strides = (rows, 1)
+            # A 2-D x has any strides; more dimensions are contiguous (the callers see to it).
+            row_strides = x_strides if len(x_shape) == 2 else (features, 1)
+            if _reads_rows(tokens, vector):
+                xt_strides = (row_strides[1], row_strides[0])
+            else:
+                self._transpose = Transpose((tokens, features), row_strides, (tokens, 1))
+                xt_strides = (tokens, 1)
+        self._xt_shape = (features, tokens)
+        if vector == 1:
+            self._product = ElementProduct(self._xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, bias)
+        else:
+            config = choose_vector_config(tokens, rows, values.shape[1], vector, values.dtype, values.device)
+            self._product = VectorProduct(
+                self._xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
+                self.precision,
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(self._out_shape)
+        if self._transpose is None:
+            self._product(x, out)
+        else:
+            xt = x.new_empty(self._xt_shape)
+            self._transpose(x, xt)
+            self._product(xt, out)
+        return out
+
+
+# Plans kept per weight, at most this many (one per layout of x; prefill lengths add entries).
+_MAX_PLANS = 64
+
+
+def _cached_plan(
+    x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None, backend: str, feature_major: bool
+) -> ProductPlan | None:
+    """The weight's kept plan for this layout of ``x`` (built and kept on first use), or None where the call must
+    take the full path: a gradient is needed, torch.compile traces, the product does not run the Triton kernels,
+    or the operands are not what a plan can take (any bad argument then gets its error there)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, NMSparseWeight):
+        return None
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    key = (x.shape, x.stride(), x.dtype, x.device, backend, feature_major)
+    plans = weight.launch_plans
+    plan = plans.get(key)
+    if (
+        plan is not None and plan.values is weight.values and plan.source is weight.offsets and plan.bias is bias
+        and (x.dtype is not torch.float32 or plan.precision == input_precision(x.dtype))
+    ):
+        return plan
+    check_operands(x, weight, NMSparseWeight, bias, feature_axis=0 if feature_major else -1)
+    check_backend(backend)
+    if not use_triton(backend, x.device):
+        return None
+    if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+    if feature_major and x.dim() != 2:
+        return None  # refused on the full path
+    if not (x.is_contiguous() or (x.dim() == 2 and not feature_major)):
+        return None  # layouts the full path copies first
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plan = ProductPlan(
+        tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n, weight.m,
+        weight.vector,
+    )
+    plan.source = weight.offsets
+    plans[key] = plan
+    return plan
 
 
 def _reference(
