@@ -49,48 +49,20 @@ def test_split_k_buffers_grow_and_keep_zeroed_counters():
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 3, 8, 16, 48, 333])
 @pytest.mark.parametrize("pattern,vector", [("8:32", 64), ("2:4", 16), ("2:4", 1)])
-def test_lean_launch_matches_reference_on_fresh_inputs(tokens, pattern, vector):
+def test_lean_launch_matches_reference_on_fresh_inputs(monkeypatch, tokens, pattern, vector):
     weight = nmspmm.prune(torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16), pattern, vector)
+    generic = []
+    real_generic = launch_module._generic
+    monkeypatch.setattr(launch_module, "_generic", lambda *args: generic.append(args[0]) or real_generic(*args))
     for offset in (0, 1):  # offset 1: x's data is not 16-byte aligned, a separate specialization
-        for _ in range(3):  # the first call compiles through Triton's launcher, the next ones use the handle
+        for call in range(3):  # the first call compiles through Triton's launcher, the next ones use the handle
             storage = torch.randn(tokens * 1024 + offset, device="cuda", dtype=torch.bfloat16)
             x = storage[offset:].view(tokens, 1024)
+            generic.clear()
             y = nmspmm.linear(x, weight)
             assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.bfloat16]
-    assert any(entry is not None for entry in launch_module._COMPILED.values())
-
-
-@pytest.mark.gpu
-def test_lean_launch_on_a_side_stream_and_in_graph_capture():
-    weight = nmspmm.prune(torch.randn(1024, 4096, device="cuda", dtype=torch.float16), "2:4", 64)
-    x = torch.randn(2, 4096, device="cuda", dtype=torch.float16)
-    expected = nmspmm.linear(x, weight)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        on_side = nmspmm.linear(x, weight)
-    torch.cuda.current_stream().wait_stream(side)
-    assert torch.equal(on_side, expected)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = nmspmm.linear(x, weight)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert relative_error(captured, _dense(x, weight)) < TOLERANCE[torch.float16]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 2, 16, 64])
-def test_split_k_in_the_launch_is_deterministic(tokens):
-    weight = nmspmm.prune(torch.randn(1024, 11008, device="cuda", dtype=torch.bfloat16), "2:4", 64)
-    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(tokens, 11008, device="cuda", dtype=torch.bfloat16)
-    first = nmspmm.linear(x, weight, bias)
-    assert relative_error(first, _dense(x, weight) + bias) < TOLERANCE[torch.bfloat16]
-    for _ in range(10):
-        assert torch.equal(nmspmm.linear(x, weight, bias), first)
+            if offset == 0 and call > 0:
+                assert not generic, "an aligned repeat must launch the kept handle, not Triton's launcher"
 
 
 @pytest.mark.gpu
