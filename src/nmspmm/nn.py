@@ -17,7 +17,7 @@ from . import ops
 from .progress import progress as draw_progress
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
 from .formats.base import SparseWeightBase
-from .formats.pattern import check_vector, check_weight_matrix, parse_pattern
+from .formats.pattern import check_vector, check_weight_matrix, holds_values, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
 from .prune import prune, prune_block_shuffled, prune_csr
 from .prune.block_shuffle import check_block_sparsity
@@ -78,7 +78,21 @@ class _SparseLinearBase(nn.Module):
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SparseLinearBase:
         self.__dict__.pop("_weight_view", None)
-        return super()._apply(fn, recurse)
+        shape_only = not holds_values(self.values)
+        module = super()._apply(fn, recurse)
+        if shape_only and holds_values(self.values):
+            self._hold_placeholder()
+        return module
+
+    def _hold_placeholder(self) -> None:
+        """Fill the index tensors that ``to_empty`` leaves uninitialised, when it moves the module off the meta
+        device, with the format's placeholder structure (:meth:`SparseWeightBase.placeholder_indices`), and derive
+        again: until real weights load, the module is a valid weight of uninitialised values whose products read
+        no index out of bounds."""
+        with torch.no_grad():
+            for name, tensor in self.FORMAT.placeholder_indices(self.values, self.fields).items():
+                getattr(self, name).copy_(tensor)
+        self._derive()
 
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out_features, in_features]`` weight, zeros where pruned."""
@@ -101,13 +115,19 @@ class _SparseLinearBase(nn.Module):
         error_msgs: list[str],
     ) -> None:
         """Check the incoming stored tensors (any may come from the module) as one weight of this module's
-        format and shape, raising ValueError if they are not; load; derive again."""
+        format and shape, raising ValueError if they are not; load; derive again. Into a skeleton on the meta
+        device, ``load_state_dict(..., assign=True)`` takes the incoming tensors themselves."""
         names = self.FORMAT.STATE_TENSORS
         tensors = {name: state_dict.get(prefix + name, getattr(self, name)) for name in names}
         values = tensors["values"]
         if isinstance(values, torch.Tensor):
             values = values.detach()
-            tensors = {name: t.to(values.device) if isinstance(t, torch.Tensor) else t for name, t in tensors.items()}
+            # The module's own tensors join the incoming values' device, but a meta one has no values to move
+            # (from_state then names the device mismatch).
+            tensors = {
+                name: t.to(values.device) if isinstance(t, torch.Tensor) and not t.is_meta else t
+                for name, t in tensors.items()
+            }
             tensors["values"] = values
         try:
             dtype = str(values.dtype).removeprefix("torch.") if isinstance(values, torch.Tensor) else None
@@ -460,6 +480,15 @@ def sparsify(
     does not fit, its weight is shared (tied) with another module, it is a subclass of ``nn.Linear`` (whose
     owner may read ``.weight`` as a tensor) or it is ``model`` itself. ``progress`` draws a bar on stderr (by
     default when stderr is a terminal).
+
+    A model on the meta device (built under ``torch.device("meta")``, as transformers and accelerate build large
+    models) becomes a shape-only skeleton: no mask can be chosen from weights without values, so each layer gets
+    its format's placeholder structure (:meth:`SparseWeightBase.placeholder_indices`: N:M keeps the first n of
+    every m; CSR the first ``round((1 - sparsity) * N * K)`` entries in row-major order; block as many blocks as
+    ``sparsity`` keeps, the first in row-major block order, under the identity row permutation), whose tensors
+    have the shapes of the really pruned model's. Load the real sparse weights into it
+    (``load_state_dict(state, assign=True)``, or ``to_empty(device=...)`` then ``load_state_dict``); ``to_empty``
+    alone gives the placeholder structure with uninitialised values.
     """
     if isinstance(pattern, SparsifyConfig):
         given = {"vector": vector != 1, "method": method != "magnitude", "sparsity": sparsity is not None,

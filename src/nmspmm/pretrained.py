@@ -58,7 +58,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
             aliases[key] = stored[identity]
             continue
         stored[identity] = key
-        tensors[key] = unshared_cpu(tensor, storages)
+        tensors[key] = unshared_cpu(tensor, storages, key)
     model_header = {
         "format": MODEL_FORMAT, "version": MODEL_VERSION,
         "modules": {name: type(module).__name__ for name, module in sparse.items()}, "aliases": aliases,
@@ -73,7 +73,12 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
     each recorded sparse layer replaces the ``nn.Linear`` of its name (on that layer's device and dtype), then
     every tensor is loaded (``strict``: a missing or unexpected key is an error). Returns ``model``. Raises
     ValueError for a file nmspmm did not write, a corrupted one (NaN or infinite sparse values too: the layers'
-    state dicts refuse them), or a model it does not fit."""
+    state dicts refuse them), or a model it does not fit.
+
+    A model built on the meta device (wholly or in part, as transformers and accelerate build large models) is
+    loaded by assignment: each of its meta tensors becomes the file's, on the CPU and in the model's dtype, the
+    others move to their own devices, and tied tensors stay tied. Buffers outside the state dict (non-persistent
+    ones, such as Llama's rotary frequencies) are in no file and stay as the model built them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     path = readable_path(path)
@@ -97,11 +102,29 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
         if source not in tensors:
             raise ValueError(f"path: {path!r} metadata: alias {alias!r} names {source!r}, which the file lacks")
         tensors[alias] = tensors[source]
+    targets = model.state_dict()
+    assign = any(tensor.is_meta for tensor in targets.values())
+    if assign:
+        tensors = {key: _placed(tensor, targets.get(key)) for key, tensor in tensors.items()}
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as error:
         raise ValueError(f"path: {path!r} does not fit the model: {error}") from error
+    if assign:  # each assigned key got a Parameter of its own: tie the aliases to their sources again
+        for alias, source in model_header["aliases"].items():
+            owner, _, name = alias.rpartition(".")
+            source_owner, _, source_name = source.rpartition(".")
+            setattr(model.get_submodule(owner), name, getattr(model.get_submodule(source_owner), source_name))
     return model
+
+
+def _placed(tensor: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """A file's ``tensor`` as loading by assignment puts it in place of the model's ``target``: in the target's
+    dtype, on its device unless that is meta (then on the CPU, where the file was read); unchanged without a
+    target (a key the model lacks, which the strict load names)."""
+    if target is None:
+        return tensor
+    return tensor.to(device=tensor.device if target.is_meta else target.device, dtype=target.dtype)
 
 
 def _read_model_header(metadata: dict[str, str], path: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .pattern import check_values, dtype_name
+from .pattern import check_values, dtype_name, holds_values
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -83,8 +83,15 @@ class SparseWeightBase:
         return {name: getattr(self, name) for name in self.STATE_TENSORS}
 
     def state_checksums(self) -> dict[str, int]:
-        """:func:`checksum` of every stored tensor, by field name (what a pickle or file carries beside them)."""
-        return {name: checksum(tensor) for name, tensor in self.state_tensors().items()}
+        """:func:`checksum` of every stored tensor that holds values (:func:`holds_values`; a shape-only one has no
+        bytes to sum), by field name (what a pickle or file carries beside them)."""
+        return {name: checksum(tensor) for name, tensor in self.state_tensors().items() if holds_values(tensor)}
+
+    @property
+    def shape_only(self) -> bool:
+        """True when a stored tensor has a shape but no values (on the meta device or fake: :func:`holds_values`),
+        as in a model skeleton built on the meta device: validation then checks shapes, dtypes and devices only."""
+        return not all(holds_values(tensor) for tensor in self.state_tensors().values())
 
     def state_fields(self) -> dict[str, Any]:
         """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight (``dtype`` among them)."""
@@ -98,19 +105,38 @@ class SparseWeightBase:
         :meth:`state_fields`."""
         raise NotImplementedError
 
+    @classmethod
+    def placeholder_indices(cls, values: torch.Tensor, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The index tensors (every stored tensor but ``values``, on its device) of the placeholder structure of a
+        weight of ``fields`` (:meth:`state_fields` without ``dtype``) holding as many kept values as ``values``:
+        the structure pruning gives a weight without values (on the meta device or fake), where no mask can be
+        chosen, and that a module moved off the meta device by ``to_empty`` holds until real weights load. Each
+        format says which structure it is; its shapes are those of any weight pruned with the same settings."""
+        raise NotImplementedError
+
+    @classmethod
+    def placeholder(cls, values: torch.Tensor, fields: dict[str, Any]) -> Self:
+        """A weight over ``values`` of the :meth:`placeholder_indices` structure, rebuilt (so validated) by
+        :meth:`from_state`."""
+        tensors = {"values": values, **cls.placeholder_indices(values, fields)}
+        return cls.from_state(tensors, {**fields, "dtype": dtype_name(values.dtype)})
+
     def to_dense(self) -> torch.Tensor:
         """The dense ``[N, K]`` weight, zeros where pruned."""
         raise NotImplementedError
 
     def check_storage(self, allow_nonfinite: bool = False) -> None:
         """Refuse stored tensors whose elements overlap in memory (a stride-0 or aliased view: every row would read
-        row 0) and, unless ``allow_nonfinite``, NaN or infinite values (no product over them means anything;
-        pruning refuses them too). Run after :meth:`validate` when a weight is built or loaded."""
+        row 0) and, unless ``allow_nonfinite`` or they hold no values (:attr:`shape_only`), NaN or infinite values
+        (no product over them means anything; pruning refuses them too). Run after :meth:`validate` when a weight is
+        built or loaded."""
         for name in self.STATE_TENSORS:
             if torch._debug_has_internal_overlap(getattr(self, name)) == 1:
                 raise ValueError(f"{name}: its elements overlap in memory (a stride-0 or aliased view); expected "
                                  "a tensor of its own")
-        if not allow_nonfinite and self.values.numel() and not bool(torch.isfinite(self.values).all()):
+        if self.shape_only or allow_nonfinite or not self.values.numel():
+            return
+        if not bool(torch.isfinite(self.values).all()):
             bad = int((~torch.isfinite(self.values)).sum())
             raise ValueError(
                 f"values: expected finite values, found {bad} NaN or infinite (allow_nonfinite=True accepts them)"
@@ -122,7 +148,8 @@ class SparseWeightBase:
 
     def to(self, *args: Any, **kwargs: Any) -> Self:
         """Move to a device and/or cast the values to a float dtype (index tensors keep theirs), like Tensor.to:
-        a validated copy (:meth:`check_storage` included)."""
+        a validated copy (:meth:`check_storage` included). To ``"meta"`` it keeps shapes only; off the meta
+        device there are no values to copy (torch says so): load real ones instead."""
         values = self.values.to(*args, **kwargs)
         check_values(values)
         tensors = {
@@ -131,7 +158,7 @@ class SparseWeightBase:
         }
         # A weight that already holds NaN or infinite values (built with allow_nonfinite) may move; a cast that
         # makes them (an overflow to fp16, say) is refused.
-        held = self.values.numel() > 0 and not bool(torch.isfinite(self.values).all())
+        held = not self.shape_only and self.values.numel() > 0 and not bool(torch.isfinite(self.values).all())
         fields = {**self.state_fields(), "dtype": dtype_name(values.dtype)}
         return type(self).from_state(tensors, fields, allow_nonfinite=held)
 

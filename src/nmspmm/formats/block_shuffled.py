@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .base import SparseWeightBase, deprecated_prune, verify_checksums
-from .pattern import SUPPORTED_DTYPES, check_shape, check_values, checked_mask
+from .pattern import SUPPORTED_DTYPES, check_shape, check_values, checked_mask, holds_values
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
 SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
@@ -142,7 +142,8 @@ class BlockShuffledWeight(SparseWeightBase):
 
     def validate(self) -> None:
         """Check that the tensors are consistent with each other, shape and block; TypeError for wrong types or
-        dtypes, ValueError for wrong shapes, devices or contents."""
+        dtypes, ValueError for wrong shapes, devices or contents (not read from tensors without values,
+        :attr:`shape_only`)."""
         if len(self.shape) != 2 or min(self.shape) <= 0:
             raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
         _check_divisible(self.shape, self.block, "shape")
@@ -164,6 +165,8 @@ class BlockShuffledWeight(SparseWeightBase):
                 raise ValueError(f"{name}: expected shape {expected}, got {tuple(tensor.shape)}")
             if tensor.device != self.values.device:
                 raise ValueError(f"{name}: on {tensor.device}, but values are on {self.values.device}")
+        if self.shape_only:
+            return
         offsets = self.block_row_offsets.long()
         if int(offsets[0]) != 0 or int(offsets[-1]) != blocks:
             raise ValueError(
@@ -203,14 +206,22 @@ class BlockShuffledWeight(SparseWeightBase):
         row_permutation: torch.Tensor | None = None,
     ) -> "BlockShuffledWeight":
         """Compress ``weight`` keeping the entries where ``mask`` is True; after ``row_permutation`` (identity if
-        None) every ``block`` tile of the mask must be all True (kept) or all False (pruned)."""
+        None) every ``block`` tile of the mask must be all True (kept) or all False (pruned). A mask without
+        values (on the meta device or fake) is refused: how many blocks it keeps is unknown
+        (:func:`nmspmm.prune.prune_block_shuffled` builds a shape-only weight of a sparsity)."""
         bn, bk = check_block(block)
         check_block_weight(weight, block)
+        mask = checked_mask(mask, weight)
+        if not (holds_values(weight) and holds_values(mask)):
+            raise ValueError(
+                "mask: holds no values (on the meta device or fake), so how many blocks it keeps is unknown; "
+                "nmspmm.prune.prune_block_shuffled(weight, sparsity, block) builds a shape-only BlockShuffledWeight "
+                "of that sparsity"
+            )
         rows, cols = weight.shape
         if row_permutation is None:
             row_permutation = torch.arange(rows, dtype=INDEX_DTYPE, device=weight.device)
         _check_permutation_argument(row_permutation, rows, weight.device)
-        mask = checked_mask(mask, weight)
         permutation = row_permutation.long()
         tiles = mask[permutation].reshape(rows // bn, bn, cols // bk, bk).transpose(1, 2)
         kept_blocks = tiles.all(-1).all(-1)
@@ -271,6 +282,20 @@ class BlockShuffledWeight(SparseWeightBase):
 
     STATE_TENSORS = ("values", "block_columns", "block_row_offsets", "row_permutation")
     STATE_FIELDS = ("shape", "dtype", "block")
+
+    @classmethod
+    def placeholder_indices(cls, values: torch.Tensor, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The index tensors of the placeholder structure: the identity row permutation and the first nblocks (the
+        length of ``values``) blocks in row-major block order, whole block-rows from the top and the last partly."""
+        bn, bk = check_block(fields["block"])
+        rows, cols = check_shape(fields["shape"])
+        blocks, per_row, device = values.shape[0], cols // bk, values.device
+        block_columns = torch.arange(blocks, device=device) % per_row
+        block_row_offsets = (torch.arange(rows // bn + 1, device=device) * per_row).clamp_max(blocks)
+        return {
+            "block_columns": block_columns.to(INDEX_DTYPE), "block_row_offsets": block_row_offsets.to(INDEX_DTYPE),
+            "row_permutation": torch.arange(rows, dtype=INDEX_DTYPE, device=device),
+        }
 
     def state_fields(self) -> dict[str, Any]:
         """JSON-able fields that, with :meth:`state_tensors`, rebuild the weight."""

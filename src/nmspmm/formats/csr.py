@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .base import SparseWeightBase, deprecated_prune, verify_checksums
-from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask
+from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask, holds_values
 
 INDEX_DTYPE = torch.int32
 _MAX_NNZ = torch.iinfo(INDEX_DTYPE).max
@@ -40,6 +40,16 @@ class CSRWeight(SparseWeightBase):
 
     STATE_TENSORS = ("values", "col_indices", "row_offsets")
     STATE_FIELDS = ("shape", "dtype")
+
+    @classmethod
+    def placeholder_indices(cls, values: torch.Tensor, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``col_indices`` and ``row_offsets`` of the placeholder structure: the first nnz (the length of
+        ``values``) entries in row-major order, whole rows from the top and the last of them partly."""
+        rows, cols = check_shape(fields["shape"])
+        nnz, device = values.shape[0], values.device
+        col_indices = torch.arange(nnz, device=device) % cols
+        row_offsets = (torch.arange(rows + 1, device=device) * cols).clamp_max(nnz)
+        return {"col_indices": col_indices.to(INDEX_DTYPE), "row_offsets": row_offsets.to(INDEX_DTYPE)}
 
     def __init__(
         self,
@@ -108,8 +118,8 @@ class CSRWeight(SparseWeightBase):
 
     def validate(self) -> None:
         """Check types, shapes and devices of the tensors and that they form a CSR structure within ``shape``
-        (offsets from 0 to nnz, non-decreasing; columns in [0, K), strictly ascending within each row);
-        raise TypeError or ValueError naming the field if not."""
+        (offsets from 0 to nnz, non-decreasing; columns in [0, K), strictly ascending within each row; not for
+        tensors without values, :attr:`shape_only`); raise TypeError or ValueError naming the field if not."""
         if len(self.shape) != 2 or self.shape[0] <= 0 or self.shape[1] <= 0:
             raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
         rows, cols = self.shape
@@ -120,6 +130,8 @@ class CSRWeight(SparseWeightBase):
         nnz = values.shape[0]
         _check_index_tensor(self.col_indices, "col_indices", (nnz,), values.device)
         _check_index_tensor(self.row_offsets, "row_offsets", (rows + 1,), values.device)
+        if self.shape_only:
+            return
         offsets, columns = self.row_offsets, self.col_indices
         first, last = offsets[[0, -1]].tolist()
         if first != 0 or last != nnz:
@@ -150,10 +162,16 @@ class CSRWeight(SparseWeightBase):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "CSRWeight":
         """Compress ``weight`` [N, K] keeping the entries where ``mask`` (bool, or 0/1 integers) is True; the
-        kept entries must be finite."""
+        kept entries must be finite. A mask without values (on the meta device or fake) is refused: how many
+        entries it keeps is unknown (:func:`nmspmm.prune.prune_csr` builds a shape-only weight of a sparsity)."""
         # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
         check_weight_matrix(weight, 1, 1, 1)
         mask = checked_mask(mask, weight)
+        if not (holds_values(weight) and holds_values(mask)):
+            raise ValueError(
+                "mask: holds no values (on the meta device or fake), so how many entries it keeps is unknown; "
+                "nmspmm.prune.prune_csr(weight, sparsity) builds a shape-only CSRWeight of that sparsity"
+            )
         per_row = mask.sum(1)
         if int(per_row.sum()) > _MAX_NNZ:
             raise ValueError(f"mask: keeps {int(per_row.sum())} entries, more than int32 indices address")

@@ -16,6 +16,7 @@ from .pattern import (
     check_vector,
     check_weight_matrix,
     checked_mask,
+    holds_values,
     parse_pattern,
 )
 
@@ -81,7 +82,8 @@ class NMSparseWeight(SparseWeightBase):
         self.values = values
         self.offsets = offsets
         # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.
-        self._kept_offsets_cache = None if kept_offsets is None else (offsets, offsets.data_ptr(), kept_offsets)
+        cached = kept_offsets is not None and holds_values(offsets)  # offsets without values have no address
+        self._kept_offsets_cache = (offsets, offsets.data_ptr(), kept_offsets) if cached else None
         # What the products prepare for repeated calls on this weight (nmspmm.ops fills it; never saved).
         self.launch_plans: dict[tuple, Any] = {}
 
@@ -127,6 +129,8 @@ class NMSparseWeight(SparseWeightBase):
             raise ValueError(f"offsets: expected shape {expected_offsets}, got {tuple(self.offsets.shape)}")
         if self.offsets.device != self.values.device:
             raise ValueError(f"offsets: on {self.offsets.device}, but values are on {self.values.device}")
+        if self.shape_only:
+            return
         offsets = self.offsets.long()
         if bool((offsets >= self.m).any()):
             raise ValueError(f"offsets: every offset must be < m={self.m}, got max {int(offsets.max())}")
@@ -142,12 +146,17 @@ class NMSparseWeight(SparseWeightBase):
         cls, weight: torch.Tensor, mask: torch.Tensor, pattern: str, vector: int = 1
     ) -> "NMSparseWeight":
         """Compress ``weight`` keeping the entries where ``mask`` is True; the mask must already be N:M
-        vector-wise (exactly n kept in each group of m, the same choice across each V-group)."""
+        vector-wise (exactly n kept in each group of m, the same choice across each V-group). A ``weight`` and
+        ``mask`` without values (on the meta device or fake: :func:`~nmspmm.formats.pattern.holds_values`) give a
+        shape-only weight of the placeholder structure (:meth:`placeholder_indices`: the first n of every m)."""
         n, m = parse_pattern(pattern)
         check_vector(vector)
         check_weight_matrix(weight, n, m, vector)
         mask = checked_mask(mask, weight)
         rows, cols = weight.shape
+        if not (holds_values(weight) and holds_values(mask)):
+            fields = {"pattern": pattern, "vector": vector, "shape": [rows, cols]}
+            return cls.placeholder(weight.new_empty(rows, cols // m * n), fields)
         groups = mask.reshape(rows // vector, vector, cols // m, m)
         differs = groups != groups[:, :1]
         if bool(differs.any()):
@@ -174,13 +183,17 @@ class NMSparseWeight(SparseWeightBase):
     def kept_offsets(self) -> torch.Tensor:
         """uint8 ``[N // V, K // m * n]``, contiguous: kept positions within each group of m, ascending. Derived
         once per ``offsets`` tensor (and its storage) and kept, since every product reads it; while torch.compile
-        traces, derived in the graph (a traced storage address cannot key a cache)."""
+        traces, derived in the graph (a traced storage address cannot key a cache), and derived on every call for
+        offsets without values (meta or fake)."""
         offsets = self.offsets
         if torch.compiler.is_compiling():
             return self._derive_kept_offsets()
         cache = self._kept_offsets_cache
         if cache is None or cache[0] is not offsets or cache[1] != offsets.data_ptr():
-            cache = (offsets, offsets.data_ptr(), self._derive_kept_offsets())
+            kept = self._derive_kept_offsets()
+            if not holds_values(offsets):  # no storage address to key a cache
+                return kept
+            cache = (offsets, offsets.data_ptr(), kept)
             self._kept_offsets_cache = cache
         return cache[2]
 
@@ -209,6 +222,16 @@ class NMSparseWeight(SparseWeightBase):
 
     STATE_TENSORS = ("values", "offsets")
     STATE_FIELDS = ("pattern", "vector", "shape", "dtype")
+
+    @classmethod
+    def placeholder_indices(cls, values: torch.Tensor, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``offsets`` of the placeholder structure: every V-group keeps the first n of every m input features."""
+        n, m = parse_pattern(fields["pattern"])
+        vector = check_vector(fields["vector"])
+        rows, cols = check_shape(fields["shape"])
+        stored = torch.arange(n, m) if n > m - n else torch.arange(n)
+        offsets = stored.to(device=values.device, dtype=OFFSET_DTYPE).expand(rows // vector, cols // m, -1)
+        return {"offsets": offsets.contiguous()}
 
     def state_fields(self) -> dict[str, Any]:
         """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""
@@ -253,9 +276,11 @@ def kept_row_columns(kept_offsets: torch.Tensor, n: int, m: int, vector: int) ->
 
 
 def _positions(group_mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Ascending positions of the True entries in each last-dimension group (exactly ``count`` each)."""
-    positions = torch.arange(group_mask.shape[-1], device=group_mask.device).expand_as(group_mask)
-    return positions[group_mask].view(*group_mask.shape[:-1], count)
+    """int64 ascending positions of the True entries in each last-dimension group (exactly ``count`` each): a
+    stable sort puts them first in their order, with shapes that do not depend on the values (so that offsets
+    without values, on the meta device or fake, derive too)."""
+    order = torch.sort(group_mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return order[..., :count]
 
 
 def _columns(offsets: torch.Tensor, m: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 SUPPORTED_M = (4, 8, 16, 32, 64)
 SUPPORTED_VECTORS = (1, 16, 32, 64, 128)
@@ -80,6 +81,17 @@ def check_values(values: object) -> None:
         raise TypeError(f"values: expected a float16, bfloat16 or float32 tensor, got {got}")
 
 
+def holds_values(tensor: torch.Tensor) -> bool:
+    """False for a tensor that has a shape but no elements to read: on the meta device (a model built under
+    ``torch.device("meta")``, as transformers and accelerate do for large models) or a FakeTensor (under
+    ``FakeTensorMode``). The formats and pruners skip their checks of values (finite, index ranges and order) for
+    such tensors, which no check could read, and keep those of shapes, dtypes and devices. While torch.compile
+    traces, tensors stand for real ones, so this is True: the value checks run as in eager mode."""
+    if torch.compiler.is_compiling():
+        return True
+    return not (tensor.is_meta or is_fake(tensor))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """A dtype as saved weights name it: ``"float16"``, ``"bfloat16"``, ``"float32"``."""
     return str(dtype).removeprefix("torch.")
@@ -93,7 +105,8 @@ def check_state_dtype(values: torch.Tensor, dtype_name: object) -> None:
 
 
 def checked_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``mask`` as a bool tensor, after checking that it is a 0/1 tensor of ``weight``'s shape and device."""
+    """``mask`` as a bool tensor, after checking that it is a 0/1 tensor of ``weight``'s shape and device (its
+    values only where it holds them: :func:`holds_values`)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
     if mask.shape != weight.shape:
@@ -101,7 +114,9 @@ def checked_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if mask.device != weight.device:
         raise ValueError(f"mask: on {mask.device}, but weight is on {weight.device}")
     if mask.dtype != torch.bool:
-        if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        if mask.is_floating_point() or mask.is_complex() or (
+            holds_values(mask) and not bool(((mask == 0) | (mask == 1)).all())
+        ):
             raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got {mask.dtype}")
         mask = mask.bool()
     return mask

@@ -28,6 +28,7 @@ from .base import checksum, verify_checksums
 from .block_shuffled import BlockShuffledWeight
 from .csr import CSRWeight
 from .nm import NMSparseWeight
+from .pattern import holds_values
 
 FILE_FORMAT = "nmspmm"
 FORMAT_VERSION = 3
@@ -96,15 +97,21 @@ def weights_payload(
         if type(weight).__name__ not in WEIGHT_CLASSES:
             raise TypeError(f"weights: expected {_CLASS_NAMES} values, got {type(weight).__name__} for {name!r}")
         for field, tensor in weight.state_tensors().items():
-            tensors[f"{name}.{field}"] = unshared_cpu(tensor, storages)
+            tensors[f"{name}.{field}"] = unshared_cpu(tensor, storages, f"{name}.{field}")
         described[name] = {"format": type(weight).__name__, **weight.state_fields()}
     checksums = {key: checksum(tensor) for key, tensor in tensors.items()}
     return tensors, {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described, "checksums": checksums}
 
 
-def unshared_cpu(tensor: torch.Tensor, storages: set[int]) -> torch.Tensor:
-    """``tensor`` on the CPU, copied if its storage was already taken (safetensors refuses shared memory, which
-    arises when one weight is saved under two names or with its ``.to(same dtype)`` twin)."""
+def unshared_cpu(tensor: torch.Tensor, storages: set[int], name: str) -> torch.Tensor:
+    """``tensor`` (saved as ``name``) on the CPU, copied if its storage was already taken (safetensors refuses
+    shared memory, which arises when one weight is saved under two names or with its ``.to(same dtype)`` twin);
+    a ValueError naming it if it has no values to save (a skeleton's, on the meta device)."""
+    if not holds_values(tensor):
+        raise ValueError(
+            f"{name}: holds no values to save (on the meta device or fake: a shape-only skeleton); load or "
+            "initialise its weights first"
+        )
     tensor = tensor.detach().cpu().contiguous()
     storage = tensor.untyped_storage().data_ptr()
     if storage in storages:

@@ -20,6 +20,7 @@ import torch
 
 from ..formats.base import register_pruner
 from ..formats.block_shuffled import INDEX_DTYPE, BlockShuffledWeight, check_block, check_block_weight
+from ..formats.pattern import holds_values
 from .magnitude import check_finite, largest_mask
 
 DEFAULT_ITERATIONS = 64
@@ -79,8 +80,9 @@ def search_row_permutation(
     Rows are first clustered into balanced groups of bn by recursive halving along the principal direction of
     their column-block profiles; then, for at most ``iterations`` rounds, disjoint pairs of groups (best pairs
     first) exchange the rows whose exchange raises the objective most, given the currently kept tiles (see the
-    module docstring). The identity is returned unless the result keeps strictly more. About 2.5 s for a
-    4096 x 4096 weight with 32 x 32 blocks on one CPU core. Deterministic for a given ``seed``.
+    module docstring). The identity is returned unless the result keeps strictly more, and for a weight without
+    values (on the meta device or fake) to search. About 2.5 s for a 4096 x 4096 weight with 32 x 32 blocks on
+    one CPU core. Deterministic for a given ``seed``.
     """
     bn, bk = check_block_prunable(weight, block, sparsity)
     if isinstance(iterations, bool) or not isinstance(iterations, int):
@@ -94,7 +96,7 @@ def search_row_permutation(
     groups = rows // bn
     keep = kept_block_count(groups, profiles.shape[1], sparsity)
     identity = torch.arange(rows, device=profiles.device)
-    if groups < 2 or keep in (0, groups * profiles.shape[1]):
+    if groups < 2 or keep in (0, groups * profiles.shape[1]) or not holds_values(weight):
         return identity
     generator = torch.Generator().manual_seed(seed)
     slots = _balanced_halving(profiles, bn, generator)
@@ -115,7 +117,10 @@ def prune_block_shuffled(
 ) -> BlockShuffledWeight:
     """Keep the ``round((1 - sparsity) * total)`` tiles of ``weight[perm]`` with the largest summed |w| (ties
     to the lower block-row, then block-column), ``perm`` from :func:`search_row_permutation` when ``search``
-    (``iterations`` rounds, its default if None), else the identity; the result holds a detached copy."""
+    (``iterations`` rounds, its default if None), else the identity; the result holds a detached copy. A weight
+    without values (on the meta device or fake: :func:`holds_values`), where no tiles can be ranked, gives a
+    shape-only weight of as many blocks in the placeholder structure, the first ones in row-major block order
+    under the identity permutation (:meth:`BlockShuffledWeight.placeholder_indices`)."""
     bn, bk = check_block_prunable(weight, block, sparsity)
     if not isinstance(search, bool):
         raise TypeError(f"search: expected a bool, got {type(search).__name__} {search!r}")
@@ -128,8 +133,12 @@ def prune_block_shuffled(
         if iterations is not None:
             raise ValueError("iterations: only used by the search; pass search=True or leave iterations=None")
         permutation = torch.arange(rows, device=weight.device)
+    keep = kept_block_count(rows // bn, cols // bk, sparsity)
+    if not holds_values(weight):
+        fields = {"shape": [rows, cols], "block": [bn, bk]}
+        return BlockShuffledWeight.placeholder(weight.new_empty(keep, bn, bk), fields)
     magnitudes = tile_magnitudes(weight, (bn, bk), permutation)
-    kept = largest_mask(magnitudes, kept_block_count(rows // bn, cols // bk, sparsity))
+    kept = largest_mask(magnitudes, keep)
     permuted_mask = kept.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
     mask = torch.empty_like(permuted_mask)
     mask[permutation] = permuted_mask

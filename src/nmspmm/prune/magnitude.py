@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.nm import NMSparseWeight
-from ..formats.pattern import check_vector, check_weight_matrix, parse_pattern
+from ..formats.pattern import check_vector, check_weight_matrix, holds_values, parse_pattern
 
 
 def check_prunable(weight: torch.Tensor, pattern: str, vector: int) -> tuple[int, int]:
@@ -20,7 +20,10 @@ def check_prunable(weight: torch.Tensor, pattern: str, vector: int) -> tuple[int
 
 
 def check_finite(weight: torch.Tensor) -> None:
-    """Refuse a weight with a NaN or infinite entry, naming the first one: no pruning rule can rank those."""
+    """Refuse a weight with a NaN or infinite entry, naming the first one: no pruning rule can rank those. A weight
+    without values (on the meta device or fake: :func:`holds_values`) has none to check."""
+    if not holds_values(weight):
+        return
     finite = torch.isfinite(weight)
     if not bool(finite.all()):
         row, col = (~finite).nonzero()[0].tolist()
@@ -38,14 +41,17 @@ def largest_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def check_scores(scores: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
-    """Check that ``scores`` is a float tensor of ``shape`` holding finite, non-negative values, as the
-    pruning rules that rank by a score (Wanda's input norms, permutation search scores) require."""
+    """Check that ``scores`` is a float tensor of ``shape`` holding finite, non-negative values (where it holds
+    values: :func:`holds_values`), as the pruning rules that rank by a score (Wanda's input norms, permutation
+    search scores) require."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point dtype, got {scores.dtype}")
     if scores.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(scores.shape)}")
+    if not holds_values(scores):
+        return
     bad = ~torch.isfinite(scores) | (scores < 0)
     if bool(bad.any()):
         index = tuple(bad.nonzero()[0].tolist())
@@ -78,6 +84,8 @@ def magnitude_mask(weight: torch.Tensor, pattern: str, vector: int = 1) -> torch
 
 def prune(weight: torch.Tensor, pattern: str, vector: int = 1) -> NMSparseWeight:
     """Magnitude-prune ``weight`` to the vector-wise ``pattern`` (see :func:`magnitude_mask`) and compress it;
-    the result holds a detached copy of the kept values."""
+    the result holds a detached copy of the kept values. A weight without values (on the meta device or fake)
+    gives a shape-only weight of the placeholder structure, the first n of every m
+    (:meth:`NMSparseWeight.from_dense`)."""
     mask = magnitude_mask(weight, pattern, vector)
     return NMSparseWeight.from_dense(weight.detach(), mask, pattern, vector)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.pattern import holds_values
 from .magnitude import check_prunable, check_scores, vector_sums
 
 # Largest [pairs, m, m, V-groups] block of candidate swaps ranked at once (float32 elements, 16 MiB).
@@ -112,7 +113,8 @@ def search_permutation(
     their kept score (at most twice per meeting), evaluated exactly from the two runs alone. ``iterations``
     is the most sweeps, each meeting every pair of runs once at a cost of about N * K^2 / V score comparisons
     (one sweep of a 1024 x 1024 weight: 1-5 s at V=1, under 1 s at V >= 32 on two CPU cores); the search
-    stops earlier once every pair has met without a swap. Deterministic for a given ``seed``; ``None`` draws one.
+    stops earlier once every pair has met without a swap; the identity for a weight without values (on the meta
+    device or fake) to search. Deterministic for a given ``seed``; ``None`` draws one.
     Using a pruned ``weight[:, perm]`` requires inputs ``x[..., perm]`` (see the module docstring).
     """
     n, m = check_prunable(weight, pattern, vector)
@@ -131,7 +133,7 @@ def search_permutation(
     cols = group_scores.shape[1]
     run_count = cols // m
     identity = torch.arange(cols, device=group_scores.device)
-    if run_count < 2 or iterations == 0:
+    if run_count < 2 or iterations == 0 or not (holds_values(weight) and holds_values(scores)):
         return identity
     generator = torch.Generator()
     if seed is None:

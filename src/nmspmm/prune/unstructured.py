@@ -9,7 +9,7 @@ import torch
 
 from ..formats.base import register_pruner
 from ..formats.csr import CSRWeight
-from ..formats.pattern import check_weight_matrix
+from ..formats.pattern import check_weight_matrix, holds_values
 from .magnitude import check_finite, largest_mask
 
 
@@ -29,14 +29,25 @@ def unstructured_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
     check_weight_matrix(weight, 1, 1, 1)
     check_finite(weight)
-    return largest_mask(weight.detach().abs(), round((1 - sparsity) * weight.numel()))
+    return largest_mask(weight.detach().abs(), kept_entry_count(weight, sparsity))
+
+
+def kept_entry_count(weight: torch.Tensor, sparsity: float) -> int:
+    """How many entries of ``weight`` pruning to ``sparsity`` keeps: ``round((1 - sparsity) * N * K)``."""
+    return round((1 - sparsity) * weight.numel())
 
 
 def prune_csr(weight: torch.Tensor, sparsity: float) -> CSRWeight:
     """Magnitude-prune ``weight`` [N, K] to ``sparsity`` (:func:`unstructured_mask`: the ``round((1 - sparsity) *
     N * K)`` largest |w| over the whole matrix are kept) into a :class:`CSRWeight` holding a detached copy of the
-    kept values."""
-    return CSRWeight.from_dense(weight.detach(), unstructured_mask(weight, sparsity))
+    kept values. A weight without values (on the meta device or fake: :func:`holds_values`), where no entries can
+    be ranked, gives a shape-only weight of as many entries in the placeholder structure, the first ones in
+    row-major order (:meth:`CSRWeight.placeholder_indices`)."""
+    mask = unstructured_mask(weight, sparsity)
+    if not holds_values(weight):
+        values = weight.new_empty(kept_entry_count(weight, sparsity))
+        return CSRWeight.placeholder(values, {"shape": list(weight.shape)})
+    return CSRWeight.from_dense(weight.detach(), mask)
 
 
 register_pruner(CSRWeight, "prune_csr", prune_csr)
