@@ -172,9 +172,18 @@ def test_eager_products_keep_one_plan_per_layout():
         assert len(weight.launch_plans) == 3
         nmspmm.linear(x, weight, backend="triton")  # another bias: a plan of its own, in place of the first
         assert len(weight.launch_plans) == 3
+    # With gradient the kept plan of the rows' layout runs inside the op's autograd formula.
     values = weight.values.requires_grad_()
-    y = nmspmm.linear(torch.randn(2, 3, 512, device=DEVICE), weight, backend="triton")
-    assert y.requires_grad and len(weight.launch_plans) == 3  # calls with gradient keep none
+    x = torch.randn(2, 3, 512, device=DEVICE, requires_grad=True)
+    y = nmspmm.linear(x, weight, backend="triton")
+    assert len(weight.launch_plans) == 5  # x's own layout and its rows' [6, 512]
+    y.square().sum().backward()
+    x_ref = x.detach().double().requires_grad_()
+    dense = weight.to_dense().detach().double().requires_grad_()
+    (x_ref @ dense.t()).square().sum().backward()
+    assert relative_error(x.grad, x_ref.grad) < TOLERANCE[torch.float32]
+    kept = dense.grad.gather(1, weight.kept_columns().repeat_interleave(weight.vector, 0))
+    assert relative_error(values.grad, kept) < TOLERANCE[torch.float32]
     values.requires_grad_(False)
 
 

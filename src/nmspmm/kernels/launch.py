@@ -96,8 +96,9 @@ def _hooked(hook: Any) -> bool:
 def launch(
     kernel: Any, grid: tuple[int, ...], args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
     num_stages: int | None = None,
-) -> None:
-    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)`` with less host time.
+) -> _Compiled | None:
+    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)`` with less host time; returns the
+    handle kept for this specialization (None where there is none).
 
     Triton's generic launcher binds, specializes and hashes every argument on every call (15-19 us of host time
     per launch on the H200's host, more than ``F.linear``'s whole call). Here the first call of each
@@ -105,28 +106,29 @@ def launch(
     that kernel's handle directly on the current stream. The interpreter and launch hooks (profilers) always take
     the generic launcher. A grid without programs launches nothing."""
     if 0 in grid:  # no programs: nothing to run (CUDA refuses an empty grid)
-        return
+        return None
     if interpreter_active() or _RUNTIME is None:
         _generic(kernel, grid, args, constexprs, num_warps, num_stages)
-        return
+        return None
     device = torch._C._cuda_getDevice()
     key = (kernel, device, *constexprs.values(), num_warps, num_stages, *_specialization(args))
     try:
         entry = _COMPILED.get(key, False)
     except TypeError:  # an unhashable argument
         _generic(kernel, grid, args, constexprs, num_warps, num_stages)
-        return
+        return None
     if entry and not _hooked(_RUNTIME.launch_enter_hook) and not _hooked(_RUNTIME.launch_exit_hook):
         grid_y = grid[1] if len(grid) > 1 else 1
         grid_z = grid[2] if len(grid) > 2 else 1
         stream = torch._C._cuda_getCurrentRawStream(device)
         entry.launch(grid[0], grid_y, grid_z, stream, *entry.prefix, *args, *entry.tail)
-        return
+        return entry
     compiled = _generic(kernel, grid, args, constexprs, num_warps, num_stages)
     if entry is False:
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.clear()
-        _COMPILED[key] = _handle(kernel, compiled, len(args), constexprs)
+        entry = _COMPILED[key] = _handle(kernel, compiled, len(args), constexprs)
+    return entry
 
 
 class Launcher:
@@ -134,10 +136,10 @@ class Launcher:
     fixed; a call passes the leading tensor arguments (those that change between calls: activations, outputs,
     workspaces) and launches. Only their data pointers are read, so any view of the right storage will do.
 
-    Where every leading tensor is 16-byte aligned, the first call goes through Triton's launcher and keeps the
-    compiled kernel's handle, and later calls launch that handle on the current stream: no per-call key, no
-    argument binding. Misaligned tensors, the interpreter, launch hooks and another current device take
-    Triton's launcher, as :func:`launch` does."""
+    Where every leading tensor is 16-byte aligned, the first call goes through :func:`launch` and keeps the
+    compiled kernel's handle it returns, and later calls launch that handle on the current stream: no per-call
+    key, no argument binding. Misaligned tensors, the interpreter, launch hooks and another current device go
+    through :func:`launch` on every call."""
 
     __slots__ = ("kernel", "grid", "trailing", "constexprs", "num_warps", "num_stages", "_handle", "_device")
 
@@ -164,12 +166,10 @@ class Launcher:
                 stream = torch._C._cuda_getCurrentRawStream(device)
                 handle.launch(*grid, stream, *handle.prefix, *leading, *self.trailing, *handle.tail)
                 return
-        args = (*leading, *self.trailing)
-        compiled = _generic(self.kernel, grid, args, self.constexprs, self.num_warps, self.num_stages)
-        if self._device == -1 and not interpreter_active() and _RUNTIME is not None:
-            if all(not tensor.data_ptr() & 15 for tensor in leading):
-                self._handle = _handle(self.kernel, compiled, len(args), self.constexprs)
-                self._device = torch._C._cuda_getDevice()
+        # Through the one-off path, whose cache also serves the prepared launches built for one call.
+        entry = launch(self.kernel, grid, (*leading, *self.trailing), self.constexprs, self.num_warps, self.num_stages)
+        if self._device == -1 and entry is not None and all(not tensor.data_ptr() & 15 for tensor in leading):
+            self._handle, self._device = entry, torch._C._cuda_getDevice()
 
 
 def _generic(

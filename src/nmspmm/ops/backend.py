@@ -76,30 +76,35 @@ def define_op(
     return Op(op, implementation, eager)
 
 
-def call_op(defined: Op, args: tuple) -> torch.Tensor:
-    """The custom op while torch.compile traces; in eager mode the implementation directly, through its
-    ``torch.autograd.Function`` where a gradient is needed (the op where it has none). The op's dispatch cost
-    0.1-0.3 ms of host time a call (H100 run of 2026-11-23), more than most products."""
+def call_op(defined: Op, args: tuple, run: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """The custom op while torch.compile traces; in eager mode ``run`` (by default the implementation; a kept
+    launch plan computes the same from the same arguments) directly, through the op's ``torch.autograd.Function``
+    where a gradient is needed (the op where it has none). The op's dispatch cost 0.1-0.3 ms of host time a call
+    (H100 run of 2026-11-23), more than most products."""
     if torch.compiler.is_compiling():
         return defined.op(*args)
+    run = defined.implementation if run is None else run
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return defined.op(*args) if defined.eager_autograd is None else defined.eager_autograd.apply(*args)
-    return defined.implementation(*args)
+        return defined.op(*args) if defined.eager_autograd is None else defined.eager_autograd.apply(*args, run)
+    return run(*args)
 
 
 def autograd_function(
     implementation: Callable[..., torch.Tensor], setup_context: Callable[..., None], backward: Callable[..., tuple]
 ) -> type[torch.autograd.Function]:
-    """A ``torch.autograd.Function`` running ``implementation`` with the setup and backward registered on its
-    custom op, for eager calls: ``Function.apply`` costs a fraction of the op dispatcher's host time."""
+    """A ``torch.autograd.Function`` with the setup and backward registered on a custom op, for eager calls
+    (``Function.apply`` costs a fraction of the op dispatcher's host time). It is applied to the
+    op's arguments followed by what computes the forward from them (``implementation``, or a kept launch plan
+    that computes the same), so that the formulas see the op's inputs at the op's positions."""
 
-    def forward(ctx: torch.autograd.function.FunctionCtx, *args: Any) -> torch.Tensor:
-        output = implementation(*args)
-        setup_context(ctx, args, output)
+    def forward(ctx: torch.autograd.function.FunctionCtx, *args_and_run: Any) -> torch.Tensor:
+        *args, run = args_and_run
+        output = run(*args)
+        setup_context(ctx, tuple(args), output)
         return output
 
     def backward_(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple:
-        return backward(ctx, *grads)
+        return *backward(ctx, *grads), None
 
     name = f"{implementation.__name__.strip('_').title().replace('_', '')}Function"
     methods = {"forward": staticmethod(forward), "backward": staticmethod(backward_)}

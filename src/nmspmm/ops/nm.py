@@ -36,14 +36,16 @@ def nm_linear(
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
     plan = _cached_plan(x, weight, bias, backend, False)
-    if plan is not None:
+    if plan is not None and not _needs_grad(x, weight, bias):
         return plan(x)
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     flat = x.dim() == 2
     rows_in = x if flat else x.reshape(-1, weight.shape[1])
+    if plan is not None and not flat:  # a gradient is needed: the op's formulas run on the rows
+        plan = _cached_plan(rows_in, weight, bias, backend, False)
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    y = call_op(_NM_LINEAR, args)
+    y = call_op(_NM_LINEAR, args, plan)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -55,14 +57,14 @@ def nm_linear_feature_major(
     No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
     """
     plan = _cached_plan(x_t, weight, bias, backend, True)
-    if plan is not None:
+    if plan is not None and not _needs_grad(x_t, weight, bias):
         return plan(x_t)
     check_operands(x_t, weight, NMSparseWeight, bias, feature_axis=0)
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
     args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    return call_op(_NM_LINEAR_FEATURE_MAJOR, args)
+    return call_op(_NM_LINEAR_FEATURE_MAJOR, args, plan)
 
 
 def _row_major_product(
@@ -292,7 +294,9 @@ class ProductPlan:
                 self.precision,
             )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *operands: object) -> torch.Tensor:
+        """The product of ``x``; ``operands`` (the custom op's other arguments, as :func:`call_op` passes them)
+        are the plan's own."""
         out = x.new_empty(self._out_shape)
         if self._transpose is None:
             self._product(x, out)
@@ -303,6 +307,13 @@ class ProductPlan:
         return out
 
 
+def _needs_grad(x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records the product (a plan then runs inside the op's ``torch.autograd.Function``)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
 # Plans kept per weight, at most this many (one per layout of x; prefill lengths add entries).
 _MAX_PLANS = 64
 
@@ -311,15 +322,11 @@ def _cached_plan(
     x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None, backend: str, feature_major: bool
 ) -> ProductPlan | None:
     """The weight's kept plan for this layout of ``x`` (built and kept on first use), or None where the call must
-    take the full path: a gradient is needed, torch.compile traces, the product does not run the Triton kernels,
-    or the operands are not what a plan can take (any bad argument then gets its error there)."""
+    take the full path: torch.compile traces, the product does not run the Triton kernels, or the operands are
+    not what a plan can take (any bad argument then gets its error there)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, NMSparseWeight):
         return None
     if bias is not None and not isinstance(bias, torch.Tensor):
-        return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)
-    ):
         return None
     if torch.compiler.is_compiling():
         return None
