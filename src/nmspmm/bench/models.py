@@ -534,7 +534,8 @@ def run_models(
     decode_runs: int = DECODE_RUNS,
 ) -> list[dict]:
     """Time the dense LLaMA-layout model and its sparse versions (module docstring) for every intermediate
-    size, merge the rows into ``<out_dir>/<device>-models.csv``, print the table; return this run's rows.
+    size, merge the rows into ``<out_dir>/<device>-models.csv`` as each sparse model is measured, print the
+    table; return this run's rows.
 
     Per intermediate size every model (the dense one, then one fresh model per pattern) is built and sparsified
     before anything is compiled; the dense one is measured first, and each is freed (and the compiler reset)
@@ -572,6 +573,7 @@ def run_models(
     total = len(intermediates) * (1 + len(patterns)) * per_model
     done = 0
     rows: list[dict] = []
+    out = None
     for intermediate in intermediates:
         build = dict(hidden=hidden, heads=heads, max_positions=max_positions)
         # Every model of this size is built (and sparsified) before any is compiled: fresh objects, no deepcopy.
@@ -601,8 +603,9 @@ def run_models(
                     stamp, measured["dense"], measured[name], name, vector, intermediate, layers, hidden,
                     prefill_tokens, new_tokens, prompt, counts[name],
                 )
+                out = write_models_csv(rows, out_dir, stamp["device"])  # after each model: a cut run keeps them
         torch.cuda.empty_cache()
-    out = write_models_csv(rows, out_dir, stamp["device"])
     print(format_models_rows(rows))
-    print(f"\nresults: {out}")
+    if out is not None:
+        print(f"\nresults: {out}")
     return rows
