@@ -70,6 +70,15 @@ class SparseWeightBase:
         return self.values.dtype
 
     @property
+    def launch_plans(self) -> dict[tuple, Any]:
+        """What the products prepare for repeated calls on this weight, by layout of the activations
+        (``nmspmm.ops`` fills it; never saved or copied)."""
+        plans = self.__dict__.get("_launch_plans")
+        if plans is None:
+            plans = self.__dict__["_launch_plans"] = {}
+        return plans
+
+    @property
     def device(self) -> torch.device:
         return self.values.device
 

@@ -84,8 +84,6 @@ class NMSparseWeight(SparseWeightBase):
         # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.
         cached = kept_offsets is not None and holds_values(offsets)  # offsets without values have no address
         self._kept_offsets_cache = (offsets, offsets.data_ptr(), kept_offsets) if cached else None
-        # What the products prepare for repeated calls on this weight (nmspmm.ops fills it; never saved).
-        self.launch_plans: dict[tuple, Any] = {}
 
     @property
     def pattern(self) -> str:

@@ -89,6 +89,67 @@ def call_op(defined: Op, args: tuple, run: Callable[..., torch.Tensor] | None = 
     return run(*args)
 
 
+# Plans kept per weight, at most this many (one per layout of x; prefill lengths add entries).
+MAX_PLANS = 64
+
+
+def kept_plan(
+    x: torch.Tensor,
+    weight: SparseWeightBase,
+    bias: torch.Tensor | None,
+    backend: str,
+    layout: str,
+    sources: tuple[torch.Tensor | None, ...],
+    build: Callable[[], Any],
+) -> Any:
+    """The launch plan ``weight`` keeps for this layout of ``x`` (shape, strides, dtype, device, ``backend``,
+    ``layout`` and fp32's matmul precision), or the one ``build()`` makes (then kept), or None where a plan cannot
+    serve the call: torch.compile traces, or ``build`` declines. A kept plan serves while the tensors it was built
+    from, ``sources`` (the weight's stored tensors and ``bias``), are the same objects; a hit skips every check,
+    since the key implies those that depend on ``x``. ``build`` runs the full checks (raising the product's clear
+    errors) and returns a callable ``plan(x, *operands) -> y`` or None. The one way every format keeps its plans."""
+    if not isinstance(x, torch.Tensor) or (bias is not None and not isinstance(bias, torch.Tensor)):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    precision = input_precision(x.dtype) if x.dtype is torch.float32 else None
+    key = (x.shape, x.stride(), x.dtype, x.device, backend, layout, precision)
+    plans = weight.launch_plans
+    plan = plans.get(key)
+    if plan is not None and _same_objects(plan.sources, sources):
+        return plan
+    plan = build()
+    if plan is not None:
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plan.sources = sources
+        plans[key] = plan
+    return plan
+
+
+def _same_objects(kept: tuple, current: tuple) -> bool:
+    for a, b in zip(kept, current):
+        if a is not b:
+            return False
+    return True
+
+
+def needs_grad(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records a product of ``x``, kept ``values`` and ``bias`` (a plan then runs inside the op's
+    ``torch.autograd.Function``, or the full path gives the backward's structures)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def plannable(x: torch.Tensor, feature_major: bool) -> bool:
+    """Whether a plan can take ``x`` as it is: 2-D (any strides) or contiguous row-major activations, contiguous
+    ``[K, M]`` feature-major ones; other layouts take the full path, which copies them first."""
+    if feature_major:
+        return x.dim() == 2 and x.is_contiguous()
+    return x.dim() == 2 or x.is_contiguous()
+
+
 def autograd_function(
     implementation: Callable[..., torch.Tensor], setup_context: Callable[..., None], backward: Callable[..., tuple]
 ) -> type[torch.autograd.Function]:

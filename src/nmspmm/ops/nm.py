@@ -13,7 +13,8 @@ from ..kernels.nm_element import ElementProduct
 from ..kernels.nm_vector import VectorProduct
 from ..kernels.transpose import Transpose
 from .backend import (
-    call_op, check_backend, check_operands, define_op, input_precision, reference_linear, use_triton,
+    call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad, plannable,
+    reference_linear, use_triton,
 )
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
@@ -35,15 +36,15 @@ def nm_linear(
     On CUDA this runs the Triton kernels (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
-    plan = _cached_plan(x, weight, bias, backend, False)
-    if plan is not None and not _needs_grad(x, weight, bias):
+    plan = _kept_plan(x, weight, bias, backend, False)
+    if plan is not None and not needs_grad(x, weight.values, bias):
         return plan(x)
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     flat = x.dim() == 2
     rows_in = x if flat else x.reshape(-1, weight.shape[1])
     if plan is not None and not flat:  # a gradient is needed: the op's formulas run on the rows
-        plan = _cached_plan(rows_in, weight, bias, backend, False)
+        plan = _kept_plan(rows_in, weight, bias, backend, False)
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     y = call_op(_NM_LINEAR, args, plan)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
@@ -56,8 +57,8 @@ def nm_linear_feature_major(
 
     No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
     """
-    plan = _cached_plan(x_t, weight, bias, backend, True)
-    if plan is not None and not _needs_grad(x_t, weight, bias):
+    plan = _kept_plan(x_t, weight, bias, backend, True)
+    if plan is not None and not needs_grad(x_t, weight.values, bias):
         return plan(x_t)
     check_operands(x_t, weight, NMSparseWeight, bias, feature_axis=0)
     if x_t.dim() != 2:
@@ -236,15 +237,13 @@ nm_linear_grad_values_op = _NM_LINEAR_GRAD_VALUES.op
 class ProductPlan:
     """One N:M product prepared for one weight and one layout of its activations: the output's shape, whether
     they are transposed first, and the kernels' prepared launches. Every Triton product runs through one; eager
-    calls without gradient keep theirs on the weight (:func:`_cached_plan`), so that a repeated call costs its
-    allocations and launches, not the checks and the config choice again.
+    calls keep theirs on the weight (:func:`_kept_plan`), so that a repeated call costs its
+    allocations and launches, not the checks and the config choice again (:func:`backend.kept_plan`).
 
     ``x`` is ``[..., K]`` row-major activations (2-D with any strides, or contiguous), or with ``feature_major``
     ``[K, M]`` (contiguous); the result is ``[..., N]`` or ``[N, M]``, contiguous."""
 
-    __slots__ = (
-        "values", "offsets", "bias", "precision", "source", "_out_shape", "_xt_shape", "_transpose", "_product",
-    )
+    __slots__ = ("sources", "_out_shape", "_xt_shape", "_transpose", "_product")
 
     def __init__(
         self,
@@ -259,11 +258,9 @@ class ProductPlan:
         vector: int,
     ) -> None:
         # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
-        self.values, self.offsets, self.bias = values, kept_offsets, bias
-        self.source: torch.Tensor | None = None  # the weight's stored offsets, for a plan kept on the weight
+        self.sources: tuple = ()  # what a plan kept on a weight was built from (backend.kept_plan)
         values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
         bias = None if bias is None else bias.contiguous()
-        self.precision = input_precision(values.dtype)
         rows = values.shape[0]
         self._transpose = None
         if feature_major:
@@ -291,7 +288,7 @@ class ProductPlan:
             config = choose_vector_config(tokens, rows, values.shape[1], vector, values.dtype, values.device)
             self._product = VectorProduct(
                 self._xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
-                self.precision,
+                input_precision(values.dtype),
             )
 
     def __call__(self, x: torch.Tensor, *operands: object) -> torch.Tensor:
@@ -307,56 +304,28 @@ class ProductPlan:
         return out
 
 
-def _needs_grad(x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None) -> bool:
-    """Whether autograd records the product (a plan then runs inside the op's ``torch.autograd.Function``)."""
-    return torch.is_grad_enabled() and (
-        x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)
-    )
-
-
-# Plans kept per weight, at most this many (one per layout of x; prefill lengths add entries).
-_MAX_PLANS = 64
-
-
-def _cached_plan(
+def _kept_plan(
     x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None, backend: str, feature_major: bool
 ) -> ProductPlan | None:
-    """The weight's kept plan for this layout of ``x`` (built and kept on first use), or None where the call must
-    take the full path: torch.compile traces, the product does not run the Triton kernels, or the operands are
-    not what a plan can take (any bad argument then gets its error there)."""
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, NMSparseWeight):
+    """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
+    the full path."""
+    if not isinstance(weight, NMSparseWeight):
         return None
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        return None
-    if torch.compiler.is_compiling():
-        return None
-    key = (x.shape, x.stride(), x.dtype, x.device, backend, feature_major)
-    plans = weight.launch_plans
-    plan = plans.get(key)
-    if (
-        plan is not None and plan.values is weight.values and plan.source is weight.offsets and plan.bias is bias
-        and (x.dtype is not torch.float32 or plan.precision == input_precision(x.dtype))
-    ):
-        return plan
-    check_operands(x, weight, NMSparseWeight, bias, feature_axis=0 if feature_major else -1)
-    check_backend(backend)
-    if not use_triton(backend, x.device):
-        return None
-    if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        return None  # a plan would hold contiguous copies, which later in-place updates would not reach
-    if feature_major and x.dim() != 2:
-        return None  # refused on the full path
-    if not (x.is_contiguous() or (x.dim() == 2 and not feature_major)):
-        return None  # layouts the full path copies first
-    if len(plans) >= _MAX_PLANS:
-        plans.clear()
-    plan = ProductPlan(
-        tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n, weight.m,
-        weight.vector,
-    )
-    plan.source = weight.offsets
-    plans[key] = plan
-    return plan
+
+    def build() -> ProductPlan | None:
+        check_operands(x, weight, NMSparseWeight, bias, feature_axis=0 if feature_major else -1)
+        check_backend(backend)
+        if not use_triton(backend, x.device) or not plannable(x, feature_major):
+            return None
+        if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+            return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+        return ProductPlan(
+            tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n,
+            weight.m, weight.vector,
+        )
+
+    layout = "features" if feature_major else "rows"
+    return kept_plan(x, weight, bias, backend, layout, (weight.values, weight.offsets, bias), build)
 
 
 def _reference(
