@@ -157,33 +157,48 @@ def test_block_product_is_one_launch_with_split_k(launched):
     assert len(launched) == 1
 
 
-def test_eager_products_keep_one_plan_per_layout():
-    # A no-grad eager call keeps its prepared launches on the weight: a repeat of the layout builds nothing.
-    weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), "8:32", 16)
+_FORMATS = {
+    "nm": lambda dense: nmspmm.prune(dense, "8:32", 16),
+    "csr": lambda dense: nmspmm.prune.prune_csr(dense, sparsity=0.7),
+    "block": lambda dense: nmspmm.prune.prune_block_shuffled(dense, 0.5, (16, 16), search=False),
+}
+
+
+@pytest.mark.parametrize("format_name", list(_FORMATS))
+def test_eager_products_keep_one_plan_per_layout(format_name):
+    # An eager call keeps its prepared launches on the weight: a repeat of the layout builds nothing, and a call
+    # with gradient runs the kept plan inside the op's autograd formula.
+    weight = _FORMATS[format_name](torch.randn(64, 512, device=DEVICE))
     bias = torch.randn(64, device=DEVICE)
+
+    def dense_product(x: torch.Tensor) -> torch.Tensor:
+        return x.double() @ weight.to_dense().double().t()
+
     with torch.no_grad():
         for tokens in (1, 1, 7, 7, 1):
             x = torch.randn(2, tokens, 512, device=DEVICE)
             y = nmspmm.linear(x, weight, bias, backend="triton")
-            assert relative_error(y, _dense(x, weight) + bias) < TOLERANCE[torch.float32]
+            assert relative_error(y, dense_product(x) + bias.double()) < TOLERANCE[torch.float32]
         assert len(weight.launch_plans) == 2
-        y_t = nmspmm.linear_feature_major(x[0].t().contiguous(), weight, backend="triton")
-        assert relative_error(y_t.t(), _dense(x[0], weight)) < TOLERANCE[torch.float32]
-        assert len(weight.launch_plans) == 3
+        plans = 2
+        if format_name != "block":  # block-sparse products read x row-major only
+            y_t = nmspmm.linear_feature_major(x[0].t().contiguous(), weight, backend="triton")
+            assert relative_error(y_t.t(), dense_product(x[0])) < TOLERANCE[torch.float32]
+            plans = 3
+            assert len(weight.launch_plans) == plans
         nmspmm.linear(x, weight, backend="triton")  # another bias: a plan of its own, in place of the first
-        assert len(weight.launch_plans) == 3
-    # With gradient the kept plan of the rows' layout runs inside the op's autograd formula.
+        assert len(weight.launch_plans) == plans
     values = weight.values.requires_grad_()
     x = torch.randn(2, 3, 512, device=DEVICE, requires_grad=True)
     y = nmspmm.linear(x, weight, backend="triton")
-    assert len(weight.launch_plans) == 5  # x's own layout and its rows' [6, 512]
+    assert len(weight.launch_plans) == plans + 2  # x's own layout and its rows' [6, 512]
     y.square().sum().backward()
+    # The reference: the same loss over the densified weight (differentiable in the values) in float64.
     x_ref = x.detach().double().requires_grad_()
-    dense = weight.to_dense().detach().double().requires_grad_()
-    (x_ref @ dense.t()).square().sum().backward()
-    assert relative_error(x.grad, x_ref.grad) < TOLERANCE[torch.float32]
-    kept = dense.grad.gather(1, weight.kept_columns().repeat_interleave(weight.vector, 0))
-    assert relative_error(values.grad, kept) < TOLERANCE[torch.float32]
+    loss = (x_ref @ weight.to_dense().double().t()).square().sum()
+    grad_x, grad_values = torch.autograd.grad(loss, (x_ref, values))
+    assert relative_error(x.grad, grad_x) < TOLERANCE[torch.float32]
+    assert relative_error(values.grad, grad_values) < TOLERANCE[torch.float32]
     values.requires_grad_(False)
 
 

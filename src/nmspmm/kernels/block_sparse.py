@@ -10,14 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FEW_TOKENS, cdiv, interpreter_active, launch, next_power_of_2, upcasts_bf16
-from .split_k import split_k_buffers, split_k_total
+from .launch import FEW_TOKENS, Launcher, cdiv, interpreter_active, next_power_of_2, upcasts_bf16
+from .split_k import StreamBuffers, split_k_total
 
 
 @triton.jit
 def _block_sparse_kernel(
-    x_ptr, values_ptr, block_columns_ptr, block_row_offsets_ptr, block_row_order_ptr, row_permutation_ptr,
-    bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    x_ptr, out_ptr, partial_ptr, counter_ptr, values_ptr, block_columns_ptr, block_row_offsets_ptr,
+    block_row_order_ptr, row_permutation_ptr, bias_ptr,
     M, N, stride_xm, stride_xk, stride_om, stride_on, stride_ps,
     SPLIT_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -98,6 +98,61 @@ def choose_block_sparse_config(
     return BlockSparseConfig(block_m=block_m, num_warps=warps, num_stages=stages, split_k=split_k)
 
 
+class BlockSparseProduct:
+    """The block-sparse kernel's launch for one weight and one layout of ``x`` [M, K] and ``out`` [M, N], prepared
+    once: a call writes ``x @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their
+    data pointers are read). See :func:`block_sparse_matmul` for the arguments."""
+
+    __slots__ = ("_launch", "_buffers")
+
+    def __init__(
+        self,
+        x_shape: tuple[int, int],
+        x_strides: tuple[int, int],
+        out_strides: tuple[int, int],
+        values: torch.Tensor,
+        block_columns: torch.Tensor,
+        block_row_offsets: torch.Tensor,
+        block_row_order: torch.Tensor,
+        row_permutation: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        input_precision: str = "ieee",
+        config: BlockSparseConfig | None = None,
+    ) -> None:
+        tokens = x_shape[0]
+        kept_blocks, bn, bk = values.shape
+        rows = row_permutation.shape[0]
+        if config is None:
+            config = choose_block_sparse_config(tokens, (bn, bk), values.dtype, rows, kept_blocks)
+        upcast = upcasts_bf16(values.dtype)
+        split_k = config.split_k
+        grid = (block_row_order.shape[0], cdiv(tokens, config.block_m), split_k)
+        weight = (
+            values, block_columns, block_row_offsets, block_row_order, row_permutation,
+            values if bias is None else bias, tokens, rows, *x_strides, *out_strides, tokens * rows,
+        )
+        self._buffers = None
+        if split_k > 1:
+            self._buffers = StreamBuffers(values.device, split_k, tokens, rows, grid[0] * grid[1])
+            trailing = weight
+        else:  # the workspace and counters are not read: any tensor will do
+            trailing = (values, values, *weight)
+        self._launch = Launcher(
+            _block_sparse_kernel, grid, trailing,
+            dict(
+                SPLIT_K=split_k, BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None,
+                INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+            ),
+            config.num_warps, config.num_stages,
+        )
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self._buffers is None:
+            self._launch(x, out)
+        else:
+            self._launch(x, out, *self._buffers.get())
+
+
 def block_sparse_matmul(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -115,29 +170,11 @@ def block_sparse_matmul(
     (contiguous), int32 ``block_columns``, ``block_row_offsets`` [N / BN + 1], ``block_row_order`` (the launch
     order of the block-rows, a permutation of them) and ``row_permutation`` [N]. ``bias`` [N] is in the original
     order. Accumulates in fp32; ``input_precision`` is ``"ieee"``, ``"tf32x3"`` or ``"tf32"`` for fp32
-    operands. Block-rows without blocks write the bias (or zeros). Shapes are trusted: ``nmspmm.ops`` validates them."""
-    tokens = x.shape[0]
-    kept_blocks, bn, bk = values.shape
-    rows = row_permutation.shape[0]
-    if config is None:
-        config = choose_block_sparse_config(tokens, (bn, bk), values.dtype, rows, kept_blocks)
-    upcast = upcasts_bf16(values.dtype)
-    split_k = config.split_k
-    grid = (block_row_order.shape[0], cdiv(tokens, config.block_m), split_k)
-    partial = counters = values
-    if split_k > 1:
-        partial, counters = split_k_buffers(out.device, split_k, tokens, rows, grid[0] * grid[1])
-    launch(
-        _block_sparse_kernel, grid,
-        (
-            x, values, block_columns, block_row_offsets, block_row_order, row_permutation,
-            values if bias is None else bias, out, partial, counters,
-            tokens, rows, x.stride(0), x.stride(1), out.stride(0), out.stride(1), tokens * rows,
-        ),
-        dict(
-            SPLIT_K=split_k, BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None,
-            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-        ),
-        config.num_warps, config.num_stages,
+    operands. Block-rows without blocks write the bias (or zeros). Shapes are trusted: ``nmspmm.ops`` validates
+    them. Repeated products of one weight keep a :class:`BlockSparseProduct` instead."""
+    product = BlockSparseProduct(
+        tuple(x.shape), x.stride(), out.stride(), values, block_columns, block_row_offsets, block_row_order,
+        row_permutation, bias, input_precision, config,
     )
+    product(x, out)
     return out

@@ -15,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, interpreter_active, launch, next_power_of_2
-from .transpose import transpose
+from .launch import Launcher, cdiv, interpreter_active, next_power_of_2
+from .transpose import Transpose
 
 
 @triton.jit
 def _csr_spmm_kernel(
-    xt_ptr, values_ptr, col_ptr, row_offsets_ptr, row_order_ptr, bias_ptr, out_ptr,
+    xt_ptr, out_ptr, values_ptr, col_ptr, row_offsets_ptr, row_order_ptr, bias_ptr,
     M, stride_xk, stride_xm, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NNZ: tl.constexpr,
 ):
@@ -84,6 +84,63 @@ def _transposed_write_min_tokens() -> int:
     return 32 if interpreter_active() else 512
 
 
+class CSRProduct:
+    """The SpMM for one CSR weight and one layout of ``xt`` [K, M] and ``out`` [M, N], prepared once: a call writes
+    ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their data pointers are
+    read, except where the weight has no nonzeros). See :func:`csr_spmm` for the arguments."""
+
+    __slots__ = ("_launch", "_out_t_shape", "_transpose", "_fill")
+
+    def __init__(
+        self,
+        xt_shape: tuple[int, int],
+        xt_strides: tuple[int, int],
+        out_shape: tuple[int, int],
+        out_strides: tuple[int, int],
+        values: torch.Tensor,
+        col_indices: torch.Tensor,
+        row_offsets: torch.Tensor,
+        row_order: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        tokens, rows = out_shape
+        self._launch = self._transpose = self._out_t_shape = None
+        self._fill = bias  # where the weight has no nonzeros: the bias, or zeros
+        if tokens * rows == 0 or values.numel() == 0:
+            return
+        if out_strides[0] != 1 and tokens >= _transposed_write_min_tokens():
+            # Written feature-major into a buffer, then transposed into out.
+            self._out_t_shape = (rows, tokens)
+            self._transpose = Transpose(self._out_t_shape, (tokens, 1), out_strides)
+            out_strides = (1, tokens)
+        values, col_indices, row_offsets, row_order = (
+            t.contiguous() for t in (values, col_indices, row_offsets, row_order)
+        )
+        bias = None if bias is None else bias.contiguous()
+        blocks = spmm_blocks(tokens, rows, values.numel())
+        self._launch = Launcher(
+            _csr_spmm_kernel, (rows * cdiv(tokens, blocks.block_m), 1, 1),
+            (
+                values, col_indices, row_offsets, row_order, values if bias is None else bias,
+                tokens, *xt_strides, *out_strides,
+            ),
+            dict(HAS_BIAS=bias is not None, BLOCK_M=blocks.block_m, BLOCK_NNZ=blocks.block_nnz), blocks.num_warps,
+        )
+
+    def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
+        if self._launch is None:
+            if self._fill is not None:
+                out.copy_(self._fill.expand_as(out))
+            else:
+                out.zero_()
+        elif self._transpose is None:
+            self._launch(xt, out)
+        else:
+            out_t = out.new_empty(self._out_t_shape)
+            self._launch(xt, out_t)
+            self._transpose(out_t, out)
+
+
 def csr_spmm(
     xt: torch.Tensor,
     values: torch.Tensor,
@@ -97,29 +154,11 @@ def csr_spmm(
     ``values`` [nnz], int32 ``col_indices`` [nnz] and ``row_offsets`` [N + 1], launching rows in the int32
     ``row_order`` [N]; ``xt`` is [K, M] (any strides; unit token stride reads fastest). Rows without nonzeros
     get the bias (or zero). Accumulates in fp32. A row-major ``out`` for many tokens is written through a
-    feature-major buffer and a tiled transpose (see :func:`_transposed_write_min_tokens`)."""
-    tokens, rows = out.shape
-    if out.numel() == 0:
-        return out
-    if values.numel() == 0:
-        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-    if out.stride(0) != 1 and tokens >= _transposed_write_min_tokens():
-        out_t = torch.empty((rows, tokens), dtype=out.dtype, device=out.device)
-        csr_spmm(xt, values, col_indices, row_offsets, row_order, out_t.t(), bias)
-        return transpose(out_t, out)
-    values, col_indices, row_offsets, row_order = (
-        t.contiguous() for t in (values, col_indices, row_offsets, row_order)
+    feature-major buffer and a tiled transpose (see :func:`_transposed_write_min_tokens`). Repeated products of
+    one weight keep a :class:`CSRProduct` instead."""
+    product = CSRProduct(
+        tuple(xt.shape), xt.stride(), tuple(out.shape), out.stride(), values, col_indices, row_offsets, row_order,
+        bias,
     )
-    if bias is not None:
-        bias = bias.contiguous()
-    blocks = spmm_blocks(tokens, rows, values.numel())
-    grid = (rows * cdiv(tokens, blocks.block_m),)
-    launch(
-        _csr_spmm_kernel, grid,
-        (
-            xt, values, col_indices, row_offsets, row_order, bias if bias is not None else values, out,
-            tokens, xt.stride(0), xt.stride(1), out.stride(0), out.stride(1),
-        ),
-        dict(HAS_BIAS=bias is not None, BLOCK_M=blocks.block_m, BLOCK_NNZ=blocks.block_nnz), blocks.num_warps,
-    )
+    product(xt, out)
     return out

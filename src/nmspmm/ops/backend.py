@@ -3,6 +3,7 @@ or the dense reference on the CPU, and the precision of fp32 tensor-core product
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -10,6 +11,7 @@ import torch
 
 from ..formats.base import SparseWeightBase
 from ..kernels.launch import interpreter_requested
+from ..kernels.transpose import Transpose
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -87,6 +89,61 @@ def call_op(defined: Op, args: tuple, run: Callable[..., torch.Tensor] | None = 
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return defined.op(*args) if defined.eager_autograd is None else defined.eager_autograd.apply(*args, run)
     return run(*args)
+
+
+class ProductPlan:
+    """One product prepared for one weight and one layout of its activations: the output's shape, whether they
+    are transposed first (a tiled transpose into feature-major ``[K, M]``) and the kernel's prepared launch. Every
+    Triton product of the N:M and CSR formats runs through one, and block-sparse ones too; eager calls keep theirs
+    on the weight (:func:`kept_plan`), so that a repeated call costs its allocations and launches, not the checks
+    and the config choice again.
+
+    ``x`` is ``[..., K]`` row-major activations (2-D with any strides, or contiguous: :func:`plannable`), or with
+    ``feature_major`` ``[K, M]``; the result is ``[..., N]`` (``N = rows``) or ``[N, M]``, contiguous.
+    ``transposes(tokens, xt_strides)`` says whether the kernel wants x transposed first, given the strides of the
+    ``[K, M]`` view of x; ``make(xt_shape, xt_strides, out_strides)`` prepares the kernel's launch, a callable
+    ``(xt, out)`` writing the ``[M, N]`` product into ``out`` (both passed as tensors of those strides)."""
+
+    __slots__ = ("sources", "_out_shape", "_xt_shape", "_transpose", "_product")
+
+    def __init__(
+        self,
+        x_shape: tuple[int, ...],
+        x_strides: tuple[int, ...],
+        feature_major: bool,
+        rows: int,
+        transposes: Callable[[int, tuple[int, int]], bool],
+        make: Callable[[tuple[int, int], tuple[int, int], tuple[int, int]], Callable[..., None]],
+    ) -> None:
+        self.sources: tuple = ()  # what a plan kept on a weight was built from (kept_plan)
+        self._transpose = None
+        if feature_major:
+            features, tokens = x_shape
+            self._out_shape: tuple[int, ...] = (rows, tokens)
+            xt_strides, out_strides = (x_strides[0], x_strides[1]), (1, tokens)
+        else:
+            features, tokens = x_shape[-1], math.prod(x_shape[:-1])
+            self._out_shape = (*x_shape[:-1], rows)
+            out_strides = (rows, 1)
+            row_strides = (x_strides[0], x_strides[1]) if len(x_shape) == 2 else (features, 1)
+            xt_strides = (row_strides[1], row_strides[0])
+        if transposes(tokens, xt_strides):
+            self._transpose = Transpose((tokens, features), (xt_strides[1], xt_strides[0]), (tokens, 1))
+            xt_strides = (tokens, 1)
+        self._xt_shape = (features, tokens)
+        self._product = make(self._xt_shape, xt_strides, out_strides)
+
+    def __call__(self, x: torch.Tensor, *operands: object) -> torch.Tensor:
+        """The product of ``x``; ``operands`` (the custom op's other arguments, as :func:`call_op` passes them)
+        are the plan's own."""
+        out = x.new_empty(self._out_shape)
+        if self._transpose is None:
+            self._product(x, out)
+        else:
+            xt = x.new_empty(self._xt_shape)
+            self._transpose(x, xt)
+            self._product(xt, out)
+        return out
 
 
 # Plans kept per weight, at most this many (one per layout of x; prefill lengths add entries).

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
-from ..kernels.block_sparse import block_sparse_matmul
+from ..kernels.block_sparse import BlockSparseProduct
 from .backend import (
-    call_op, check_backend, check_operands, define_op, input_precision, reference_linear, use_triton,
+    ProductPlan, call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad,
+    plannable, reference_linear, use_triton,
 )
 
 _OP_SCHEMA = (
@@ -27,14 +30,19 @@ def block_shuffled_linear(
     ``backend="triton"`` forces the kernel, which on the CPU needs ``TRITON_INTERPRET=1``. Differentiable in
     x, the kept values and bias.
     """
+    plan = _kept_plan(x, weight, bias, backend)
+    if plan is not None and not needs_grad(x, weight.values, bias):
+        return plan(x)
     check_operands(x, weight, BlockShuffledWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
+    if plan is not None and x.dim() != 2:  # a gradient is needed: the op's formula runs on the rows
+        plan = _kept_plan(rows_in, weight, bias, backend)
     args = (
         rows_in, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
         weight.row_permutation, bias, backend,
     )
-    y = call_op(_BLOCK_SHUFFLED_LINEAR, args)
+    y = call_op(_BLOCK_SHUFFLED_LINEAR, args, plan)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -60,13 +68,63 @@ def _product(
             return dense_from_blocks(ones, block_columns, block_row_offsets, (rows, x.shape[1]))[order] != 0
 
         return reference_linear(x, dense, kept, bias)
-    y = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
-    block_sparse_matmul(
-        x, values.contiguous(), block_columns.contiguous(), block_row_offsets.contiguous(),
-        block_row_order.contiguous(), row_permutation.contiguous(), y,
-        None if bias is None else bias.contiguous(), input_precision(values.dtype),
+    plan = _plan(
+        tuple(x.shape), x.stride(), values, block_columns, block_row_offsets, block_row_order, row_permutation, bias
     )
-    return y
+    return plan(x)
+
+
+def _plan(
+    x_shape: tuple[int, ...],
+    x_strides: tuple[int, ...],
+    values: torch.Tensor,
+    block_columns: torch.Tensor,
+    block_row_offsets: torch.Tensor,
+    block_row_order: torch.Tensor,
+    row_permutation: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> ProductPlan:
+    """The block-sparse product's plan (:class:`backend.ProductPlan`): the kernel reads x row-major, never
+    transposed."""
+    values, block_columns, block_row_offsets, block_row_order, row_permutation = (
+        t.contiguous() for t in (values, block_columns, block_row_offsets, block_row_order, row_permutation)
+    )
+    bias = None if bias is None else bias.contiguous()
+    rows = row_permutation.shape[0]
+
+    def make(
+        xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int]
+    ) -> Callable[..., None]:
+        return BlockSparseProduct(
+            (xt_shape[1], xt_shape[0]), (xt_strides[1], xt_strides[0]), out_strides, values, block_columns,
+            block_row_offsets, block_row_order, row_permutation, bias, input_precision(values.dtype),
+        )
+
+    return ProductPlan(x_shape, x_strides, False, rows, lambda tokens, xt_strides: False, make)
+
+
+def _kept_plan(
+    x: torch.Tensor, weight: BlockShuffledWeight, bias: torch.Tensor | None, backend: str
+) -> ProductPlan | None:
+    """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
+    the full path."""
+    if not isinstance(weight, BlockShuffledWeight):
+        return None
+
+    def build() -> ProductPlan | None:
+        check_operands(x, weight, BlockShuffledWeight, bias)
+        check_backend(backend)
+        if not use_triton(backend, x.device) or not plannable(x, False):
+            return None
+        if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+            return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+        return _plan(
+            tuple(x.shape), x.stride(), weight.values, weight.block_columns, weight.block_row_offsets,
+            weight.block_row_order, weight.row_permutation, bias,
+        )
+
+    sources = (weight.values, weight.block_columns, weight.block_row_offsets, weight.row_permutation, bias)
+    return kept_plan(x, weight, bias, backend, "rows", sources, build)
 
 
 def _fake(

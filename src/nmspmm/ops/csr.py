@@ -4,16 +4,18 @@ asked) or the dense reference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..formats.csr import CSRWeight, dense_from_csr, row_indices_of, tile_offsets_of, transposed_structure_of
 from ..kernels import transpose
-from ..kernels.csr_spmm import csr_spmm
+from ..kernels.csr_spmm import CSRProduct, csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import (
-    call_op, check_backend, check_dtype_and_device, check_operands, define_op, input_precision, reference_linear,
-    use_triton,
+    ProductPlan, call_op, check_backend, check_dtype_and_device, check_operands, define_op, input_precision,
+    kept_plan, needs_grad, plannable, reference_linear, use_triton,
 )
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
@@ -37,10 +39,15 @@ def csr_linear(
     On CUDA this runs the Triton SpMM (never a silent dense fallback); on the CPU the dense reference.
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
+    plan = _kept_plan(x, weight, bias, backend, False)
+    if plan is not None and not needs_grad(x, weight.values, bias):
+        return plan(x)
     check_operands(x, weight, CSRWeight, bias)
     check_backend(backend)
     rows_in = x.reshape(-1, weight.shape[1])
-    y = call_op(_CSR_LINEAR, _op_args(rows_in, weight, bias, backend))
+    if plan is not None and x.dim() != 2:  # a gradient is needed: the op's formulas run on the rows
+        plan = _kept_plan(rows_in, weight, bias, backend, False)
+    y = call_op(_CSR_LINEAR, _op_args(rows_in, weight, bias, backend), plan)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -51,12 +58,15 @@ def csr_linear_feature_major(
 
     No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
     """
+    plan = _kept_plan(x_t, weight, bias, backend, True)
+    if plan is not None and not needs_grad(x_t, weight.values, bias):
+        return plan(x_t)
     check_operands(x_t, weight, CSRWeight, bias, feature_axis=0)
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
     args = _op_args(x_t, weight, bias, backend)
-    return call_op(_CSR_LINEAR_FEATURE_MAJOR, args)
+    return call_op(_CSR_LINEAR_FEATURE_MAJOR, args, plan)
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str = "auto") -> CSRWeight:
@@ -113,9 +123,7 @@ def _row_major_product(
     (:func:`csr_linear` checks them); the backward's structures are not read here."""
     if not use_triton(backend, x.device):
         return _reference(x, values, col_indices, row_offsets, bias)
-    y = torch.empty((x.shape[0], row_offsets.shape[0] - 1), dtype=x.dtype, device=x.device)
-    csr_spmm(_unit_inner_stride(x.t()), values, col_indices, row_offsets, row_order, y, bias)
-    return y
+    return _plan(tuple(x.shape), x.stride(), False, values, col_indices, row_offsets, row_order, bias)(x)
 
 
 def _feature_major_product(
@@ -137,9 +145,60 @@ def _feature_major_product(
     (contiguous)."""
     if not use_triton(backend, x.device):
         return _reference(x.t(), values, col_indices, row_offsets, bias).t().contiguous()
-    y_t = torch.empty((row_offsets.shape[0] - 1, x.shape[1]), dtype=x.dtype, device=x.device)
-    csr_spmm(_unit_inner_stride(x), values, col_indices, row_offsets, row_order, y_t.t(), bias)
-    return y_t
+    return _plan(tuple(x.shape), x.stride(), True, values, col_indices, row_offsets, row_order, bias)(x)
+
+
+def _plan(
+    x_shape: tuple[int, ...],
+    x_strides: tuple[int, ...],
+    feature_major: bool,
+    values: torch.Tensor,
+    col_indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    row_order: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> ProductPlan:
+    """The SpMM's plan (:class:`backend.ProductPlan`): x transposed first unless its ``[K, M]`` view has unit
+    token stride (or one token), as the gathers read fastest."""
+    rows = row_offsets.shape[0] - 1
+
+    def transposes(tokens: int, xt_strides: tuple[int, int]) -> bool:
+        return xt_strides[1] != 1 and tokens != 1
+
+    def make(
+        xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int]
+    ) -> Callable[..., None]:
+        return CSRProduct(
+            xt_shape, xt_strides, (xt_shape[1], rows), out_strides, values, col_indices, row_offsets, row_order,
+            bias,
+        )
+
+    return ProductPlan(x_shape, x_strides, feature_major, rows, transposes, make)
+
+
+def _kept_plan(
+    x: torch.Tensor, weight: CSRWeight, bias: torch.Tensor | None, backend: str, feature_major: bool
+) -> ProductPlan | None:
+    """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
+    the full path."""
+    if not isinstance(weight, CSRWeight):
+        return None
+
+    def build() -> ProductPlan | None:
+        check_operands(x, weight, CSRWeight, bias, feature_axis=0 if feature_major else -1)
+        check_backend(backend)
+        if not use_triton(backend, x.device) or not plannable(x, feature_major):
+            return None
+        if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+            return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+        return _plan(
+            tuple(x.shape), x.stride(), feature_major, weight.values, weight.col_indices, weight.row_offsets,
+            weight.row_order(), bias,
+        )
+
+    layout = "features" if feature_major else "rows"
+    sources = (weight.values, weight.col_indices, weight.row_offsets, bias)
+    return kept_plan(x, weight, bias, backend, layout, sources, build)
 
 
 def _row_major_fake(

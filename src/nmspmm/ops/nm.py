@@ -3,6 +3,7 @@ formulas, and dispatch to the Triton kernels (CUDA, or the CPU interpreter when 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 
@@ -11,10 +12,9 @@ from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, transpose
 from ..kernels.nm_element import ElementProduct
 from ..kernels.nm_vector import VectorProduct
-from ..kernels.transpose import Transpose
 from .backend import (
-    call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad, plannable,
-    reference_linear, use_triton,
+    ProductPlan, call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad,
+    plannable, reference_linear, use_triton,
 )
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
@@ -82,7 +82,7 @@ def _row_major_product(
     :meth:`NMSparseWeight.kept_offsets`), plus ``bias``; operands are trusted (:func:`linear` checks them)."""
     if not use_triton(backend, x.device):
         return _reference(x, values, kept_offsets, bias, n, m, vector)
-    return ProductPlan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector)(x)
+    return _plan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector)(x)
 
 
 def _reads_rows(tokens: int, vector: int) -> bool:
@@ -114,7 +114,7 @@ def _feature_major_product(
         return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    return ProductPlan(tuple(x.shape), x.stride(), True, values, kept_offsets, bias, n, m, vector)(x)
+    return _plan(tuple(x.shape), x.stride(), True, values, kept_offsets, bias, n, m, vector)(x)
 
 
 def _feature_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
@@ -234,74 +234,40 @@ nm_linear_grad_input_op = _NM_LINEAR_GRAD_INPUT.op
 nm_linear_grad_values_op = _NM_LINEAR_GRAD_VALUES.op
 
 
-class ProductPlan:
-    """One N:M product prepared for one weight and one layout of its activations: the output's shape, whether
-    they are transposed first, and the kernels' prepared launches. Every Triton product runs through one; eager
-    calls keep theirs on the weight (:func:`_kept_plan`), so that a repeated call costs its
-    allocations and launches, not the checks and the config choice again (:func:`backend.kept_plan`).
+def _plan(
+    x_shape: tuple[int, ...],
+    x_strides: tuple[int, ...],
+    feature_major: bool,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+) -> ProductPlan:
+    """The N:M product's plan (:class:`backend.ProductPlan`): x read row-major in one launch up to
+    :data:`ROW_MAJOR_TOKENS` (:func:`_reads_rows`), transposed first from there; the element-wise kernel at V=1,
+    else the vector-wise one with the config of its token count."""
+    # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
+    values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    rows = values.shape[0]
 
-    ``x`` is ``[..., K]`` row-major activations (2-D with any strides, or contiguous), or with ``feature_major``
-    ``[K, M]`` (contiguous); the result is ``[..., N]`` or ``[N, M]``, contiguous."""
+    def transposes(tokens: int, xt_strides: tuple[int, int]) -> bool:
+        return not feature_major and not _reads_rows(tokens, vector)
 
-    __slots__ = ("sources", "_out_shape", "_xt_shape", "_transpose", "_product")
-
-    def __init__(
-        self,
-        x_shape: tuple[int, ...],
-        x_strides: tuple[int, ...],
-        feature_major: bool,
-        values: torch.Tensor,
-        kept_offsets: torch.Tensor,
-        bias: torch.Tensor | None,
-        n: int,
-        m: int,
-        vector: int,
-    ) -> None:
-        # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
-        self.sources: tuple = ()  # what a plan kept on a weight was built from (backend.kept_plan)
-        values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        rows = values.shape[0]
-        self._transpose = None
-        if feature_major:
-            features, tokens = x_shape
-            self._out_shape = (rows, tokens)
-            xt_strides, out_strides = x_strides, (1, tokens)
-        else:
-            features = x_shape[-1]
-            tokens = 1
-            for size in x_shape[:-1]:
-                tokens *= size
-            self._out_shape = (*x_shape[:-1], rows)
-            out_strides = (rows, 1)
-            # A 2-D x has any strides; more dimensions are contiguous (the callers see to it).
-            row_strides = x_strides if len(x_shape) == 2 else (features, 1)
-            if _reads_rows(tokens, vector):
-                xt_strides = (row_strides[1], row_strides[0])
-            else:
-                self._transpose = Transpose((tokens, features), row_strides, (tokens, 1))
-                xt_strides = (tokens, 1)
-        self._xt_shape = (features, tokens)
+    def make(
+        xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int]
+    ) -> Callable[..., None]:
         if vector == 1:
-            self._product = ElementProduct(self._xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, bias)
-        else:
-            config = choose_vector_config(tokens, rows, values.shape[1], vector, values.dtype, values.device)
-            self._product = VectorProduct(
-                self._xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
-                input_precision(values.dtype),
-            )
+            return ElementProduct(xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, bias)
+        config = choose_vector_config(xt_shape[1], rows, values.shape[1], vector, values.dtype, values.device)
+        return VectorProduct(
+            xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
+            input_precision(values.dtype),
+        )
 
-    def __call__(self, x: torch.Tensor, *operands: object) -> torch.Tensor:
-        """The product of ``x``; ``operands`` (the custom op's other arguments, as :func:`call_op` passes them)
-        are the plan's own."""
-        out = x.new_empty(self._out_shape)
-        if self._transpose is None:
-            self._product(x, out)
-        else:
-            xt = x.new_empty(self._xt_shape)
-            self._transpose(x, xt)
-            self._product(xt, out)
-        return out
+    return ProductPlan(x_shape, x_strides, feature_major, rows, transposes, make)
 
 
 def _kept_plan(
@@ -319,7 +285,7 @@ def _kept_plan(
             return None
         if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
             return None  # a plan would hold contiguous copies, which later in-place updates would not reach
-        return ProductPlan(
+        return _plan(
             tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n,
             weight.m, weight.vector,
         )
