@@ -48,6 +48,26 @@ def next_power_of_2(value: int) -> int:
     return 1 if value <= 1 else 1 << (value - 1).bit_length()
 
 
+# Element offsets from one pointer must stay below this for a kernel's int32 index arithmetic.
+INT32_OFFSETS = 2**31
+
+
+def max_offset(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """The largest element offset a tensor of ``shape`` and ``strides`` reaches from its first element (0 when
+    empty)."""
+    if 0 in shape:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(shape, strides))
+
+
+def wide_offsets(*layouts: tuple[Sequence[int], Sequence[int]], extents: Sequence[int] = ()) -> bool:
+    """Whether a kernel's offsets into tensors of these ``(shape, strides)`` layouts, or into contiguous operands of
+    ``extents`` elements, reach :data:`INT32_OFFSETS`: it must then index in int64 (its ``WIDE`` switch, off for
+    every smaller product, which thus runs the same code as without it)."""
+    largest = max((max_offset(shape, strides) for shape, strides in layouts), default=0)
+    return max(largest, *extents, 0) >= INT32_OFFSETS
+
+
 @functools.lru_cache(maxsize=None)
 def multiprocessors(device: torch.device) -> int:
     """The number of SMs of a CUDA device (launch rules size grids by it)."""

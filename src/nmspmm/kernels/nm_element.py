@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher, cdiv, interpreter_active
+from .launch import Launcher, cdiv, interpreter_active, wide_offsets
 
 
 @triton.jit
@@ -16,10 +16,13 @@ def _nm_element_kernel(
     M, N, KEPT,
     stride_xk, stride_xm, stride_ym, stride_yn,
     N_KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WIDE:  # offsets of 2**31 elements or more: int64 arithmetic
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_valid = offs_m < M
     n_valid = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -30,6 +33,8 @@ def _nm_element_kernel(
         offset = tl.load(offsets_ptr + entry, mask=kn_valid, other=0).to(tl.int32)
         w = tl.load(values_ptr + entry, mask=kn_valid, other=0.0).to(tl.float32)
         column = (kk[:, None] // N_KEEP) * GROUP + offset
+        if WIDE:
+            column = column.to(tl.int64)
         x = tl.load(
             xt_ptr + column[None, :, :] * stride_xk + offs_m[:, None, None] * stride_xm,
             mask=m_valid[:, None, None] & kn_valid[None, :, :], other=0.0,
@@ -65,7 +70,10 @@ class ElementProduct:
         self._launch = Launcher(
             _nm_element_kernel, (cdiv(tokens, block_m), cdiv(rows, block_n), 1),
             (values, kept_offsets, values if bias is None else bias, tokens, rows, kept, *xt_strides, *out_strides),
-            dict(N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+            dict(
+                N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                WIDE=wide_offsets((xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept,)),
+            ),
             4,
         )
 

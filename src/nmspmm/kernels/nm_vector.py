@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FEW_TOKENS, Launcher, cdiv, interpreter_active, multiprocessors, next_power_of_2, upcasts_bf16
+from .launch import (
+    FEW_TOKENS, Launcher, cdiv, interpreter_active, multiprocessors, next_power_of_2, upcasts_bf16, wide_offsets,
+)
 from .split_k import StreamBuffers, split_k_total
 
 
@@ -25,6 +27,7 @@ def _nm_vector_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     WEIGHT_FIRST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     # Triton assumes alignment only of arguments divisible by 16. Rounding down to multiples of these
     # constants, which divide them (the values are unchanged), tells it that rows of tokens start aligned,
@@ -51,6 +54,9 @@ def _nm_vector_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WIDE:  # offsets of 2**31 elements or more: int64 arithmetic
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     m_valid = offs_m < M
     offsets_row = offsets_ptr + (pid_n * BLOCK_N // VECTOR) * KEPT
     # WEIGHT_FIRST computes the transposed tile W @ X_kept (output features on the MMA's M side).
@@ -63,6 +69,8 @@ def _nm_vector_kernel(
         k_valid = kk < k_end
         offset = tl.load(offsets_row + kk, mask=k_valid, other=0).to(tl.int32)
         column = (kk // N_KEEP) * GROUP + offset
+        if WIDE:
+            column = column.to(tl.int64)
         if WEIGHT_FIRST:
             w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
             x = tl.load(
@@ -263,6 +271,9 @@ class VectorProduct:
             INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
             TOKEN_ALIGN=_alignment(tokens, xt_strides[0]),
             Y_ROW_ALIGN=_alignment(out_strides[1]) if out_strides[0] == 1 else 1,
+            WIDE=wide_offsets(
+                (xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept, split_k * tokens * rows)
+            ),
         )
         self._launch = Launcher(
             _nm_vector_kernel, (tiles, split_k, 1), trailing, constexprs, config.num_warps, config.num_stages

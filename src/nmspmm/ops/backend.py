@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..formats.base import SparseWeightBase
-from ..kernels.launch import interpreter_requested
+from ..kernels.launch import interpreter_requested, wide_offsets
 from ..kernels.transpose import Transpose
 
 BACKENDS = ("auto", "triton", "reference")
@@ -250,6 +250,28 @@ def reference_linear(
     if bias is not None:
         y = y + bias.to(compute)
     return y.to(out_dtype)
+
+
+def check_int32_offsets(name: str, tensor: torch.Tensor, kernels: str) -> None:
+    """Refuse ``tensor`` (argument ``name``) where ``kernels`` would index it past int32 offsets (2**31 elements
+    from its start), with an error that says so, instead of a wrong result."""
+    if wide_offsets((tensor.shape, tensor.stride())):
+        raise ValueError(
+            f"{name}: shape {tuple(tensor.shape)} spans 2**31 elements or more, beyond the int32 offsets of "
+            f"{kernels}; run it in parts (for example split the batch)"
+        )
+
+
+def check_gradient_extent(x_rows: torch.Tensor, out_features: int, kernels: str) -> None:
+    """Refuse a product whose gradient kernels (``kernels``) would index the ``[M, K]`` activations or the
+    ``[M, N]`` output gradient past int32 offsets."""
+    check_int32_offsets("x", x_rows, kernels)
+    tokens = x_rows.shape[0]
+    if wide_offsets(extents=(tokens * out_features,)):
+        raise ValueError(
+            f"x: {tokens} tokens by {out_features} output features span 2**31 elements or more, beyond the int32 "
+            f"offsets of {kernels}; run it in parts (for example split the batch)"
+        )
 
 
 def check_dtype_and_device(name: str, tensor: torch.Tensor, weight: SparseWeightBase | torch.Tensor) -> None:

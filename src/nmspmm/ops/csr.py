@@ -14,8 +14,8 @@ from ..kernels.csr_spmm import CSRProduct, csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import (
-    ProductPlan, call_op, check_backend, check_dtype_and_device, check_operands, define_op, input_precision,
-    kept_plan, needs_grad, plannable, reference_linear, use_triton,
+    ProductPlan, call_op, check_backend, check_dtype_and_device, check_gradient_extent, check_int32_offsets,
+    check_operands, define_op, input_precision, kept_plan, needs_grad, plannable, reference_linear, use_triton,
 )
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
@@ -47,6 +47,8 @@ def csr_linear(
     rows_in = x.reshape(-1, weight.shape[1])
     if plan is not None and x.dim() != 2:  # a gradient is needed: the op's formulas run on the rows
         plan = _kept_plan(rows_in, weight, bias, backend, False)
+    if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
+        check_gradient_extent(rows_in, weight.shape[0], "the CSR backward kernels (SDDMM)")
     y = call_op(_CSR_LINEAR, _op_args(rows_in, weight, bias, backend), plan)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -65,6 +67,8 @@ def csr_linear_feature_major(
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
+    if needs_grad(x_t, weight.values, bias) and use_triton(backend, x_t.device):
+        check_gradient_extent(x_t.t(), weight.shape[0], "the CSR backward kernels (SDDMM)")
     args = _op_args(x_t, weight, bias, backend)
     return call_op(_CSR_LINEAR_FEATURE_MAJOR, args, plan)
 
@@ -77,6 +81,9 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, weight: CSRWeight, *, backend: str =
     """
     _check_sddmm_operands(a, b, weight)
     check_backend(backend)
+    if use_triton(backend, a.device):
+        check_int32_offsets("a", a, "the SDDMM kernels")
+        check_int32_offsets("b", b, "the SDDMM kernels")
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         raise ValueError("a, b: sddmm is not differentiable; pass detached tensors (or call it under torch.no_grad())")
     tiled = use_triton(backend, a.device) and _takes_tiles(a.shape[1], a.dtype, weight.nnz, *weight.shape)

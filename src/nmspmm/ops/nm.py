@@ -13,8 +13,8 @@ from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, trans
 from ..kernels.nm_element import ElementProduct
 from ..kernels.nm_vector import VectorProduct
 from .backend import (
-    ProductPlan, call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad,
-    plannable, reference_linear, use_triton,
+    ProductPlan, call_op, check_backend, check_gradient_extent, check_operands, define_op, input_precision,
+    kept_plan, needs_grad, plannable, reference_linear, use_triton,
 )
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
@@ -45,6 +45,8 @@ def nm_linear(
     rows_in = x if flat else x.reshape(-1, weight.shape[1])
     if plan is not None and not flat:  # a gradient is needed: the op's formulas run on the rows
         plan = _kept_plan(rows_in, weight, bias, backend, False)
+    if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
+        check_gradient_extent(rows_in, weight.shape[0], "the N:M backward kernels")
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     y = call_op(_NM_LINEAR, args, plan)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
@@ -64,6 +66,8 @@ def nm_linear_feature_major(
     if x_t.dim() != 2:
         raise ValueError(f"x_t: expected a 2-D [K, M] feature-major tensor, got shape {tuple(x_t.shape)}")
     check_backend(backend)
+    if needs_grad(x_t, weight.values, bias) and use_triton(backend, x_t.device):
+        check_gradient_extent(x_t.t(), weight.shape[0], "the N:M backward kernels")
     args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     return call_op(_NM_LINEAR_FEATURE_MAJOR, args, plan)
 
