@@ -220,3 +220,19 @@ def test_feature_major_plan_refuses_what_the_full_path_refuses():
     weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), "8:32", 16)
     with torch.no_grad(), pytest.raises(ValueError, match="x_t: expected a 2-D"):
         nmspmm.linear_feature_major(torch.randn(512, 2, 3, device=DEVICE), weight, backend="triton")
+
+
+@pytest.mark.gpu
+def test_kept_plan_follows_the_current_stream():
+    # One token over long rows splits K: the kept plan's split-K workspace belongs to a stream, so a call on
+    # another stream (and back) must take that stream's buffers and stay right on each.
+    weight = nmspmm.prune(torch.randn(1024, 11008, device="cuda", dtype=torch.bfloat16), "2:4", 64)
+    side = torch.cuda.Stream()
+    with torch.no_grad():
+        for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream(), side):
+            with torch.cuda.stream(stream):
+                x = torch.randn(1, 11008, device="cuda", dtype=torch.bfloat16)
+                y = nmspmm.linear(x, weight)
+            stream.synchronize()
+            assert relative_error(y, _dense(x, weight)) < TOLERANCE[torch.bfloat16]
+    assert len(weight.launch_plans) == 1
