@@ -1,0 +1,128 @@
+"""Every Triton kernel family of nmspmm once or twice at small odd shapes, each result checked against a float64
+dense reference: the workload for compute-sanitizer (issue 15, point 7). Run it under each tool with the caching
+allocator off, so that an access past a tensor's end is past an allocation's end too::
+
+    for tool in memcheck racecheck initcheck; do
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool --error-exitcode 1 \\
+        .venv/bin/python benchmarks/sanitize_kernels.py || break
+    done
+
+Exits 1 if a result is wrong; the sanitizer's exit code reports its own findings. Without a GPU the same cases
+check the dense reference path (the bandwidth probes are left out)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+import nmspmm
+from nmspmm.kernels import L2_PROBE_BLOCK, l2_read, touch
+
+# The GPU runs the kernels; elsewhere the same cases check the dense reference path (so that CI runs the script).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_TOLERANCE = 1.5e-2
+FP32_TOLERANCE = 1e-5
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm of the difference over the norm of ``expected``, in float64 (inf for a non-finite ``actual``)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if not bool(torch.isfinite(actual).all()):
+        return float("inf")
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def _product_and_gradients(weight: object, tokens: int, dtype: torch.dtype) -> list[tuple[str, float]]:
+    """The forward product and the gradients of x and the kept values of one weight, against float64."""
+    features = weight.shape[1]
+    x = torch.randn(tokens, features, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = torch.randn(weight.shape[0], device=DEVICE, dtype=dtype)
+    values = weight.values.requires_grad_()
+    y = nmspmm.linear(x, weight, bias)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = x_ref @ weight.to_dense().double().t() + bias.double()
+    grad_x, grad_values = torch.autograd.grad(y_ref, (x_ref, values), grad_y.double())
+    values.requires_grad_(False)
+    return [("forward", relative_error(y, y_ref)), ("grad x", relative_error(x.grad, grad_x)),
+            ("grad values", relative_error(values.grad, grad_values))]
+
+
+def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
+    """(name, run, tolerance): each run returns (what, relative error) pairs."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+
+    def nm(pattern: str, vector: int, rows: int, cols: int, tokens: int, dtype: torch.dtype) -> Callable:
+        def run() -> list[tuple[str, float]]:
+            weight = nmspmm.prune(torch.randn(rows, cols, device=DEVICE, dtype=dtype), pattern, vector)
+            return _product_and_gradients(weight, tokens, dtype)
+        return run
+
+    def csr(tokens: int, dtype: torch.dtype) -> Callable:
+        def run() -> list[tuple[str, float]]:
+            weight = nmspmm.prune.prune_csr(torch.randn(96, 200, device=DEVICE, dtype=dtype), sparsity=0.8)
+            return _product_and_gradients(weight, tokens, dtype)
+        return run
+
+    def block(tokens: int, dtype: torch.dtype) -> Callable:
+        def run() -> list[tuple[str, float]]:
+            dense = torch.randn(128, 192, device=DEVICE, dtype=dtype)
+            weight = nmspmm.prune.prune_block_shuffled(dense, 0.5, (32, 32), search=False)
+            return _product_and_gradients(weight, tokens, dtype)
+        return run
+
+    def sddmm(depth: int, dtype: torch.dtype) -> Callable:
+        def run() -> list[tuple[str, float]]:
+            weight = nmspmm.prune.prune_csr(torch.randn(96, 200, device=DEVICE, dtype=dtype), sparsity=0.7)
+            a = torch.randn(96, depth, device=DEVICE, dtype=dtype)
+            b = torch.randn(200, depth, device=DEVICE, dtype=dtype)
+            sampled = nmspmm.sddmm(a, b, weight).to_dense()
+            expected = (a.double() @ b.double().t()) * weight.mask()
+            return [("sddmm", relative_error(sampled, expected))]
+        return run
+
+    def probes() -> list[tuple[str, float]]:
+        out = torch.zeros(7, dtype=torch.int32, device=DEVICE)
+        touch(out, 7)
+        buffer = torch.randn(3 * L2_PROBE_BLOCK, device=DEVICE)
+        sums = torch.zeros(2 * L2_PROBE_BLOCK, device=DEVICE)
+        l2_read(buffer, 2, 3, sums)
+        return [("touch", float(not torch.equal(out.cpu(), torch.arange(7, dtype=torch.int32))))]
+
+    return [
+        ("N:M 8:32 V=64, 7 tokens (transpose + vector kernel), bf16", nm("8:32", 64, 192, 416, 7, bf16),
+         BF16_TOLERANCE),
+        ("N:M 2:4 V=64, 1 token, long rows (split-K in the launch), bf16", nm("2:4", 64, 128, 4104, 1, bf16),
+         BF16_TOLERANCE),
+        ("N:M 6:8 V=16, 3 tokens (row-major x), fp32", nm("6:8", 16, 48, 200, 3, fp32), FP32_TOLERANCE),
+        ("N:M 2:4 V=1, 333 tokens (element-wise kernel), fp32", nm("2:4", 1, 40, 104, 333, fp32), FP32_TOLERANCE),
+        ("N:M 8:32 V=32, 333 tokens, bf16", nm("8:32", 32, 96, 224, 333, bf16), BF16_TOLERANCE),
+        ("CSR 80%, 7 tokens, bf16", csr(7, bf16), BF16_TOLERANCE),
+        ("CSR 80%, 600 tokens (transposed write), fp32", csr(600, fp32), FP32_TOLERANCE),
+        ("block 32x32 50%, 5 tokens (split-K), bf16", block(5, bf16), BF16_TOLERANCE),
+        ("block 32x32 50%, 333 tokens, fp32", block(333, fp32), FP32_TOLERANCE),
+        ("SDDMM depth 13 (per nonzero), fp32", sddmm(13, fp32), FP32_TOLERANCE),
+        ("SDDMM depth 96 (tiled), bf16", sddmm(96, bf16), BF16_TOLERANCE),
+        *([("probes (touch, l2_read)", probes, 0.5)] if DEVICE == "cuda" else []),
+    ]
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    failures = 0
+    for name, run, tolerance in cases():
+        for what, error in run():
+            ok = error < tolerance
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name}: {what} relative error {error:.2e}")
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    print(f"{failures} wrong results ({DEVICE})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
