@@ -1,4 +1,5 @@
-"""The custom ops under torch.compile (no graph breaks), torch.library.opcheck, and CUDA-graph capture."""
+"""The custom ops of every format (N:M, CSR and its SDDMM, block-shuffled) under torch.compile (no graph breaks),
+torch.library.opcheck, and CUDA-graph capture."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ import torch
 from torch import nn
 
 import nmspmm
-from conftest import DEVICE, TOLERANCE, relative_error
+from conftest import DEVICE, TOLERANCE, block_op_args, block_weight, csr_op_args, csr_weight, relative_error
+from nmspmm.kernels.sddmm import CELL
 from nmspmm.ops import nm_linear_feature_major_op, nm_linear_op
+from nmspmm.ops.block_shuffled import block_shuffled_linear, block_shuffled_linear_op
+from nmspmm.ops.csr import (
+    csr_linear,
+    csr_linear_feature_major,
+    csr_linear_feature_major_op,
+    csr_linear_grad_input_op,
+    csr_linear_op,
+    csr_sddmm_op,
+)
+
+# The block-shuffled tests: the reference path by name in place of "auto" on the CPU.
+BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
 
 
 def _model(dtype: torch.dtype = torch.float32, activation: bool = True) -> nn.Module:
@@ -118,3 +132,97 @@ def test_cuda_graph_capture_and_replay(tokens):
             graph.replay()
             torch.cuda.synchronize()
             assert relative_error(y_static, model(x_new)) < TOLERANCE[torch.float16]
+
+
+# ---- CSR: csr_linear, csr_linear_feature_major and the SDDMM op ---------------------------------------------
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_csr_compile_fullgraph(compile_backend):
+    weight = csr_weight(21, 70)  # nothing derived yet: the compiled function derives and caches it
+    bias = torch.randn(21, device=DEVICE)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(csr_linear(x, weight, bias))
+
+    compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
+    for shape in [(5, 70), (2, 7, 70)]:
+        x = torch.randn(shape, device=DEVICE)
+        assert relative_error(compiled(x), layer(x)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_compile_training_step():
+    first, second = csr_weight(21, 70), csr_weight(3, 21)
+    values = first.values.clone().requires_grad_()
+    x = torch.randn(6, 70, device=DEVICE, requires_grad=True)
+
+    def loss(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        y_t = csr_linear_feature_major(x.t(), first._with_values(values))
+        return csr_linear(torch.relu(y_t.t()), second).square().sum()
+
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(x, values).backward()
+    compiled_grads = (x.grad, values.grad)
+    x.grad = values.grad = None
+    loss(x, values).backward()
+    assert relative_error(compiled_grads[0], x.grad) < TOLERANCE[torch.float32]
+    assert relative_error(compiled_grads[1], values.grad) < TOLERANCE[torch.float32]
+
+
+def _csr_op_samples() -> list[object]:
+    backends = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
+    samples = []
+    for backend in backends:
+        weight = csr_weight(8, 12, density=0.4)
+        x = torch.randn(3, 12, device=DEVICE)
+        bias = torch.randn(8, device=DEVICE)
+        args = csr_op_args(weight, x, bias, backend)
+        samples.append(pytest.param(csr_linear_op, args, id=f"csr_linear-{backend}"))
+        feature_major = (x.t().contiguous(), *args[1:])
+        samples.append(pytest.param(csr_linear_feature_major_op, feature_major, id=f"feature_major-{backend}"))
+        a, b = torch.randn(8, 3, device=DEVICE), torch.randn(12, 3, device=DEVICE)
+        sddmm_args = (a, b, weight.row_indices(), weight.col_indices, weight.tile_offsets(CELL), backend)
+        samples.append(pytest.param(csr_sddmm_op, sddmm_args, id=f"csr_sddmm-{backend}"))
+        samples.append(pytest.param(csr_sddmm_op, (*sddmm_args[:4], None, backend), id=f"csr_sddmm-derived-{backend}"))
+    transposed = weight.transposed_structure()
+    grad_input_args = (torch.randn(3, 8, device=DEVICE), weight.values, transposed.permutation, *transposed[:2],
+                       transposed.row_order)  # fmt: skip
+    samples.append(pytest.param(csr_linear_grad_input_op, grad_input_args, id="csr_linear_grad_input"))
+    return samples
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("op,args", _csr_op_samples())
+def test_csr_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+# ---- block-shuffled: block_shuffled_linear ------------------------------------------------------------------
+
+
+def test_block_shuffled_opcheck():
+    sparse, _, _ = block_weight(32, 48, (16, 16), density=0.5, device=DEVICE)
+    x = torch.randn(3, 48, device=DEVICE)
+    for bias in (None, torch.randn(32, device=DEVICE)):
+        torch.library.opcheck(block_shuffled_linear_op, block_op_args(sparse, x, sparse.values, bias, BACKENDS[-1]))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_block_shuffled_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    sparse, _, _ = block_weight(32, 64, (16, 32), density=0.5, device=DEVICE)
+    bias = torch.randn(32, device=DEVICE)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(block_shuffled_linear(x, sparse, bias))
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    for shape in [(5, 64), (2, 7, 64)]:
+        x = torch.randn(shape, device=DEVICE, requires_grad=backend == "aot_eager")
+        y = compiled(x)
+        assert relative_error(y.detach(), layer(x).detach()) < TOLERANCE[torch.float32]
+        if x.requires_grad:
+            y.sum().backward()
+            assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    torch._dynamo.reset()

@@ -1,14 +1,26 @@
-"""The Triton kernels against a float64 reference, outputs poisoned first (interpreter on CPU, native on GPU)."""
+"""The Triton kernels against a float64 reference, outputs poisoned first (interpreter on CPU, native on GPU):
+N:M (vector- and element-wise), the transpose and the probes, CSR (the SpMM and the SDDMM, plain and tiled) and
+block-shuffled (the block-sparse kernel and its split choice)."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 
 import nmspmm
+from nmspmm.formats.block_shuffled import BlockShuffledWeight
+from nmspmm.formats.csr import CSRWeight
 from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, transpose
 from nmspmm.kernels import choose_vector_config
-from conftest import DEVICE, TOLERANCE, relative_error
+from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
+from nmspmm.kernels.csr_spmm import csr_spmm
+from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
+from nmspmm.kernels.sddmm import CELL, SddmmTile, sddmm_tiled
+from nmspmm.ops.csr import csr_linear
+from nmspmm.prune.unstructured import prune_csr
+from conftest import DEVICE, TOLERANCE, block_weight, csr_weight, dense_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -113,3 +125,231 @@ def test_touch_probe_stores_each_program_index():
     assert out.tolist() == [0, 1, 2, 3, -1]
     with pytest.raises(ValueError, match="out: need an int32 tensor of at least 4 elements, got torch.float32 of 5"):
         touch(out.float(), 4)
+
+
+# ---- CSR: the SpMM and the SDDMM (plain and tiled) ----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,rows,cols,with_bias", [(1, 45, 70, True), (7, 45, 70, False), (33, 21, 70, True)])
+def test_csr_spmm_kernel(tokens, rows, cols, with_bias, dtype):
+    weight = csr_weight(rows, cols, dtype)
+    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
+    bias = torch.randn(rows, device=DEVICE).to(dtype) if with_bias else None
+    out = torch.full((tokens, rows), float("nan"), dtype=dtype, device=DEVICE)
+    csr_spmm(x.t().contiguous(), weight.values, weight.col_indices, weight.row_offsets, weight.row_order(), out, bias)
+    assert relative_error(out, dense_reference(x, weight, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_spmm_kernel_strided_operands_and_empty_matrix():
+    weight = csr_weight(21, 70)
+    x = torch.randn(9, 70, device=DEVICE)
+    out_t = torch.full((21, 9), float("nan"), device=DEVICE)  # feature-major output: out = out_t.t()
+    csr_spmm(x.t(), weight.values, weight.col_indices, weight.row_offsets, weight.row_order(), out_t.t())
+    assert relative_error(out_t.t(), dense_reference(x, weight, None)) < TOLERANCE[torch.float32]
+
+    empty = CSRWeight.from_dense(torch.randn(6, 9, device=DEVICE), torch.zeros(6, 9, dtype=torch.bool, device=DEVICE))
+    bias = torch.randn(6, device=DEVICE)
+    for b in (bias, None):
+        out = torch.full((3, 6), float("nan"), device=DEVICE)
+        args = (empty.values, empty.col_indices, empty.row_offsets, empty.row_order())
+        csr_spmm(torch.randn(9, 3, device=DEVICE), *args, out, b)
+        assert torch.equal(out, (b if b is not None else torch.zeros(6, device=DEVICE)).expand(3, 6))
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth", [1, 37])
+def test_csr_sddmm_kernel(dtype, depth):
+    weight = csr_weight(45, 70, dtype)
+    a = torch.randn(45, depth, device=DEVICE).to(dtype)
+    b = torch.randn(70, depth, device=DEVICE).to(dtype)
+    out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_kernel(a, b, weight.row_indices(), weight.col_indices, out)
+    expected = (a.double() @ b.double().t())[weight.mask()]
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,depth,sparsity", [(70, 130, 40, 0.9), (64, 64, 64, 0.5), (5, 200, 17, 0.0)])
+def test_csr_sddmm_tiled_kernel(dtype, rows, cols, depth, sparsity):
+    weight = prune_csr(torch.randn(rows, cols, device=DEVICE).to(dtype), sparsity)
+    a = torch.randn(rows, depth, device=DEVICE).to(dtype)
+    b = torch.randn(cols, depth, device=DEVICE).to(dtype)
+    out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_tiled(a, b, weight.tile_offsets(CELL), weight.col_indices, out)
+    expected = (a.double() @ b.double().t())[weight.mask()]
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_csr_sddmm_tiled_kernel_wide_tiles_stop_at_the_last_cell(dtype, monkeypatch):
+    # 150 columns make 3 cells of 64; the second 128-wide tile covers only the third, not the next row's first.
+    sddmm_module = importlib.import_module("nmspmm.kernels.sddmm")  # the package exports a function of that name
+    monkeypatch.setattr(sddmm_module, "sddmm_tile", lambda depth, dtype: SddmmTile(32, 2 * CELL, 32, 4, 1))
+    weight = prune_csr(torch.randn(40, 150, device=DEVICE).to(dtype), 0.3)
+    a = torch.randn(40, 48, device=DEVICE).to(dtype)
+    b = torch.randn(150, 48, device=DEVICE).to(dtype)
+    out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_tiled(a, b, weight.tile_offsets(CELL), weight.col_indices, out)
+    assert relative_error(out, (a.double() @ b.double().t())[weight.mask()]) < TOLERANCE[dtype]
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_sddmm_tiled_kernel_checks_the_offsets_shape():
+    weight = csr_weight(20, 130)
+    a, b = torch.randn(20, 64, device=DEVICE), torch.randn(130, 64, device=DEVICE)
+    out = torch.empty(weight.nnz, device=DEVICE)
+    with pytest.raises(ValueError, match="cell_offsets: expected 61 entries"):
+        sddmm_tiled(a, b, weight.tile_offsets(32), weight.col_indices, out)
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 16, 256, 1024])
+def test_csr_spmm_kernel_large(tokens, dtype):
+    weight = prune_csr(torch.randn(4096, 4096, device=DEVICE).to(dtype), 0.9)
+    x = torch.randn(tokens, 4096, device=DEVICE).to(dtype)
+    bias = torch.randn(4096, device=DEVICE).to(dtype)
+    out = torch.full((tokens, 4096), float("nan"), dtype=dtype, device=DEVICE)
+    csr_spmm(x.t().contiguous(), weight.values, weight.col_indices, weight.row_offsets, weight.row_order(), out, bias)
+    assert relative_error(out, dense_reference(x, weight, bias)) < TOLERANCE[dtype]
+    assert relative_error(csr_linear(x, weight, bias), dense_reference(x, weight, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_csr_spmm_imbalanced_rows_large(dtype):
+    # Row densities from 0 to 100%: the row swizzle must still cover every row.
+    density = torch.linspace(0, 1, 3000, device=DEVICE)[torch.randperm(3000, device=DEVICE)]
+    mask = torch.rand(3000, 2048, device=DEVICE) < density[:, None] ** 4
+    weight = CSRWeight.from_dense(torch.randn(3000, 2048, device=DEVICE).to(dtype), mask)
+    x = torch.randn(333, 2048, device=DEVICE).to(dtype)
+    assert relative_error(csr_linear(x, weight), dense_reference(x, weight, None)) < TOLERANCE[dtype]
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth", [16, 1000])
+def test_csr_sddmm_kernel_large(dtype, depth):
+    weight = prune_csr(torch.randn(4096, 4096, device=DEVICE).to(dtype), 0.9)
+    a = torch.randn(4096, depth, device=DEVICE).to(dtype)
+    b = torch.randn(4096, depth, device=DEVICE).to(dtype)
+    out = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_kernel(a, b, weight.row_indices(), weight.col_indices, out)
+    expected = (a.double() @ b.double().t())[weight.mask()]
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    tiled = torch.full((weight.nnz,), float("nan"), dtype=dtype, device=DEVICE)
+    sddmm_tiled(a, b, weight.tile_offsets(CELL), weight.col_indices, tiled)
+    assert relative_error(tiled, expected) < TOLERANCE[dtype]
+
+
+# ---- block-shuffled: the block-sparse kernel and its config choice ------------------------------------------
+
+
+def _launch(x: torch.Tensor, sparse: BlockShuffledWeight, out: torch.Tensor, bias: torch.Tensor | None,
+            precision: str = "ieee") -> None:
+    block_sparse_matmul(
+        x, sparse.values, sparse.block_columns, sparse.block_row_offsets, sparse.block_row_order,
+        sparse.row_permutation, out, bias, precision,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,rows,cols,block,empty",
+    [(1, 64, 64, (32, 32), (1,)), (7, 48, 80, (16, 16), (0, 2)), (33, 128, 32, (64, 16), ())],
+)
+def test_block_shuffled_kernel_matches_reference(tokens, rows, cols, block, empty, dtype):
+    sparse, _, _ = block_weight(rows, cols, block, dtype, density=0.5, empty_block_rows=empty, seed=tokens,
+                               device=DEVICE)
+    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
+    bias = torch.randn(rows, device=DEVICE).to(dtype)
+    out = torch.full((tokens, rows), float("nan"), dtype=dtype, device=DEVICE)
+    _launch(x, sparse, out, bias)
+    assert relative_error(out, dense_reference(x, sparse, bias)) < TOLERANCE[dtype]
+
+
+def test_block_shuffled_kernel_all_empty_strided_operands_and_tf32():
+    sparse, _, _ = block_weight(32, 64, (16, 16), density=0.0, device=DEVICE)
+    x = torch.randn(5, 64, device=DEVICE)
+    bias = torch.randn(32, device=DEVICE)
+    out = torch.full((32, 5), float("nan"), device=DEVICE).t()  # [5, 32] with column-major strides
+    _launch(x, sparse, out, None)
+    assert torch.equal(out, torch.zeros(5, 32, device=DEVICE))
+    _launch(x, sparse, out, bias)
+    assert torch.equal(out, bias.expand(5, 32))
+    sparse, _, _ = block_weight(64, 64, (16, 32), density=0.7, device=DEVICE)
+    x = torch.randn(64, 9, device=DEVICE).t()  # the features of a token are strided
+    out = torch.full((64, 9), float("nan"), device=DEVICE).t()
+    _launch(x, sparse, out, bias.repeat(2))
+    assert relative_error(out, dense_reference(x, sparse, bias.repeat(2))) < TOLERANCE[torch.float32]
+    out.fill_(float("nan"))
+    _launch(x, sparse, out, None, "tf32")
+    assert relative_error(out, dense_reference(x, sparse, None)) < TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_block_shuffled_kernel_split_over_blocks_sums_every_share(dtype, split_k):
+    # Block-rows of 0 to 5 blocks split three ways leave some programs without blocks: their slices must be zeros.
+    sparse, _, _ = block_weight(64, 80, (16, 16), dtype, density=0.6, empty_block_rows=(2,), seed=split_k,
+                               device=DEVICE)
+    x = torch.randn(7, 80, device=DEVICE).to(dtype)
+    bias = torch.randn(64, device=DEVICE).to(dtype)
+    config = BlockSparseConfig(block_m=16, num_warps=4, num_stages=1, split_k=split_k)
+    for with_bias in (None, bias):
+        out = torch.full((64, 7), float("nan"), dtype=dtype, device=DEVICE).t()
+        block_sparse_matmul(
+            x, sparse.values, sparse.block_columns, sparse.block_row_offsets, sparse.block_row_order,
+            sparse.row_permutation, out, with_bias, config=config,
+        )
+        assert relative_error(out, dense_reference(x, sparse, with_bias)) < TOLERANCE[dtype]
+
+
+def test_block_shuffled_few_tokens_split_long_block_rows_in_two(monkeypatch):
+    import nmspmm.kernels.block_sparse as block_sparse
+
+    monkeypatch.setattr(block_sparse, "interpreter_active", lambda: False)
+
+    def split(tokens, rows, kept_blocks, block=(32, 32)):
+        return block_sparse.choose_block_sparse_config(tokens, block, torch.bfloat16, rows, kept_blocks).split_k
+
+    blocks_4096 = (4096 // 32) ** 2
+    assert split(16, 4096, blocks_4096 // 2) == 2  # 50%: 64 blocks a block-row
+    assert split(16, 4096, blocks_4096 // 4) == 1  # 75%: 32
+    assert split(1024, 4096, blocks_4096 // 2) == 1  # many tokens: enough token tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [(32, 32), (64, 16), (16, 16)])
+@pytest.mark.parametrize("rows,cols", [(4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("tokens", [1, 16, 256, 1024])
+def test_block_shuffled_kernel_large_shapes(tokens, rows, cols, block, dtype):
+    sparse, _, _ = block_weight(rows, cols, block, dtype, density=0.25, empty_block_rows=(3,), seed=tokens,
+                               device="cuda")
+    x = torch.randn(tokens, cols, device="cuda").to(dtype)
+    bias = torch.randn(rows, device="cuda").to(dtype)
+    out = torch.full((tokens, rows), float("nan"), dtype=dtype, device="cuda")
+    _launch(x, sparse, out, bias)
+    assert relative_error(out, dense_reference(x, sparse, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bn", [16, 32, 64, 128])
+@pytest.mark.parametrize("bk", [16, 32, 64, 128])
+def test_block_shuffled_kernel_every_block_shape(bn, bk, dtype):
+    sparse, _, _ = block_weight(512, 1024, (bn, bk), dtype, density=0.3, empty_block_rows=(1,), device="cuda")
+    x = torch.randn(300, 1024, device="cuda").to(dtype)
+    out = torch.full((300, 512), float("nan"), dtype=dtype, device="cuda")
+    _launch(x, sparse, out, None)
+    assert relative_error(out, dense_reference(x, sparse, None)) < TOLERANCE[dtype]

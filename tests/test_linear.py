@@ -1,4 +1,6 @@
-"""nmspmm.linear and linear_feature_major: dispatch, shapes, strides, bias, and every bad-input error."""
+"""The products of every format: nmspmm.linear and linear_feature_major (N:M), csr_linear and
+csr_linear_feature_major (CSR), block_shuffled_linear (block-shuffled): dispatch, shapes, strides, bias, empty
+batches, and every bad-input error."""
 
 from __future__ import annotations
 
@@ -7,21 +9,22 @@ import torch
 from torch import nn
 
 import nmspmm
-from conftest import DEVICE, TOLERANCE, relative_error
+from conftest import DEVICE, TOLERANCE, block_weight, csr_weight, dense_reference, relative_error
+from nmspmm.formats.csr import CSRWeight
+from nmspmm.ops.block_shuffled import block_shuffled_linear
+from nmspmm.ops.csr import csr_linear, csr_linear_feature_major, sddmm
+from nmspmm.prune.block_shuffle import prune_block_shuffled
 from nmspmm.training import SRSTELinear
 
 # On the CPU "triton" runs the kernels through the interpreter; "auto" there is the dense reference.
 BACKENDS = ["auto", "triton"] if DEVICE == "cpu" else ["auto"]
+# The reference path by name in place of "auto" on the CPU (the block-shuffled tests).
+REFERENCE_BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _weight(rows: int, cols: int, pattern: str, vector: int, dtype: torch.dtype) -> nmspmm.NMSparseWeight:
     return nmspmm.prune(torch.randn(rows, cols, device=DEVICE).to(dtype), pattern, vector)
-
-
-def _reference(x: torch.Tensor, weight: nmspmm.NMSparseWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    y = x.double() @ weight.to_dense().double().t()
-    return y + bias.double() if bias is not None else y
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -43,7 +46,7 @@ def test_linear_matches_reference(lead, rows, cols, pattern, vector, dtype, back
     bias = torch.randn(rows, device=DEVICE).to(dtype) if with_bias else None
     y = nmspmm.linear(x, weight, bias, backend=backend)
     assert y.shape == (*lead, rows) and y.dtype == dtype and y.is_contiguous()
-    assert relative_error(y, _reference(x, weight, bias)) < TOLERANCE[dtype]
+    assert relative_error(y, dense_reference(x, weight, bias)) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -53,10 +56,10 @@ def test_linear_strided_input(backend):
     x = wide[:, 1::2]
     assert not x.is_contiguous()
     y = nmspmm.linear(x, weight, backend=backend)
-    assert relative_error(y, _reference(x, weight, None)) < TOLERANCE[torch.float32]
+    assert relative_error(y, dense_reference(x, weight, None)) < TOLERANCE[torch.float32]
     transposed = torch.randn(64, 5, device=DEVICE).t()
     y = nmspmm.linear(transposed, weight, backend=backend)
-    assert relative_error(y, _reference(transposed, weight, None)) < TOLERANCE[torch.float32]
+    assert relative_error(y, dense_reference(transposed, weight, None)) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,7 +70,7 @@ def test_linear_feature_major(dtype, backend):
     bias = torch.randn(64, device=DEVICE).to(dtype)
     y_t = nmspmm.linear_feature_major(x.t().contiguous(), weight, bias, backend=backend)
     assert y_t.shape == (64, 13) and y_t.is_contiguous()
-    assert relative_error(y_t.t(), _reference(x, weight, bias)) < TOLERANCE[dtype]
+    assert relative_error(y_t.t(), dense_reference(x, weight, bias)) < TOLERANCE[dtype]
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="tf32 rounding only shows on tensor cores")
@@ -80,7 +83,7 @@ def test_tf32_follows_matmul_precision():
         y = nmspmm.linear(x, weight, backend="triton")
     finally:
         torch.set_float32_matmul_precision(previous)
-    assert relative_error(y, _reference(x, weight, None)) < TOLERANCE["tf32"]
+    assert relative_error(y, dense_reference(x, weight, None)) < TOLERANCE["tf32"]
 
 
 @pytest.mark.gpu
@@ -90,9 +93,9 @@ def test_tf32_on_gpu():
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
-        loose = relative_error(nmspmm.linear(x, weight), _reference(x, weight, None))
+        loose = relative_error(nmspmm.linear(x, weight), dense_reference(x, weight, None))
         torch.set_float32_matmul_precision("highest")
-        exact = relative_error(nmspmm.linear(x, weight), _reference(x, weight, None))
+        exact = relative_error(nmspmm.linear(x, weight), dense_reference(x, weight, None))
     finally:
         torch.set_float32_matmul_precision(previous)
     assert 1e-5 < loose < TOLERANCE["tf32"]
@@ -112,7 +115,7 @@ def test_linear_large_shapes(tokens, rows, pattern, vector, dtype):
     x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
     bias = torch.randn(rows, device=DEVICE).to(dtype)
     y = nmspmm.linear(x, weight, bias)
-    assert relative_error(y, _reference(x, weight, bias)) < TOLERANCE[dtype]
+    assert relative_error(y, dense_reference(x, weight, bias)) < TOLERANCE[dtype]
 
 
 def test_cpu_triton_needs_interpreter(monkeypatch):
@@ -197,3 +200,123 @@ def test_empty_batches_behave_like_nn_linear(make, backend, shape):
         assert parameter.grad is not None and not bool(parameter.grad.any()), name
     with torch.no_grad():
         assert module(x).shape == (*shape[:-1], 32)
+
+
+# ---- CSR: csr_linear and csr_linear_feature_major -----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,with_bias", [((1,), True), ((2, 3), False)])
+def test_csr_linear(backend, lead, with_bias):
+    weight = csr_weight(45, 70, torch.float16)
+    x = torch.randn(*lead, 70, device=DEVICE).half()
+    bias = torch.randn(45, device=DEVICE).half() if with_bias else None
+    y = csr_linear(x, weight, bias, backend=backend)
+    assert y.shape == (*lead, 45) and y.dtype == torch.float16 and y.is_contiguous()
+    assert relative_error(y, dense_reference(x, weight, bias)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_csr_linear_feature_major_and_strided(backend):
+    weight = csr_weight(21, 70)
+    bias = torch.randn(21, device=DEVICE)
+    x = torch.randn(9, 140, device=DEVICE)[:, ::2]  # no unit stride anywhere
+    y_t = csr_linear_feature_major(x.t(), weight, bias, backend=backend)
+    assert y_t.shape == (21, 9) and y_t.is_contiguous()
+    assert relative_error(y_t.t(), dense_reference(x, weight, bias)) < TOLERANCE[torch.float32]
+    y = csr_linear(x, weight, bias, backend=backend)
+    assert relative_error(y, dense_reference(x, weight, bias)) < TOLERANCE[torch.float32]
+    empty = CSRWeight.from_dense(torch.randn(6, 70, device=DEVICE), torch.zeros(6, 70, dtype=torch.bool, device=DEVICE))
+    assert torch.equal(csr_linear(x, empty, bias[:6], backend=backend), bias[:6].expand(9, 6))
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_cpu_triton_needs_interpreter(monkeypatch):
+    weight = csr_weight(8, 10).cpu()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend: 'triton' on the CPU needs TRITON_INTERPRET=1"):
+        csr_linear(torch.randn(2, 10), weight, backend="triton")
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda w: (torch.randn(4, 20).double(), w, None), TypeError, r"x: dtype torch.float64 does not match"),
+        (lambda w: (torch.randn(4, 19), w, None), ValueError, r"x: expected last dimension K=20"),
+        (lambda w: (torch.tensor(1.0), w, None), ValueError, r"x: expected last dimension K=20"),
+        (lambda w: ([[1.0] * 20], w, None), TypeError, r"x: expected a torch.Tensor"),
+        (lambda w: (torch.randn(4, 20, device="meta"), w, None), ValueError, r"x: on meta, but weight is on cpu"),
+        (lambda w: (torch.randn(4, 20), w.to_dense(), None), TypeError, r"weight: expected an nmspmm.CSRWeight"),
+        (lambda w: (torch.randn(4, 20), w, torch.randn(11)), ValueError, r"bias: expected shape \(12,\)"),
+        (lambda w: (torch.randn(4, 20), w, torch.randn(12).half()), TypeError, r"bias: dtype torch.float16"),
+    ],
+)
+def test_csr_linear_rejects_bad_input(make_args, error, match):
+    x, weight, bias = make_args(csr_weight(12, 20).cpu())
+    with pytest.raises(error, match=match):
+        csr_linear(x, weight, bias)
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_bad_backend():
+    weight = csr_weight(12, 20)
+    with pytest.raises(ValueError, match=r"backend: expected one of"):
+        csr_linear(torch.randn(4, 20, device=DEVICE), weight, backend="dense")
+    with pytest.raises(ValueError, match=r"backend: expected one of"):
+        sddmm(torch.randn(12, 3, device=DEVICE), torch.randn(20, 3, device=DEVICE), weight, backend="dense")
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_linear_feature_major_rejects_bad_input():
+    weight = csr_weight(12, 20)
+    with pytest.raises(ValueError, match=r"x_t: expected first dimension K=20"):
+        csr_linear_feature_major(torch.randn(4, 20, device=DEVICE), weight)
+    with pytest.raises(ValueError, match=r"x_t: expected a 2-D \[K, M\] feature-major tensor"):
+        csr_linear_feature_major(torch.randn(20, 2, 3, device=DEVICE), weight)
+
+
+# ---- block-shuffled: block_shuffled_linear ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", REFERENCE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_shuffled_linear_matches_reference(dtype, backend):
+    sparse, _, _ = block_weight(48, 80, (16, 16), dtype, density=0.5, empty_block_rows=(1,), device=DEVICE)
+    x = torch.randn(2, 3, 80, device=DEVICE).to(dtype)
+    bias = torch.randn(48, device=DEVICE).to(dtype)
+    y = block_shuffled_linear(x, sparse, bias, backend=backend)
+    assert y.shape == (2, 3, 48) and y.dtype == dtype and y.is_contiguous()
+    assert relative_error(y, dense_reference(x, sparse, bias)) < TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+def test_block_shuffled_prune_and_product_on_gpu():
+    weight = torch.randn(1024, 512, device="cuda")
+    sparse = prune_block_shuffled(weight, 0.75, (32, 32))
+    assert sparse.device.type == "cuda"
+    x = torch.randn(77, 512, device="cuda")
+    assert relative_error(block_shuffled_linear(x, sparse), dense_reference(x, sparse, None)) < TOLERANCE["tf32"]
+
+
+@pytest.mark.parametrize(
+    "make_args,error,match",
+    [
+        (lambda w: (torch.randn(4, 64).half(), w, None), TypeError, r"x: dtype torch.float16 does not match"),
+        (lambda w: (torch.randn(4, 48), w, None), ValueError, r"x: expected last dimension K=64"),
+        (lambda w: ([[1.0] * 64], w, None), TypeError, r"x: expected a torch.Tensor"),
+        (lambda w: (torch.randn(4, 64), w.to_dense(), None), TypeError, r"weight: expected an nmspmm.BlockShuffled"),
+        (lambda w: (torch.randn(4, 64), w, torch.randn(31)), ValueError, r"bias: expected shape \(32,\)"),
+        (lambda w: (torch.randn(4, 64), w, torch.randn(32).half()), TypeError, r"bias: dtype torch.float16"),
+        (lambda w: (torch.randn(4, 64, device="meta"), w, None), ValueError, r"x: on meta, but weight is on cpu"),
+    ],
+)
+def test_block_shuffled_linear_rejects_bad_input(make_args, error, match):
+    sparse, _, _ = block_weight(32, 64, (16, 16))
+    x, weight, bias = make_args(sparse)
+    with pytest.raises(error, match=match):
+        block_shuffled_linear(x, weight, bias)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        block_shuffled_linear(torch.randn(2, 64), sparse, backend="cublas")

@@ -1,4 +1,5 @@
-"""Magnitude pruning: exact top-n choice per V-group against a brute-force reference, ties, and argument checks."""
+"""Magnitude pruning: the exact N:M top-n choice per V-group against a brute-force reference, unstructured (CSR)
+pruning at an exact sparsity, block pruning that keeps the largest blocks, ties, and argument checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import nmspmm
 from conftest import DEVICE
 from nmspmm import NMSparseWeight, magnitude_mask, prune
 from nmspmm.formats import SUPPORTED_DTYPES, SUPPORTED_VECTORS
+from nmspmm.prune import kept_magnitude
+from nmspmm.prune.block_shuffle import prune_block_shuffled, search_row_permutation, tile_magnitudes
+from nmspmm.prune.unstructured import prune_csr, unstructured_mask
 
 N, K = 128, 64
 PATTERNS = [
@@ -169,3 +173,105 @@ def test_prune_is_both_the_package_and_its_n_m_entry_point():
     assert torch.equal(nmspmm.prune(weight, "2:4", 16).to_dense(), nmspmm.prune.prune(weight, "2:4", 16).to_dense())
     for name in ("wanda_mask", "collect_input_norms", "search_permutation", "prune_csr", "prune_block_shuffled"):
         assert callable(getattr(nmspmm.prune, name))
+
+
+# ---- unstructured pruning (CSRWeight) -----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 0.9999])
+def test_csr_prune_sparsity_is_exact_and_keeps_largest(sparsity):
+    dense = torch.randn(45, 70, device=DEVICE)
+    weight = prune_csr(dense, sparsity)
+    assert weight.nnz == round((1 - sparsity) * 45 * 70)
+    kept = weight.mask()
+    if 0 < weight.nnz < dense.numel():
+        assert dense.abs()[kept].min() >= dense.abs()[~kept].max()
+    assert torch.equal(weight.to_dense(), torch.where(kept, dense, torch.zeros((), device=DEVICE)))
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_prune_ties_are_deterministic_and_detached():
+    dense = torch.ones(4, 5, device=DEVICE, requires_grad=True)
+    mask = unstructured_mask(dense, 0.5)
+    assert mask.flatten().tolist() == [True] * 10 + [False] * 10  # ties go to the earlier row-major entry
+    weight = prune_csr(dense, 0.5)
+    assert not weight.values.requires_grad
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize(
+    "sparsity,error,message",
+    [
+        (1.0, ValueError, r"sparsity: expected a float in \[0, 1\), got 1.0"),
+        (-0.1, ValueError, r"sparsity: expected a float in \[0, 1\), got -0.1"),
+        (float("nan"), ValueError, r"sparsity: expected a float in \[0, 1\), got nan"),
+        ("0.5", TypeError, r"sparsity: expected a float in \[0, 1\), got str '0.5'"),
+        (True, TypeError, r"sparsity: expected a float in \[0, 1\), got bool True"),
+    ],
+)
+def test_csr_prune_rejects_bad_sparsity(sparsity, error, message):
+    with pytest.raises(error, match=message):
+        prune_csr(torch.randn(4, 4, device=DEVICE), sparsity)
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_prune_rejects_bad_weight():
+    dense = torch.randn(4, 6, device=DEVICE)
+    dense[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight: expected finite values, got nan at row 1, column 2"):
+        unstructured_mask(dense, 0.5)
+    with pytest.raises(TypeError, match=r"weight: expected dtype float16, bfloat16 or float32, got torch.int64"):
+        unstructured_mask(torch.ones(4, 6, dtype=torch.long, device=DEVICE), 0.5)
+    with pytest.raises(ValueError, match=r"weight: expected a non-empty matrix, got shape \(0, 6\)"):
+        unstructured_mask(torch.ones(0, 6, device=DEVICE), 0.5)
+
+
+# ---- block pruning (BlockShuffledWeight) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,cols,block,sparsity", [(96, 128, (32, 32), 0.75), (48, 80, (16, 16), 0.5),
+                                                      (128, 64, (64, 16), 0.3), (64, 64, (16, 16), 0.0),
+                                                      (64, 64, (16, 16), 1.0)])
+@pytest.mark.parametrize("search", [False, True])
+def test_block_shuffled_prune_keeps_the_largest_blocks(rows, cols, block, sparsity, search):
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
+    sparse = prune_block_shuffled(weight, sparsity, block, search=search)
+    total = rows // block[0] * (cols // block[1])
+    assert sparse.block_count == round((1 - sparsity) * total)
+    if not search:
+        assert torch.equal(sparse.row_permutation, torch.arange(rows, dtype=torch.int32))
+    magnitudes = tile_magnitudes(weight, block, sparse.row_permutation)
+    kept = sparse.block_mask()
+    if 0 < sparse.block_count < total:
+        assert float(magnitudes[kept].min()) >= float(magnitudes[~kept].max())
+    mask = sparse.mask()
+    assert torch.equal(sparse.to_dense(), weight * mask)
+    kept_sum = float(magnitudes[kept].sum()) / float(weight.abs().double().sum())
+    assert kept_magnitude(weight, mask) == pytest.approx(kept_sum, rel=1e-12)
+
+
+def test_block_shuffled_prune_breaks_ties_to_the_lower_block():
+    weight = torch.ones(64, 64)
+    sparse = prune_block_shuffled(weight, 0.75, (16, 16), search=False)
+    assert sparse.block_mask().flatten().nonzero().flatten().tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda w: prune_block_shuffled(w, 1.5), ValueError, r"sparsity: expected a fraction in \[0, 1\]"),
+        (lambda w: prune_block_shuffled(w, "75%"), TypeError, r"sparsity: expected a float"),
+        (lambda w: prune_block_shuffled(w, 0.5, (32, 48)), ValueError, r"block: expected \(bn, bk\)"),
+        (lambda w: prune_block_shuffled(w[:48], 0.5), ValueError, r"weight: shape \(48, 64\) is not a whole"),
+        (lambda w: prune_block_shuffled(w.index_fill(1, torch.tensor([3]), float("inf")), 0.5), ValueError,
+         r"weight: expected finite values, got inf at row 0, column 3"),
+        (lambda w: prune_block_shuffled(w, 0.5, search=False, iterations=3), ValueError, r"iterations: only used"),
+        (lambda w: prune_block_shuffled(w, 0.5, search=1), TypeError, r"search: expected a bool"),
+        (lambda w: search_row_permutation(w, (32, 32), 0.5, iterations=-1), ValueError, r"iterations: expected a non"),
+        (lambda w: search_row_permutation(w, (32, 32), 0.5, seed=None), TypeError, r"seed: expected an int"),
+    ],
+)
+def test_block_shuffled_prune_rejects_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(64, 64))

@@ -1,4 +1,5 @@
-"""Wanda masks and input-norm collection, the channel permutation search, and kept_magnitude."""
+"""Wanda masks and input-norm collection, the channel permutation search of N:M, the row permutation search of
+block pruning, and kept_magnitude."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from nmspmm.prune import (
     search_permutation,
     wanda_mask,
 )
+from nmspmm.prune.block_shuffle import kept_block_count, prune_block_shuffled, search_row_permutation, tile_magnitudes
 
 N, K = 128, 64
 
@@ -267,3 +269,54 @@ def test_kept_magnitude() -> None:
         kept_magnitude(weight, torch.ones(2, 2))
     with pytest.raises(TypeError, match=r"weight: expected a floating-point torch.Tensor, got torch.int64"):
         kept_magnitude(torch.ones(2, 2, dtype=torch.int64), torch.ones(2, 2, dtype=torch.bool))
+
+
+# ---- the row permutation search of block pruning (BlockShuffledWeight) --------------------------------------
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 16)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
+def test_block_shuffled_search_is_never_worse_than_the_identity(block, sparsity):
+    weight = torch.randn(128, 128, generator=torch.Generator().manual_seed(3))
+    permutation = search_row_permutation(weight, block, sparsity)
+    assert permutation.dtype == torch.int64 and sorted(permutation.tolist()) == list(range(128))
+    keep = kept_block_count(128 // block[0], 128 // block[1], sparsity)
+
+    def kept(perm: torch.Tensor) -> float:
+        return float(tile_magnitudes(weight, block, perm).flatten().topk(keep).values.sum())
+
+    assert kept(permutation) >= kept(torch.arange(128))
+    assert torch.equal(permutation, search_row_permutation(weight, block, sparsity))
+
+
+def planted_rows(rows: int, cols: int, block: tuple[int, int], seed: int) -> torch.Tensor:
+    """Rows of two interleaved families (even and odd rows), each large on its own half of the column-blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = cols // block[1]
+    family_support = torch.zeros(2, blocks, dtype=torch.bool)
+    family_support[0, torch.randperm(blocks, generator=generator)[: blocks // 2]] = True
+    family_support[1] = ~family_support[0]
+    scale = 1 + 9 * family_support[torch.arange(rows) % 2].repeat_interleave(block[1], 1).float()
+    return torch.randn(rows, cols, generator=generator) * scale
+
+
+def test_block_shuffled_search_recovers_planted_row_families():
+    block = (16, 16)
+    weight = planted_rows(128, 128, block, seed=4)
+    identity = prune_block_shuffled(weight, 0.5, block, search=False)
+    searched = prune_block_shuffled(weight, 0.5, block)
+    before, after = kept_magnitude(weight, identity.mask()), kept_magnitude(weight, searched.mask())
+    assert after > before + 0.3
+    families = searched.row_permutation.long().view(-1, block[0]) % 2
+    assert bool((families == families[:, :1]).all())  # every block-row holds one family
+
+
+def test_block_shuffled_search_is_better_on_gaussian_weights_and_handles_trivial_cases():
+    weight = torch.randn(128, 256, generator=torch.Generator().manual_seed(5))
+    identity = prune_block_shuffled(weight, 0.75, (16, 32), search=False)
+    searched = prune_block_shuffled(weight, 0.75, (16, 32), iterations=8)
+    assert kept_magnitude(weight, searched.mask()) > kept_magnitude(weight, identity.mask())
+    for sparsity, block in [(0.0, (16, 16)), (1.0, (16, 16)), (0.5, (128, 16))]:
+        assert torch.equal(search_row_permutation(weight, block, sparsity), torch.arange(128))
+    halving_only = search_row_permutation(weight, (16, 32), 0.75, iterations=0)
+    assert sorted(halving_only.tolist()) == list(range(128))

@@ -1,5 +1,6 @@
-"""Saving and loading NMSparseWeight: torch.save/torch.load (weights-only) and safetensors files, including
-files that were corrupted or tampered with."""
+"""Saving and loading the formats: NMSparseWeight through torch.save/torch.load (weights-only) and safetensors
+files, including files that were corrupted or tampered with; CSRWeight and BlockShuffledWeight through their
+state (state_tensors, state_fields, from_state) and torch.save/torch.load, tampered indices included."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import nmspmm
+from conftest import block_weight, csr_weight
 from nmspmm import NMSparseWeight, load_safetensors, prune, save_safetensors
+from nmspmm.formats.block_shuffled import BlockShuffledWeight
+from nmspmm.formats.csr import CSRWeight
 from nmspmm.formats import load_safetensors as formats_load_safetensors
 from nmspmm.formats import save_safetensors as formats_save_safetensors
 
@@ -361,3 +365,95 @@ def test_files_written_before_checksums_still_load(tmp_path: Path) -> None:
     del header["checksums"]
     save_file(tensors, str(path), metadata={"nmspmm": json.dumps(header)})
     assert_same(load_safetensors(path)["w"], weight)
+
+
+# ---- CSRWeight: torch.save / torch.load and its state -------------------------------------------------------
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_torch_save_load_weights_only():
+    weight = csr_weight(12, 20, torch.float16)
+    buffer = io.BytesIO()
+    torch.save({"layer": weight}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["layer"]
+    assert isinstance(loaded, CSRWeight) and loaded.shape == weight.shape
+    assert torch.equal(loaded.to_dense(), weight.to_dense())
+
+    weight.col_indices[5] = 20  # tampered after validation: loading must refuse it
+    buffer = io.BytesIO()
+    torch.save(weight, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, K=20\)"):
+        torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.usefixtures("seeded")
+def test_csr_state_round_trip():
+    weight = csr_weight(12, 20, torch.bfloat16)
+    tensors, fields = weight.state_tensors(), weight.state_fields()
+    assert set(tensors) == set(CSRWeight.STATE_TENSORS) and set(fields) == set(CSRWeight.STATE_FIELDS)
+    assert fields == {"shape": [12, 20], "dtype": "bfloat16"}
+    loaded = CSRWeight.from_state(tensors, fields)
+    assert torch.equal(loaded.to_dense(), weight.to_dense())
+    with pytest.raises(ValueError, match=r"dtype: metadata says 'float16', but the stored values are torch.bfloat16"):
+        CSRWeight.from_state(tensors, {**fields, "dtype": "float16"})
+    with pytest.raises(ValueError, match=r"row_offsets: expected shape \(14,\), got \(13,\)"):
+        CSRWeight.from_state(tensors, {**fields, "shape": [13, 20]})
+
+
+# ---- BlockShuffledWeight: its state, torch.save / torch.load and tampered files -----------------------------
+
+
+def test_block_shuffled_state_round_trip_and_checks():
+    sparse, _, _ = block_weight(64, 96, (32, 16), torch.bfloat16)
+    again = BlockShuffledWeight.from_state(sparse.state_tensors(), sparse.state_fields())
+    assert sparse.state_fields() == {"shape": [64, 96], "dtype": "bfloat16", "block": [32, 16]}
+    assert torch.equal(again.to_dense(), sparse.to_dense()) and again.block == (32, 16)
+    tensors, state = sparse.state_tensors(), sparse.state_fields()
+    with pytest.raises(ValueError, match=r"tensors: expected the fields"):
+        BlockShuffledWeight.from_state({k: v for k, v in tensors.items() if k != "row_permutation"}, state)
+    with pytest.raises(ValueError, match=r"fields: dtype 'float16' does not match values of torch.bfloat16"):
+        BlockShuffledWeight.from_state(tensors, {**state, "dtype": "float16"})
+    with pytest.raises(ValueError, match=r"fields: expected the fields"):
+        BlockShuffledWeight.from_state(tensors, {**state, "vector": 1})
+    with pytest.raises(ValueError, match=r"row_permutation: not a permutation"):
+        BlockShuffledWeight.from_state({**tensors, "row_permutation": torch.zeros(64, dtype=torch.int32)}, state)
+
+
+def test_block_shuffled_torch_save_load_weights_only(tmp_path: Path):
+    sparse, _, _ = block_weight(64, 64, (16, 32), torch.float16)
+    torch.save({"layer": sparse}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", weights_only=True)["layer"]
+    assert isinstance(loaded, BlockShuffledWeight) and loaded.block == (16, 32)
+    for name, tensor in sparse.state_tensors().items():
+        assert torch.equal(getattr(loaded, name), tensor)
+    assert torch.equal(pickle.loads(pickle.dumps(sparse)).to_dense(), sparse.to_dense())
+
+
+@pytest.mark.parametrize(
+    "field,tamper,match",
+    [
+        ("row_permutation", lambda t: t.roll(1).index_fill_(0, torch.tensor([0]), 3), r"row_permutation: not a perm"),
+        ("block_columns", lambda t: t.flip(0), r"block_columns: must be strictly ascending"),
+        ("block_row_offsets", lambda t: t.flip(0), r"block_row_offsets: expected to run from 0"),
+    ],
+)
+def test_block_shuffled_torch_load_refuses_tampered_indices(tmp_path: Path, field, tamper, match):
+    sparse, _, _ = block_weight(64, 64, (16, 16), density=0.8, seed=2)
+    path = tmp_path / "w.pt"
+    torch.save(sparse, path)
+    original = getattr(sparse, field)
+    _rewrite_zip_entry(path, original.numpy().tobytes(), tamper(original.clone()).contiguous().numpy().tobytes())
+    with pytest.raises(ValueError, match=match):
+        torch.load(path, weights_only=True)
+
+
+def test_block_shuffled_torch_load_refuses_an_instance_built_without_the_constructor(tmp_path: Path):
+    path = tmp_path / "w.pt"
+    torch.save(block_weight(32, 32, (16, 16))[0], path)
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
+    _rewrite_zip_entry(path, pickled, b"\x80\x02cnmspmm.formats.block_shuffled\nBlockShuffledWeight\n)\x81.")
+    with pytest.raises(pickle.UnpicklingError, match="BlockShuffledWeight"):
+        torch.load(path)
