@@ -1,10 +1,22 @@
 """Stored tensors are checked wherever a weight is built or loaded (issue 15, point 1): NaN or infinite values
 are refused unless allowed, and so are tensors whose elements overlap in memory (a stride-0 view would make every
-row read row 0), through the constructors, safetensors, torch.load and the modules' state dicts."""
+row read row 0), through the constructors, safetensors, torch.load and the modules' state dicts. And corrupted
+files (issue 15, point 6) of every format and file kind are refused or load exactly what was saved."""
 
 from __future__ import annotations
 
+import io
+import json
+import math
+import random
+import struct
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -81,3 +93,388 @@ def test_a_cast_that_overflows_is_refused_but_held_nonfinite_values_move():
     values[0, 0] = float("inf")
     held = nmspmm.NMSparseWeight(values, weight.offsets, "2:4", 16, weight.shape, allow_nonfinite=True)
     assert torch.isinf(held.to(torch.float16).values).any()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Corrupted files (issue 15, point 6): every format, in a safetensors file (save_safetensors and
+# save_pretrained) and in a torch.save pickle, truncated, with bits flipped in the header and in the data, with
+# edited headers and with swapped tensors. Each corrupted file must be refused with a clear error or load the
+# very data saved; never other data.
+# ---------------------------------------------------------------------------------------------------------
+
+# A known bug (issue 15, point 1): the saved checksums cover the tensors' bytes, not the fields that give them their
+# meaning. A CSR or block-shuffled weight whose K grows in the file (its indices still fit) loads as a weight of
+# another shape, and in a pickle a tensor read as another dtype of its size (float16 <-> bfloat16) loads as other
+# values. test_a_change_of_fields_alone_is_refused holds those cases (strict xfail); the sweeps below set aside
+# what loads the saved bytes under other fields (problems starting with FIELDS_ONLY) and check everything else.
+FIELDS_UNCHECKED = (
+    "bug: checksums cover the stored bytes but not the fields read with them (a CSR or block-shuffled weight's K "
+    "in either file kind; a tensor's dtype in a pickle), so changing those alone loads other weights"
+)
+FIELDS_ONLY = "fields only: "
+
+# Two weights of one shape per file (so that tensors can be swapped between them), for each format: both N:M
+# storage forms (kept and dropped positions), CSR and block-shuffled (after a searched permutation).
+CORRUPTIBLE = {
+    "nm-kept": (nmspmm.NMConfig("2:8", vector=16), torch.float32),
+    "nm-dropped": (nmspmm.NMConfig("6:8", vector=1), torch.float16),
+    "csr": (nmspmm.CSRConfig(sparsity=0.75), torch.bfloat16),
+    "block": (nmspmm.BlockConfig(sparsity=0.5, block=(16, 16)), torch.float32),
+}
+FILE_KINDS = ("safetensors", "pretrained", "pickle")
+SAFETENSORS_ITEM_SIZES = {"F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
+
+
+Loaded = tuple[dict[str, type], dict[str, dict], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Saved:
+    """A saved file of two sparse layers ``a`` and ``b`` of one format: its bytes, how to load it and the model
+    whose layers loading it must give back exactly (or refuse)."""
+
+    kind: str
+    data: bytes
+    model: nn.ModuleDict
+
+    def expected(self) -> Loaded:
+        """What loading the file as saved gives."""
+        return self._described(self.model)
+
+    def load(self, path: Path) -> Loaded:
+        """What loading ``path`` gives: each layer's type (module or weight), its weight's fields and the state
+        (the weights' stored tensors, and the dense ones where the file holds them)."""
+        if self.kind == "pretrained":
+            dtype = self.model["a"].values.dtype
+            fresh = nn.ModuleDict({name: nn.Linear(64, 32, dtype=dtype) for name in ("a", "b")})
+            return self._described(nmspmm.load_pretrained(fresh, path))
+        weights = nmspmm.load_safetensors(path) if self.kind == "safetensors" else torch.load(path)
+        return self._described_weights(weights)
+
+    def _described(self, model: nn.Module) -> Loaded:
+        """A model's layers as this kind of file holds them (weights alone, or whole modules with their biases)."""
+        if self.kind != "pretrained":
+            return self._described_weights({name: model[name].weight for name in ("a", "b")})
+        return (
+            {name: type(module) for name, module in model.items()},
+            {name: module.weight.state_fields() for name, module in model.items()},
+            model.state_dict(),
+        )
+
+    @staticmethod
+    def _described_weights(weights: dict) -> Loaded:
+        """Named weights' types, fields and stored tensors (``<name>.<field>``)."""
+        state = {f"{name}.{field}": tensor for name, weight in weights.items()
+                 for field, tensor in weight.state_tensors().items()}
+        return (
+            {name: type(weight) for name, weight in weights.items()},
+            {name: weight.state_fields() for name, weight in weights.items()}, state,
+        )
+
+
+def _save(kind: str, fmt: str, path: Path) -> Saved:
+    """Sparsify two equal linears to ``fmt`` and save them to ``path`` as a file of ``kind``."""
+    config, dtype = CORRUPTIBLE[fmt]
+    torch.manual_seed(1)
+    model = nn.ModuleDict({name: nn.Linear(64, 32, dtype=dtype) for name in ("a", "b")})
+    nmspmm.sparsify(model, config)
+    weights = {name: model[name].weight for name in ("a", "b")}
+    if kind == "pretrained":
+        nmspmm.save_pretrained(model, path)
+    elif kind == "safetensors":
+        nmspmm.save_safetensors(weights, path)
+    else:
+        torch.save(weights, path)
+    return Saved(kind, path.read_bytes(), model)
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same bytes, whatever dtype and shape read them."""
+    return torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
+                       b.detach().contiguous().reshape(-1).view(torch.uint8))
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so -0.0 differs from 0.0, as a checksum sees it)."""
+    return a.dtype == b.dtype and a.shape == b.shape and _bytes_equal(a, b)
+
+
+def _dtypes(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each tensor's dtype by name, for messages."""
+    return {key: str(tensor.dtype).removeprefix("torch.") for key, tensor in state.items()}
+
+
+def _refused_or_identical(saved: Saved, data: bytes, path: Path, what: str) -> str | None:
+    """Write ``data`` to ``path`` and load it: None when it is refused with a clear error or gives the saved layers
+    bit for bit, else what went wrong. nmspmm's loaders must raise ValueError; torch.load raises its own errors."""
+    path.write_bytes(data)
+    try:
+        types, fields, state = saved.load(path)
+    except Exception as error:  # noqa: BLE001 - the type is checked below
+        if saved.kind != "pickle" and not isinstance(error, ValueError):
+            return f"{what}: refused with {type(error).__name__} ({error}), not a ValueError"
+        if not str(error):
+            return f"{what}: refused with an empty {type(error).__name__} message"
+        return None
+    expected_types, expected_fields, expected = saved.expected()
+    if set(state) != set(expected) or not all(_bits_equal(state[key], expected[key]) for key in expected):
+        if types == expected_types and all(_bytes_equal(state[key], expected[key]) for key in expected):
+            return f"{FIELDS_ONLY}{what}: loaded the saved bytes as {fields} (dtypes {_dtypes(state)})"
+        return f"{what}: loaded different data"
+    if types != expected_types or fields != expected_fields:
+        return f"{FIELDS_ONLY if types == expected_types else ''}{what}: loaded other layers: {types}, {fields}"
+    return None
+
+
+def _safetensors_parts(data: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header (tensor entries and ``__metadata__``) and the bytes after it."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def _safetensors_bytes(header: dict, body: bytes) -> bytes:
+    """A safetensors file of ``header`` (padded to 8 bytes, as safetensors writes it) and ``body``."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _data_ranges(saved: Saved) -> list[range]:
+    """Where a file keeps its tensors' bytes; everything else is its header (the safetensors JSON, or the pickle
+    program and the zip's records), so that flips can be aimed at each."""
+    data = saved.data
+    if saved.kind != "pickle":
+        (length,) = struct.unpack("<Q", data[:8])
+        return [range(8 + length, len(data))]
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        starts = [
+            (info.header_offset + 30 + len(info.filename.encode()) + len(info.extra), info.compress_size)
+            for info in archive.infolist() if "/data/" in info.filename
+        ]
+    return [range(start, start + size) for start, size in sorted(starts)]
+
+
+def _truncations(saved: Saved) -> Iterator[tuple[str, bytes]]:
+    """The file cut at its first bytes, around the start of its tensors' bytes, halfway, one byte short and at 24
+    seeded places."""
+    data, rng = saved.data, random.Random(0)
+    first = _data_ranges(saved)[0].start
+    cuts = {1, 7, 8, 9, first - 1, first, first + 1, len(data) // 2, len(data) - 1}
+    cuts |= {rng.randrange(1, len(data)) for _ in range(24)}
+    if saved.kind != "pickle":
+        cuts.add(0)  # a 0-byte pickle: test_an_empty_pickle_is_refused_with_a_message
+    for cut in sorted(cuts):
+        yield f"cut at byte {cut} of {len(data)}", data[:cut]
+
+
+def _flips(saved: Saved, region: str) -> Iterator[tuple[str, bytes]]:
+    """One flipped bit at 100 seeded positions of the header, or of the tensors' bytes."""
+    tensors = {position for part in _data_ranges(saved) for position in part}
+    header = [position for position in range(len(saved.data)) if position not in tensors]
+    positions = header if region == "header" else sorted(tensors)
+    rng = random.Random(f"{saved.kind}-{region}")
+    for position in sorted(rng.sample(positions, min(100, len(positions)))):
+        bit = rng.randrange(8)
+        data = bytearray(saved.data)
+        data[position] ^= 1 << bit
+        yield f"bit {bit} of byte {position} ({region}) flipped", bytes(data)
+
+
+def _alternatives(value: object) -> list[object]:
+    """Other plausible values of a saved field (pattern, vector, shape, block, dtype, format name)."""
+    if isinstance(value, str):
+        others = ["2:4", "2:8", "6:8", "8:32", "float16", "bfloat16", "float32", "CSRWeight", "NMSparseWeight",
+                  "BlockShuffledWeight", "SparseLinear", "CSRLinear", "BlockShuffledLinear"]
+        return [other for other in others if other != value]
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [other for other in (1, 16, 32, value + 1) if other != value]
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        first, second = value
+        return [type(value)(v) for v in ((second, first), (first * 2, second // 2), (first, second + 16)) if
+                list(v) != list(value)]
+    return []
+
+
+def _edited_metadata(metadata: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """The nmspmm metadata entries with one field changed: every weight's fields, the version, each checksum."""
+    header = json.loads(metadata["nmspmm"])
+    for name, fields in header["weights"].items():
+        for field, value in fields.items():
+            for other in _alternatives(value):
+                edited = json.loads(metadata["nmspmm"])
+                edited["weights"][name][field] = other
+                yield f"weight {name!r} {field} {value!r} -> {other!r}", {**metadata, "nmspmm": json.dumps(edited)}
+    for key in header["checksums"]:
+        edited = json.loads(metadata["nmspmm"])
+        edited["checksums"][key] += 1
+        yield f"checksum of {key} changed", {**metadata, "nmspmm": json.dumps(edited)}
+    for version in (1, 2, 4):
+        edited = {**header, "version": version}
+        yield f"version -> {version}", {**metadata, "nmspmm": json.dumps(edited)}
+    if "nmspmm_model" in metadata:
+        model = json.loads(metadata["nmspmm_model"])
+        for name, class_name in model["modules"].items():
+            for other in _alternatives(class_name)[-3:]:
+                edited = {**model, "modules": {**model["modules"], name: other}}
+                yield f"module {name!r} {class_name} -> {other}", {**metadata, "nmspmm_model": json.dumps(edited)}
+        for key in model["checksums"]:
+            edited = {**model, "checksums": {**model["checksums"], key: model["checksums"][key] + 1}}
+            yield f"model checksum of {key} changed", {**metadata, "nmspmm_model": json.dumps(edited)}
+
+
+def _header_edits(saved: Saved) -> Iterator[tuple[str, bytes]]:
+    """Safetensors: the metadata's fields edited, and each tensor's name, dtype (to one of its item size), shape
+    and byte range; pickles: each weight rebuilt from edited arguments (its fields, checksums, tensors' dtypes), as a
+    changed pickle program would call it."""
+    if saved.kind == "pickle":
+        yield from _pickle_edits(saved)
+        return
+    header, body = _safetensors_parts(saved.data)
+    for what, metadata in _edited_metadata(header["__metadata__"]):
+        yield what, _safetensors_bytes({**header, "__metadata__": metadata}, body)
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        for dtype, size in SAFETENSORS_ITEM_SIZES.items():
+            if dtype != entry["dtype"] and size == SAFETENSORS_ITEM_SIZES[entry["dtype"]]:
+                yield f"{key} dtype -> {dtype}", _safetensors_bytes({**header, key: {**entry, "dtype": dtype}}, body)
+        if len(entry["shape"]) > 1:
+            shape = entry["shape"][::-1] if entry["shape"][0] != entry["shape"][-1] else [math.prod(entry["shape"])]
+            yield f"{key} shape -> {shape}", _safetensors_bytes({**header, key: {**entry, "shape": shape}}, body)
+        renamed = {(f"{key}_" if name == key else name): value for name, value in header.items()}
+        yield f"{key} renamed", _safetensors_bytes(renamed, body)
+        start, end = entry["data_offsets"]
+        if end > start:
+            moved = {**entry, "data_offsets": [start + 1, end + 1] if end < len(body) else [start - 1, end - 1]}
+            yield f"{key} byte range moved by one", _safetensors_bytes({**header, key: moved}, body)
+
+
+class _Forged:
+    """Pickles as a call of ``function`` on ``args``: what torch.load runs for a pickle whose program was edited."""
+
+    def __init__(self, function: object, args: tuple) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple[object, tuple]:
+        return self.function, self.args
+
+
+def _forged_pickle(saved: Saved, name: str, args: tuple) -> bytes:
+    """The saved pickle with weight ``name`` rebuilt from ``args`` (the other weight as saved)."""
+    weights = {key: saved.model[key].weight for key in ("a", "b")}
+    function, _ = weights[name].__reduce__()
+    buffer = io.BytesIO()
+    torch.save({**weights, name: _Forged(function, args)}, buffer)
+    return buffer.getvalue()
+
+
+def _pickle_edits(saved: Saved) -> Iterator[tuple[str, bytes]]:
+    """Each weight of the pickle rebuilt with one argument changed: a tensor read as another dtype of its item
+    size, a checksum, or a field (pattern, vector, shape, block) set to another plausible value."""
+    for name in ("a", "b"):
+        _, args = saved.model[name].weight.__reduce__()
+        for i, value in enumerate(args):
+            edits: list[tuple[str, object]] = []
+            if isinstance(value, torch.Tensor):
+                reinterpret = {torch.float32: torch.int32, torch.int32: torch.float32, torch.float16: torch.bfloat16,
+                               torch.bfloat16: torch.float16, torch.uint8: torch.int8}[value.dtype]
+                edits.append((f"{value.dtype} -> {reinterpret}", value.view(reinterpret)))
+            elif isinstance(value, dict):
+                edits += [(f"checksum of {key} changed", {**value, key: value[key] + 1}) for key in value]
+            else:
+                edits += [(f"{value!r} -> {other!r}", other) for other in _alternatives(value)]
+            for what, other in edits:
+                edited = (*args[:i], other, *args[i + 1:])
+                yield f"weight {name!r} argument {i}: {what}", _forged_pickle(saved, name, edited)
+
+
+def _swaps(saved: Saved) -> Iterator[tuple[str, bytes]]:
+    """Every stored tensor exchanged with each other one of the same shape and dtype (and other bytes), within
+    a layer or across the two."""
+    if saved.kind == "pickle":
+        args = {name: saved.model[name].weight.__reduce__()[1] for name in ("a", "b")}
+        for i, value in enumerate(args["a"]):
+            if isinstance(value, torch.Tensor):
+                swapped = (*args["a"][:i], args["b"][i], *args["a"][i + 1:])
+                yield f"tensor argument {i} of 'a' and 'b' swapped", _forged_pickle(saved, "a", swapped)
+        return
+    tensors = safetensors.torch.load(saved.data)
+    metadata = _safetensors_parts(saved.data)[0]["__metadata__"]
+    keys = sorted(tensors)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            one, other = tensors[first], tensors[second]
+            if one.shape == other.shape and one.dtype == other.dtype and not _bits_equal(one, other):
+                swapped = {**tensors, first: other, second: one}
+                yield f"{first} and {second} swapped", safetensors.torch.save(swapped, metadata=metadata)
+
+
+CORRUPTIONS: dict[str, Callable[[Saved], Iterator[tuple[str, bytes]]]] = {
+    "truncated": _truncations,
+    "header-flips": lambda saved: _flips(saved, "header"),
+    "data-flips": lambda saved: _flips(saved, "data"),
+    "header-edits": _header_edits,
+    "swapped-tensors": _swaps,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol", "ignore:TypedStorage is deprecated")
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("kind", FILE_KINDS)
+@pytest.mark.parametrize("fmt", CORRUPTIBLE)
+def test_a_corrupted_file_is_refused_or_loads_what_was_saved(fmt: str, kind: str, corruption: str,
+                                                              tmp_path: Path) -> None:
+    saved = _save(kind, fmt, tmp_path / "saved")
+    path = tmp_path / "corrupted"
+    assert _refused_or_identical(saved, saved.data, path, "as saved") is None
+    assert saved.load(path)[1] == saved.expected()[1]  # (and not refused)
+    corrupted = list(CORRUPTIONS[corruption](saved))
+    assert corrupted
+    problems = [problem for what, data in corrupted if (problem := _refused_or_identical(saved, data, path, what))]
+    problems = [problem for problem in problems if not problem.startswith(FIELDS_ONLY)]
+    assert not problems, "\n".join(problems)
+
+
+def _with_fields_changed(saved: Saved, change: str) -> bytes:
+    """Weight ``a`` with only a field changed: its K (64 -> 80) in the metadata or the pickle's arguments, or, in a
+    pickle, its half-precision values read as the other half-precision dtype."""
+    if saved.kind == "pickle":
+        args = list(saved.model["a"].weight.__reduce__()[1])
+        if change == "K":
+            position = args.index((32, 64))
+            args[position] = (32, 80)
+        else:
+            other = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}[args[0].dtype]
+            args[0] = args[0].view(other)
+        return _forged_pickle(saved, "a", tuple(args))
+    tensors = safetensors.torch.load(saved.data)
+    metadata = _safetensors_parts(saved.data)[0]["__metadata__"]
+    header = json.loads(metadata["nmspmm"])
+    header["weights"]["a"]["shape"] = [32, 80]
+    return safetensors.torch.save(tensors, metadata={**metadata, "nmspmm": json.dumps(header)})
+
+
+@pytest.mark.xfail(strict=True, reason=FIELDS_UNCHECKED)
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize(
+    ("fmt", "kind", "change"),
+    [("csr", "safetensors", "K"), ("block", "safetensors", "K"), ("csr", "pickle", "K"), ("block", "pickle", "K"),
+     ("csr", "pickle", "dtype"), ("nm-dropped", "pickle", "dtype")],
+)
+def test_a_change_of_fields_alone_is_refused(fmt: str, kind: str, change: str, tmp_path: Path) -> None:
+    saved = _save(kind, fmt, tmp_path / "saved")
+    assert _refused_or_identical(saved, _with_fields_changed(saved, change), tmp_path / "corrupted", change) is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15, point 5: torch.load of a 0-byte file raises EOFError with an empty message (torch's own "
+    "error; nmspmm does not wrap torch.load)",
+)
+def test_an_empty_pickle_is_refused_with_a_message(tmp_path: Path) -> None:
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(Exception, match=r"\S"):
+        torch.load(path)

@@ -96,7 +96,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
             f"{sorted(weights)} differ"
         )
     for name, class_name in model_header["modules"].items():
-        replace_module(model, name, _sparse_layer(model, name, SPARSE_MODULES[class_name], weights[name], tensors))
+        layer = _sparse_layer(model, name, SPARSE_MODULES[class_name], weights[name], tensors, path)
+        replace_module(model, name, layer)
     verify_checksums(tensors, model_header["checksums"], f"path {path!r}")
     for alias, source in model_header["aliases"].items():
         if source not in tensors:
@@ -154,9 +155,11 @@ def _read_model_header(metadata: dict[str, str], path: str) -> dict[str, Any]:
 
 
 def _sparse_layer(
-    model: nn.Module, name: str, cls: type, weight: Any, tensors: dict[str, torch.Tensor]
+    model: nn.Module, name: str, cls: type, weight: Any, tensors: dict[str, torch.Tensor], path: str
 ) -> nn.Module:
-    """The sparse layer ``cls`` over ``weight`` (and the file's bias) that replaces the ``nn.Linear`` ``name``."""
+    """The sparse layer ``cls`` over ``weight`` (and the file's bias) that replaces the ``nn.Linear`` ``name``;
+    ValueError naming ``path`` when the file's weight or bias does not make one (another format, a bias of
+    another dtype)."""
     try:
         linear = model.get_submodule(name)
     except AttributeError:
@@ -174,7 +177,11 @@ def _sparse_layer(
     if (bias is None) != (linear.bias is None):
         raise ValueError(f"model: the layer {name!r} {'has' if linear.bias is not None else 'has no'} bias, the file "
                          f"{'has none' if bias is None else 'has one'}")
-    layer = cls(weight, bias).to(device=linear.weight.device, dtype=linear.weight.dtype)
+    try:
+        layer = cls(weight, bias)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"path: {path!r} layer {name!r} is inconsistent: {error}") from error
+    layer = layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
     layer.values.requires_grad_(linear.weight.requires_grad)
     return layer
 

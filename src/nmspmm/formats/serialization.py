@@ -206,6 +206,9 @@ def _rebuild(
 ) -> SparseWeight:
     """Construct (and so validate) one weight from its metadata and tensors; raise ValueError naming it."""
     cls = WEIGHT_CLASSES[fields["format"]]
+    missing = [f"{name}.{field}" for field in cls.STATE_TENSORS if f"{name}.{field}" not in tensors]
+    if missing:
+        raise ValueError(f"path: {path!r} does not hold the tensors its metadata describes (missing {missing})")
     own = {field: tensors[f"{name}.{field}"] for field in cls.STATE_TENSORS}
     state = {key: value for key, value in fields.items() if key != "format"}
     try:

@@ -87,9 +87,10 @@ def _transposed_write_min_tokens() -> int:
 class CSRProduct:
     """The SpMM for one CSR weight and one layout of ``xt`` [K, M] and ``out`` [M, N], prepared once: a call writes
     ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their data pointers are
-    read, except where the weight has no nonzeros). See :func:`csr_spmm` for the arguments."""
+    read, also where nothing is launched: the fill then writes through the prepared layout). See :func:`csr_spmm`
+    for the arguments."""
 
-    __slots__ = ("_launch", "_out_t_shape", "_transpose", "_fill")
+    __slots__ = ("_launch", "_out_t_shape", "_transpose", "_fill", "_out_layout")
 
     def __init__(
         self,
@@ -106,6 +107,9 @@ class CSRProduct:
         tokens, rows = out_shape
         self._launch = self._transpose = self._out_t_shape = None
         self._fill = bias  # where the weight has no nonzeros: the bias, or zeros
+        # The [M, N] view the fill writes: out may come as another view of that memory (ProductPlan's
+        # feature-major [N, M] result), so the prepared shape and strides say where each element goes.
+        self._out_layout = (tuple(out_shape), tuple(out_strides))
         if tokens * rows == 0 or values.numel() == 0:
             return
         if out_strides[0] != 1 and tokens >= _transposed_write_min_tokens():
@@ -129,6 +133,7 @@ class CSRProduct:
 
     def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
         if self._launch is None:
+            out = out.as_strided(*self._out_layout)
             if self._fill is not None:
                 out.copy_(self._fill.expand_as(out))
             else:
