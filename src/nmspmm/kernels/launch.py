@@ -55,17 +55,24 @@ INT32_OFFSETS = 2**31
 def max_offset(shape: Sequence[int], strides: Sequence[int]) -> int:
     """The largest element offset a tensor of ``shape`` and ``strides`` reaches from its first element (0 when
     empty)."""
-    if 0 in shape:
-        return 0
-    return sum((size - 1) * abs(stride) for size, stride in zip(shape, strides))
+    largest = 0
+    for size, stride in zip(shape, strides):  # plain loops: torch.compile traces this (shapes may be symbolic)
+        if size == 0:
+            return 0
+        largest += (size - 1) * abs(stride)
+    return largest
 
 
 def wide_offsets(*layouts: tuple[Sequence[int], Sequence[int]], extents: Sequence[int] = ()) -> bool:
     """Whether a kernel's offsets into tensors of these ``(shape, strides)`` layouts, or into contiguous operands of
     ``extents`` elements, reach :data:`INT32_OFFSETS`: it must then index in int64 (its ``WIDE`` switch, off for
     every smaller product, which thus runs the same code as without it)."""
-    largest = max((max_offset(shape, strides) for shape, strides in layouts), default=0)
-    return max(largest, *extents, 0) >= INT32_OFFSETS
+    largest = 0
+    for shape, strides in layouts:
+        largest = max(largest, max_offset(shape, strides))
+    for extent in extents:
+        largest = max(largest, extent)
+    return largest >= INT32_OFFSETS
 
 
 @functools.lru_cache(maxsize=None)
