@@ -153,34 +153,44 @@ MAX_PLANS = 64
 def kept_plan(
     x: torch.Tensor,
     weight: SparseWeightBase,
+    weight_type: type,
     bias: torch.Tensor | None,
     backend: str,
-    layout: str,
-    sources: tuple[torch.Tensor | None, ...],
-    build: Callable[[], Any],
-) -> Any:
-    """The launch plan ``weight`` keeps for this layout of ``x`` (shape, strides, dtype, device, ``backend``,
-    ``layout`` and fp32's matmul precision), or the one ``build()`` makes (then kept), or None where a plan cannot
-    serve the call: torch.compile traces, or ``build`` declines. A kept plan serves while the tensors it was built
-    from, ``sources`` (the weight's stored tensors and ``bias``), are the same objects; a hit skips every check,
-    since the key implies those that depend on ``x``. ``build`` runs the full checks (raising the product's clear
-    errors) and returns a callable ``plan(x, *operands) -> y`` or None. The one way every format keeps its plans."""
-    if not isinstance(x, torch.Tensor) or (bias is not None and not isinstance(bias, torch.Tensor)):
+    feature_major: bool,
+    make: Callable[[], ProductPlan],
+) -> ProductPlan | None:
+    """The :class:`ProductPlan` ``weight`` keeps for this layout of ``x`` (shape, strides, dtype, device,
+    ``backend``, ``feature_major`` and fp32's matmul precision), or the one ``make()`` builds (then kept), or None
+    where the call takes the full path: ``weight`` is not a ``weight_type``, torch.compile traces, the product
+    does not run the Triton kernels, or x or the weight has a layout a plan cannot take. A kept plan serves while
+    the tensors it was built from (the weight's stored tensors and ``bias``) are the same objects; a hit skips
+    every check, since the key implies those that depend on ``x``. Building runs the full checks first, so bad
+    arguments get the product's clear errors. The one way every format keeps its plans."""
+    if not isinstance(weight, weight_type) or not isinstance(x, torch.Tensor):
+        return None
+    if bias is not None and not isinstance(bias, torch.Tensor):
         return None
     if torch.compiler.is_compiling():
         return None
     precision = input_precision(x.dtype) if x.dtype is torch.float32 else None
-    key = (x.shape, x.stride(), x.dtype, x.device, backend, layout, precision)
+    key = (x.shape, x.stride(), x.dtype, x.device, backend, feature_major, precision)
+    sources = [getattr(weight, name) for name in weight.STATE_TENSORS]
+    sources.append(bias)
     plans = weight.launch_plans
     plan = plans.get(key)
     if plan is not None and _same_objects(plan.sources, sources):
         return plan
-    plan = build()
-    if plan is not None:
-        if len(plans) >= MAX_PLANS:
-            plans.clear()
-        plan.sources = sources
-        plans[key] = plan
+    check_operands(x, weight, weight_type, bias, feature_axis=0 if feature_major else -1)
+    check_backend(backend)
+    if not use_triton(backend, x.device) or not plannable(x, feature_major):
+        return None
+    if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+    plan = make()
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plan.sources = tuple(sources)
+    plans[key] = plan
     return plan
 
 

@@ -11,7 +11,7 @@ from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_f
 from ..kernels.block_sparse import BlockSparseProduct
 from .backend import (
     ProductPlan, call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad,
-    plannable, reference_linear, use_triton,
+    reference_linear, use_triton,
 )
 
 _OP_SCHEMA = (
@@ -108,23 +108,14 @@ def _kept_plan(
 ) -> ProductPlan | None:
     """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
     the full path."""
-    if not isinstance(weight, BlockShuffledWeight):
-        return None
 
-    def build() -> ProductPlan | None:
-        check_operands(x, weight, BlockShuffledWeight, bias)
-        check_backend(backend)
-        if not use_triton(backend, x.device) or not plannable(x, False):
-            return None
-        if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-            return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+    def make() -> ProductPlan:
         return _plan(
             tuple(x.shape), x.stride(), weight.values, weight.block_columns, weight.block_row_offsets,
             weight.block_row_order, weight.row_permutation, bias,
         )
 
-    sources = (weight.values, weight.block_columns, weight.block_row_offsets, weight.row_permutation, bias)
-    return kept_plan(x, weight, bias, backend, "rows", sources, build)
+    return kept_plan(x, weight, BlockShuffledWeight, bias, backend, False, make)
 
 
 def _fake(

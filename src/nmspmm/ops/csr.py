@@ -15,7 +15,7 @@ from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddm
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import (
     ProductPlan, call_op, check_backend, check_dtype_and_device, check_gradient_extent, check_int32_offsets,
-    check_operands, define_op, input_precision, kept_plan, needs_grad, plannable, reference_linear, use_triton,
+    check_operands, define_op, input_precision, kept_plan, needs_grad, reference_linear, use_triton,
 )
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
@@ -188,24 +188,14 @@ def _kept_plan(
 ) -> ProductPlan | None:
     """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
     the full path."""
-    if not isinstance(weight, CSRWeight):
-        return None
 
-    def build() -> ProductPlan | None:
-        check_operands(x, weight, CSRWeight, bias, feature_axis=0 if feature_major else -1)
-        check_backend(backend)
-        if not use_triton(backend, x.device) or not plannable(x, feature_major):
-            return None
-        if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-            return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+    def make() -> ProductPlan:
         return _plan(
             tuple(x.shape), x.stride(), feature_major, weight.values, weight.col_indices, weight.row_offsets,
             weight.row_order(), bias,
         )
 
-    layout = "features" if feature_major else "rows"
-    sources = (weight.values, weight.col_indices, weight.row_offsets, bias)
-    return kept_plan(x, weight, bias, backend, layout, sources, build)
+    return kept_plan(x, weight, CSRWeight, bias, backend, feature_major, make)
 
 
 def _row_major_fake(

@@ -14,7 +14,7 @@ from ..kernels.nm_element import ElementProduct
 from ..kernels.nm_vector import VectorProduct
 from .backend import (
     ProductPlan, call_op, check_backend, check_gradient_extent, check_operands, define_op, input_precision,
-    kept_plan, needs_grad, plannable, reference_linear, use_triton,
+    kept_plan, needs_grad, reference_linear, use_triton,
 )
 
 # Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
@@ -279,23 +279,14 @@ def _kept_plan(
 ) -> ProductPlan | None:
     """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
     the full path."""
-    if not isinstance(weight, NMSparseWeight):
-        return None
 
-    def build() -> ProductPlan | None:
-        check_operands(x, weight, NMSparseWeight, bias, feature_axis=0 if feature_major else -1)
-        check_backend(backend)
-        if not use_triton(backend, x.device) or not plannable(x, feature_major):
-            return None
-        if not weight.values.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-            return None  # a plan would hold contiguous copies, which later in-place updates would not reach
+    def make() -> ProductPlan:
         return _plan(
             tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n,
             weight.m, weight.vector,
         )
 
-    layout = "features" if feature_major else "rows"
-    return kept_plan(x, weight, bias, backend, layout, (weight.values, weight.offsets, bias), build)
+    return kept_plan(x, weight, NMSparseWeight, bias, backend, feature_major, make)
 
 
 def _reference(
