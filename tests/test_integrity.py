@@ -102,15 +102,9 @@ def test_a_cast_that_overflows_is_refused_but_held_nonfinite_values_move():
 # very data saved; never other data.
 # ---------------------------------------------------------------------------------------------------------
 
-# A known bug (issue 15, point 1): the saved checksums cover the tensors' bytes, not the fields that give them their
-# meaning. A CSR or block-shuffled weight whose K grows in the file (its indices still fit) loads as a weight of
-# another shape, and in a pickle a tensor read as another dtype of its size (float16 <-> bfloat16) loads as other
-# values. test_a_change_of_fields_alone_is_refused holds those cases (strict xfail); the sweeps below set aside
-# what loads the saved bytes under other fields (problems starting with FIELDS_ONLY) and check everything else.
-FIELDS_UNCHECKED = (
-    "bug: checksums cover the stored bytes but not the fields read with them (a CSR or block-shuffled weight's K "
-    "in either file kind; a tensor's dtype in a pickle), so changing those alone loads other weights"
-)
+# Fields read with unchanged bytes (a CSR or block-shuffled weight's K, a pickled tensor read as the other
+# half-precision dtype) would load other weights: the field checksums must refuse them. _refused_or_identical
+# marks such loads with FIELDS_ONLY, so that a failure says what kind of change got through.
 FIELDS_ONLY = "fields only: "
 
 # Two weights of one shape per file (so that tensors can be swapped between them), for each format: both N:M
@@ -312,7 +306,11 @@ def _edited_metadata(metadata: dict[str, str]) -> Iterator[tuple[str, dict[str, 
         edited = json.loads(metadata["nmspmm"])
         edited["checksums"][key] += 1
         yield f"checksum of {key} changed", {**metadata, "nmspmm": json.dumps(edited)}
-    for version in (1, 2, 4):
+    for name in header["field_checksums"]:
+        edited = json.loads(metadata["nmspmm"])
+        edited["field_checksums"][name] += 1
+        yield f"field checksum of {name} changed", {**metadata, "nmspmm": json.dumps(edited)}
+    for version in (1, 2, 3, 5):
         edited = {**header, "version": version}
         yield f"version -> {version}", {**metadata, "nmspmm": json.dumps(edited)}
     if "nmspmm_model" in metadata:
@@ -435,7 +433,6 @@ def test_a_corrupted_file_is_refused_or_loads_what_was_saved(fmt: str, kind: str
     corrupted = list(CORRUPTIONS[corruption](saved))
     assert corrupted
     problems = [problem for what, data in corrupted if (problem := _refused_or_identical(saved, data, path, what))]
-    problems = [problem for problem in problems if not problem.startswith(FIELDS_ONLY)]
     assert not problems, "\n".join(problems)
 
 
@@ -458,7 +455,6 @@ def _with_fields_changed(saved: Saved, change: str) -> bytes:
     return safetensors.torch.save(tensors, metadata={**metadata, "nmspmm": json.dumps(header)})
 
 
-@pytest.mark.xfail(strict=True, reason=FIELDS_UNCHECKED)
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize(
     ("fmt", "kind", "change"),

@@ -164,16 +164,16 @@ def test_safetensors_file_layout(tmp_path: Path) -> None:
     with safe_open(tmp_path / "w.safetensors", framework="pt") as file:
         assert sorted(file.keys()) == ["a.offsets", "a.values"]
         header = json.loads(file.metadata()["nmspmm"])
+    fields = {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}
     assert header == {
         "format": "nmspmm",
-        "version": 3,
-        "weights": {
-            "a": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K], "dtype": "float16"}
-        },
+        "version": 4,
+        "weights": {"a": fields},
         "checksums": {
             "a.values": zlib.crc32(weight.values.view(torch.uint8).numpy().tobytes()),
             "a.offsets": zlib.crc32(weight.offsets.numpy().tobytes()),
         },
+        "field_checksums": {"a": zlib.crc32(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())},
     }
 
 
@@ -225,7 +225,7 @@ def _edit_weight(field: str, value: object):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (_edit_header("version", 1), r"expected a format version in \(2, 3\), got 1"),
+        (_edit_header("version", 1), r"expected a format version in \(2, 3, 4\), got 1"),
         (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
         (
             _edit_weight("format", "Dense"),
@@ -362,9 +362,26 @@ def test_files_written_before_checksums_still_load(tmp_path: Path) -> None:
         header = json.loads(file.metadata()["nmspmm"])
         tensors = {key: file.get_tensor(key) for key in file.keys()}
     header["version"] = 2
-    del header["checksums"]
+    del header["checksums"], header["field_checksums"]
     save_file(tensors, str(path), metadata={"nmspmm": json.dumps(header)})
     assert_same(load_safetensors(path)["w"], weight)
+
+
+def test_files_written_before_field_checksums_still_load(tmp_path: Path) -> None:
+    weight = make("8:32", 16)
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"w": weight}, path)
+    with safe_open(path, framework="pt") as file:
+        header = json.loads(file.metadata()["nmspmm"])
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    header["version"] = 3
+    del header["field_checksums"]
+    save_file(tensors, str(path), metadata={"nmspmm": json.dumps(header)})
+    assert_same(load_safetensors(path)["w"], weight)
+    header["version"] = 4  # a current file must carry them
+    save_file(tensors, str(path), metadata={"nmspmm": json.dumps(header)})
+    with pytest.raises(ValueError, match="expected a 'field_checksums' object of ints, got None"):
+        load_safetensors(path)
 
 
 # ---- CSRWeight: torch.save / torch.load and its state -------------------------------------------------------

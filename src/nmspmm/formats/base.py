@@ -4,9 +4,10 @@ below pruning and import nothing of it)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -21,6 +22,22 @@ def checksum(tensor: torch.Tensor) -> int:
     with every saved weight and checked on load, since neither torch.load nor safetensors checks the data."""
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
     return zlib.crc32(memoryview(data.numpy()))
+
+
+def fields_checksum(fields: Mapping[str, Any]) -> int:
+    """CRC-32 of a weight's JSON-able fields (format, pattern, shape, dtype, ...) in one canonical JSON form: saved
+    beside its tensors' checksums, since unchanged bytes read under another field (a larger K, the other
+    half-precision dtype) would load other weights."""
+    return zlib.crc32(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+
+
+def verify_fields(fields: Mapping[str, Any], saved: int | None, where: str) -> None:
+    """Refuse ``fields`` (as rebuilt from a file) whose :func:`fields_checksum` differs from the one saved with
+    them (None: a file written before field checksums)."""
+    if saved is not None and fields_checksum(fields) != saved:
+        raise ValueError(
+            f"fields: {dict(fields)} do not match the checksum saved with them: {where} is corrupted"
+        )
 
 
 def verify_checksums(tensors: dict[str, torch.Tensor], checksums: dict[str, int] | None, where: str) -> None:
@@ -93,8 +110,19 @@ class SparseWeightBase:
 
     def state_checksums(self) -> dict[str, int]:
         """:func:`checksum` of every stored tensor that holds values (:func:`holds_values`; a shape-only one has no
-        bytes to sum), by field name (what a pickle or file carries beside them)."""
-        return {name: checksum(tensor) for name, tensor in self.state_tensors().items() if holds_values(tensor)}
+        bytes to sum), by field name, and under ``"fields"`` the :func:`fields_checksum` of :meth:`state_fields`:
+        what a pickle carries beside them (:meth:`verify_state_checksums`)."""
+        sums = {name: checksum(tensor) for name, tensor in self.state_tensors().items() if holds_values(tensor)}
+        sums["fields"] = fields_checksum(self.state_fields())
+        return sums
+
+    def verify_state_checksums(self, checksums: dict[str, int] | None, where: str) -> None:
+        """Refuse this weight, just rebuilt from a pickle, where its tensors or fields differ from the
+        :meth:`state_checksums` saved with it (pickles written before them have none, or no ``"fields"``)."""
+        if checksums is None:
+            return
+        verify_checksums(self.state_tensors(), checksums, where)
+        verify_fields(self.state_fields(), checksums.get("fields"), where)
 
     @property
     def shape_only(self) -> bool:

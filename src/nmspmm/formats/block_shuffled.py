@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .base import SparseWeightBase, deprecated_prune, verify_checksums
+from .base import SparseWeightBase, deprecated_prune
 from .pattern import SUPPORTED_DTYPES, check_shape, check_values, checked_mask, holds_values
 
 # Block sides: tl.dot needs every operand dimension >= 16, and larger tiles stop fitting in registers.
@@ -414,11 +414,7 @@ def _rebuild_block_shuffled_weight(
     """Unpickling entry point: the constructor, which validates everything a file may have tampered with, then
     the saved checksums, which catch a change that still validates (pickles written before them have none)."""
     weight = BlockShuffledWeight(values, block_columns, block_row_offsets, row_permutation, shape, block)
-    tensors = {
-        "values": values, "block_columns": block_columns, "block_row_offsets": block_row_offsets,
-        "row_permutation": row_permutation,
-    }
-    verify_checksums(tensors, checksums, "the pickled BlockShuffledWeight")
+    weight.verify_state_checksums(checksums, "the pickled BlockShuffledWeight")
     return weight
 
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import SparseWeightBase, deprecated_prune, verify_checksums
+from .base import SparseWeightBase, deprecated_prune
 from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask, holds_values
 
 INDEX_DTYPE = torch.int32
@@ -322,8 +322,7 @@ def _rebuild_csr_weight(
     """Unpickling entry point: the constructor, which validates everything a file may have tampered with, then
     the saved checksums, which catch a change that still validates (pickles written before them have none)."""
     weight = CSRWeight(values, col_indices, row_offsets, shape)
-    tensors = {"values": values, "col_indices": col_indices, "row_offsets": row_offsets}
-    verify_checksums(tensors, checksums, "the pickled CSRWeight")
+    weight.verify_state_checksums(checksums, "the pickled CSRWeight")
     return weight
 
 

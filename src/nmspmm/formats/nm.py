@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import SparseWeightBase, verify_checksums
+from .base import SparseWeightBase
 from .pattern import (
     check_shape,
     check_state_dtype,
@@ -294,7 +294,7 @@ def _rebuild_nm_sparse_weight(
     """Unpickling entry point: the constructor, which validates everything a file may have tampered with, then
     the saved checksums, which catch a change that still validates (pickles written before them have none)."""
     weight = NMSparseWeight(values, offsets, pattern, vector, shape)
-    verify_checksums({"values": values, "offsets": offsets}, checksums, "the pickled NMSparseWeight")
+    weight.verify_state_checksums(checksums, "the pickled NMSparseWeight")
     return weight
 
 

@@ -4,9 +4,11 @@ A file holds, per weight ``<name>`` of any format (:class:`NMSparseWeight`, :cla
 :class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and ``offsets``), and one
 metadata entry, ``"nmspmm"``, a JSON object::
 
-    {"format": "nmspmm", "version": 2,
+    {"format": "nmspmm", "version": 4,
      "weights": {"<name>": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K],
-                            "dtype": "float16"}, ...}}
+                            "dtype": "float16"}, ...},
+     "checksums": {"<name>.<field>": <CRC-32 of its bytes>, ...},
+     "field_checksums": {"<name>": <CRC-32 of its fields as canonical JSON>, ...}}
 
 Loading rebuilds every weight through its class's validating constructor, so a file whose indices or shapes
 were tampered with is refused with a ValueError rather than producing wrong products.
@@ -24,16 +26,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .base import checksum, verify_checksums
+from .base import checksum, fields_checksum, verify_checksums, verify_fields
 from .block_shuffled import BlockShuffledWeight
 from .csr import CSRWeight
 from .nm import NMSparseWeight
 from .pattern import holds_values
 
 FILE_FORMAT = "nmspmm"
-FORMAT_VERSION = 3
-# Version 2 files (before checksums) still load, unchecked.
-READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+# Version 2 files (before checksums) still load, unchecked; version 3 (before field checksums) without the fields'.
+READABLE_VERSIONS = (2, 3, 4)
 METADATA_KEY = "nmspmm"
 DEFAULT_NAME = "weight"
 SparseWeight = NMSparseWeight | CSRWeight | BlockShuffledWeight
@@ -100,7 +102,9 @@ def weights_payload(
             tensors[f"{name}.{field}"] = unshared_cpu(tensor, storages, f"{name}.{field}")
         described[name] = {"format": type(weight).__name__, **weight.state_fields()}
     checksums = {key: checksum(tensor) for key, tensor in tensors.items()}
-    return tensors, {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described, "checksums": checksums}
+    field_checksums = {name: fields_checksum(fields) for name, fields in described.items()}
+    header = {"format": FILE_FORMAT, "version": FORMAT_VERSION, "weights": described, "checksums": checksums}
+    return tensors, {**header, "field_checksums": field_checksums}
 
 
 def unshared_cpu(tensor: torch.Tensor, storages: set[int], name: str) -> torch.Tensor:
@@ -158,7 +162,14 @@ def rebuild_weights(
         name: _rebuild(name, fields, tensors, path, allow_nonfinite) for name, fields in header["weights"].items()
     }
     # After validation, which names what a change breaks; the checksums catch a change that still validates.
-    verify_checksums(tensors, header.get("checksums"), f"path {path!r}")
+    where = f"path {path!r}"
+    verify_checksums(tensors, header.get("checksums"), where)
+    field_checksums = header.get("field_checksums", {})
+    for name, weight in weights.items():
+        if header["version"] >= 4 and name not in field_checksums:
+            raise ValueError(f"path: {path!r} metadata: no field checksum for weight {name!r}: the file is corrupted")
+        fields = {"format": type(weight).__name__, **weight.state_fields()}
+        verify_fields(fields, field_checksums.get(name), f"{where} (weight {name!r})")
     return weights
 
 
@@ -185,6 +196,12 @@ def read_header(metadata: dict[str, str] | None, path: str) -> dict[str, Any]:
     weights = header.get("weights")
     if not isinstance(weights, dict):
         raise ValueError(f"path: {path!r} metadata: expected a 'weights' object, got {weights!r}")
+    field_checksums = header.get("field_checksums")
+    if header["version"] >= 4 and (
+        not isinstance(field_checksums, dict) or not all(isinstance(c, int) for c in field_checksums.values())
+    ):
+        got = field_checksums
+        raise ValueError(f"path: {path!r} metadata: expected a 'field_checksums' object of ints, got {got!r}")
     for name, fields in weights.items():
         cls = WEIGHT_CLASSES.get(fields.get("format")) if isinstance(fields, dict) else None
         if cls is None:
