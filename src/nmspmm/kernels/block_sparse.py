@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FEW_TOKENS, Launcher, cdiv, interpreter_active, next_power_of_2, upcasts_bf16
-from .split_k import StreamBuffers, split_k_total
+from .launch import FEW_TOKENS, cdiv, interpreter_active, next_power_of_2, upcasts_bf16
+from .split_k import SplitKLaunch, split_k_total
 
 
 @triton.jit
@@ -103,7 +103,7 @@ class BlockSparseProduct:
     once: a call writes ``x @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their
     data pointers are read). See :func:`block_sparse_matmul` for the arguments."""
 
-    __slots__ = ("_launch", "_buffers")
+    __slots__ = ("_launch",)
 
     def __init__(
         self,
@@ -131,26 +131,17 @@ class BlockSparseProduct:
             values, block_columns, block_row_offsets, block_row_order, row_permutation,
             values if bias is None else bias, tokens, rows, *x_strides, *out_strides, tokens * rows,
         )
-        self._buffers = None
-        if split_k > 1:
-            self._buffers = StreamBuffers(values.device, split_k, tokens, rows, grid[0] * grid[1])
-            trailing = weight
-        else:  # the workspace and counters are not read: any tensor will do
-            trailing = (values, values, *weight)
-        self._launch = Launcher(
-            _block_sparse_kernel, grid, trailing,
+        self._launch = SplitKLaunch(
+            _block_sparse_kernel, grid, weight,
             dict(
                 SPLIT_K=split_k, BN=bn, BK=bk, BLOCK_M=config.block_m, HAS_BIAS=bias is not None,
                 INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
             ),
-            config.num_warps, config.num_stages,
+            config.num_warps, config.num_stages, split_k, tokens, rows, grid[0] * grid[1],
         )
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self._buffers is None:
-            self._launch(x, out)
-        else:
-            self._launch(x, out, *self._buffers.get())
+        self._launch(x, out)
 
 
 def block_sparse_matmul(

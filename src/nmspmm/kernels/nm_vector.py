@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 
 from .launch import (
-    FEW_TOKENS, Launcher, cdiv, interpreter_active, multiprocessors, next_power_of_2, upcasts_bf16, wide_offsets,
+    FEW_TOKENS, cdiv, interpreter_active, multiprocessors, next_power_of_2, upcasts_bf16, wide_offsets,
 )
-from .split_k import StreamBuffers, split_k_total
+from .split_k import SplitKLaunch, split_k_total
 
 
 @triton.jit
@@ -233,7 +233,7 @@ class VectorProduct:
     once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their
     data pointers are read). See :func:`nm_vector_matmul` for the arguments."""
 
-    __slots__ = ("_launch", "_buffers")
+    __slots__ = ("_launch",)
 
     def __init__(
         self,
@@ -256,14 +256,10 @@ class VectorProduct:
         upcast = upcasts_bf16(values.dtype)
         split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
         tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
-        weight = (values, kept_offsets, values if bias is None else bias)
-        sizes = (tokens, rows, kept, *xt_strides, *out_strides, tokens * rows)
-        self._buffers = None
-        if split_k > 1:
-            self._buffers = StreamBuffers(values.device, split_k, tokens, rows, tiles)
-            trailing = (*weight, *sizes)
-        else:  # the workspace and counters are not read: any tensor will do
-            trailing = (values, values, *weight, *sizes)
+        weight = (
+            values, kept_offsets, values if bias is None else bias,
+            tokens, rows, kept, *xt_strides, *out_strides, tokens * rows,
+        )
         constexprs = dict(
             SPLIT_K=split_k, N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -275,15 +271,13 @@ class VectorProduct:
                 (xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept, split_k * tokens * rows)
             ),
         )
-        self._launch = Launcher(
-            _nm_vector_kernel, (tiles, split_k, 1), trailing, constexprs, config.num_warps, config.num_stages
+        self._launch = SplitKLaunch(
+            _nm_vector_kernel, (tiles, split_k, 1), weight, constexprs, config.num_warps, config.num_stages, split_k,
+            tokens, rows, tiles,
         )
 
     def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
-        if self._buffers is None:
-            self._launch(xt, out)
-        else:
-            self._launch(xt, out, *self._buffers.get())
+        self._launch(xt, out)
 
 
 def nm_vector_matmul(

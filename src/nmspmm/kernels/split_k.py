@@ -6,10 +6,13 @@ and no memset: a call costs one launch."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import Launcher
 
 
 @triton.jit
@@ -121,3 +124,29 @@ class StreamBuffers:
         if shared is not None and buffers[1] is shared[1]:
             self._stream, self._buffers = stream, buffers
         return buffers
+
+
+class SplitKLaunch:
+    """The prepared launch (:class:`Launcher`) of a kernel that may split K and reduce the shares inside the launch
+    (:func:`split_k_total`): its leading parameters are x, out, the fp32 workspace and the counters, then
+    ``weight`` (the trailing arguments). A call passes x and out; split, the current stream's buffers
+    (:class:`StreamBuffers`) follow, unsplit the kernel reads neither and the weight's first tensor stands in."""
+
+    __slots__ = ("_launch", "_buffers")
+
+    def __init__(
+        self, kernel: Any, grid: tuple[int, int, int], weight: tuple, constexprs: dict[str, Any], num_warps: int,
+        num_stages: int, split_k: int, tokens: int, rows: int, tiles: int,
+    ) -> None:
+        self._buffers = None
+        if split_k > 1:
+            self._buffers = StreamBuffers(weight[0].device, split_k, tokens, rows, tiles)
+        else:
+            weight = (weight[0], weight[0], *weight)
+        self._launch = Launcher(kernel, grid, weight, constexprs, num_warps, num_stages)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self._buffers is None:
+            self._launch(x, out)
+        else:
+            self._launch(x, out, *self._buffers.get())
