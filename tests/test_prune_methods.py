@@ -412,3 +412,19 @@ def test_sparsegpt_rejects_bad_arguments(change, error, match):
     arguments = dict(weight=weight, gram=x.t() @ x, pattern="2:4", vector=1) | change
     with pytest.raises(error, match=match):
         sparsegpt(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (dict(sparsity=1.0), ValueError, r"sparsity: expected a float in \[0, 1\), got 1.0"),
+        (dict(gram=torch.eye(64)), ValueError, r"gram: expected shape \(128, 128\)"),
+        (dict(weight=torch.randn(4, 128).int()), TypeError, "weight"),
+        (dict(block=0), ValueError, "block: expected a positive multiple of 1, got 0"),
+    ],
+)
+def test_sparsegpt_csr_rejects_bad_arguments(change, error, match):
+    weight, x = _calibration()
+    arguments = dict(weight=weight, gram=x.t() @ x, sparsity=0.5) | change
+    with pytest.raises(error, match=match):
+        sparsegpt_csr(**arguments)
