@@ -236,13 +236,13 @@ def test_sparsify_refuses_a_bad_layer_before_swapping_any(method):
 def test_sparsify_names_the_layer_of_a_later_error(monkeypatch):
     model = nn.Sequential(_dense(32, 32), nn.ReLU(), _dense(32, 32))
 
-    def failing(linear, *args, **kwargs):
+    def failing(weight, linear, **kwargs):
         if linear is model[2]:
             raise ValueError("weight: something a layer cannot be pruned for")
-        return original(linear, *args, **kwargs)
+        return original(weight, linear, **kwargs)
 
-    original = nmspmm.SparseLinear.from_dense
-    monkeypatch.setattr(nmspmm.SparseLinear, "from_dense", failing)
+    original = nmspmm.SparseLinear.of
+    monkeypatch.setattr(nmspmm.SparseLinear, "of", failing)
     with pytest.raises(ValueError, match=r"^2: weight: something a layer cannot be pruned for; swapped before it: 0$"):
         nmspmm.sparsify(model, "2:4", vector=16)
 
@@ -304,7 +304,8 @@ def test_sparsify_twice_is_a_no_op():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"method": "sparsegpt"}, ValueError, r"method: expected one of \('magnitude', 'wanda'\), got 'sparsegpt'"),
+        ({"method": "obs"}, ValueError, r"method: expected one of \('magnitude', 'wanda', 'sparsegpt'\), got 'obs'"),
+        ({"method": "sparsegpt"}, ValueError, r"calibration: method 'sparsegpt' needs an iterable of input batches"),
         ({"method": "wanda"}, ValueError, r"calibration: method 'wanda' needs an iterable of input batches"),
         ({"pattern": "4:4"}, ValueError, r"pattern: n must satisfy 1 <= n < m"),
         ({"vector": 8}, ValueError, r"vector: expected one of"),
@@ -332,7 +333,7 @@ def test_sparsify_wanda_uses_the_calibration_norms(monkeypatch):
         return nmspmm.magnitude_mask(weight.abs() * input_norm, pattern, vector)
 
     monkeypatch.setattr(PRUNE, "collect_input_norms", collect_input_norms, raising=False)
-    monkeypatch.setattr(PRUNE, "wanda_mask", wanda_mask, raising=False)
+    monkeypatch.setattr(nmspmm.nn, "wanda_mask", wanda_mask)
     dense_first = model[0].weight.detach().clone()
     report = nmspmm.sparsify(
         model, "2:8", vector=16, skip=lambda name, _: name == "3", method="wanda", calibration=batches
@@ -578,7 +579,7 @@ def test_other_formats_refuse_corrupted_state(kwargs, corrupt, match):
         ({"pattern": "block", "sparsity": 0.5, "block": (8, 8)}, ValueError, r"block"),
         (
             {"pattern": "csr", "sparsity": 0.5, "method": "wanda"}, ValueError,
-            r"method: pattern 'csr' prunes by magnitude",
+            r"calibration: method 'wanda' needs an iterable of input batches",
         ),
         ({"pattern": "csr", "sparsity": 0.5, "vector": 16}, ValueError, r"vector: applies to n:m patterns only"),
         ({"pattern": "2:4", "sparsity": 0.5}, ValueError, r"sparsity: an n:m pattern fixes the sparsity"),
@@ -621,7 +622,7 @@ def test_sparsify_takes_config_objects_like_its_short_form():
     [
         (lambda: nmspmm.NMConfig("4:4"), ValueError, r"pattern: n must satisfy 1 <= n < m"),
         (lambda: nmspmm.NMConfig("2:4", 8), ValueError, r"vector: expected one of"),
-        (lambda: nmspmm.NMConfig("2:4", method="sparsegpt"), ValueError, r"method: expected one of"),
+        (lambda: nmspmm.NMConfig("2:4", method="obs"), ValueError, r"method: expected one of"),
         (lambda: nmspmm.CSRConfig(1.0), ValueError, r"sparsity: expected a float in \[0, 1\)"),
         (lambda: nmspmm.BlockConfig(0.5, (8, 8)), ValueError, r"block"),
         (lambda: nmspmm.sparsify(TinyTransformer(), nmspmm.CSRConfig(0.5), vector=16), TypeError,
@@ -662,3 +663,50 @@ def test_sparsify_draws_progress_when_asked(capsys):
     assert "12/12 sparsify 2:4: done" in err and "0/12 sparsify 2:4: blocks.0.attn.q" in err
     nmspmm.sparsify(TinyTransformer(), "2:4", vector=16, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def _correlated_inputs(count: int, tokens: int, width: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Batches of inputs with correlated features of unequal scales, where reconstruction matters."""
+    mix = torch.randn(width, width, generator=generator) / width**0.5 + torch.eye(width)
+    scale = torch.rand(width, generator=generator) * 2 + 0.1
+    return [((torch.randn(tokens, width, generator=generator) @ mix) * scale).to(DEVICE) for _ in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "kwargs"),
+    [("2:4", {"vector": 16}), ("4:8", {}), ("csr", {"sparsity": 0.6}), ("block", {"sparsity": 0.5, "block": (16, 16)})],
+)
+def test_sparsify_sparsegpt_keeps_the_model_closer_than_wanda_and_magnitude(pattern, kwargs):
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(_dense(64, 64), nn.GELU(), _dense(64, 64), nn.GELU(), _dense(32, 64))
+    batches = _correlated_inputs(12, 32, 64, generator)
+    calibration, evaluation = batches[:8], torch.cat(batches[8:])  # one distribution, tokens not calibrated on
+    with torch.no_grad():
+        expected = model(evaluation).double()
+    errors = {}
+    for method in nmspmm.nn.METHODS:
+        pruned = copy.deepcopy(model)
+        report = nmspmm.sparsify(pruned, pattern, method=method,
+                                 calibration=None if method == "magnitude" else calibration, **kwargs)
+        assert report.method == method and report.swapped == ["0", "2", "4"]
+        with torch.no_grad():
+            errors[method] = relative_error(pruned(evaluation).double(), expected)
+    assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
+
+
+def test_sparsify_sparsegpt_leaves_the_model_as_it_was_on_an_error(monkeypatch):
+    model = nn.Sequential(_dense(32, 32), nn.ReLU(), _dense(32, 32), nn.ReLU(), _dense(32, 32))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    original = nmspmm.nn.sparsegpt
+
+    def failing(weight, gram, pattern, vector):
+        if weight.data_ptr() == model[4].weight.data_ptr():
+            raise ValueError("gram: something a layer cannot be pruned for")
+        return original(weight, gram, pattern, vector)
+
+    monkeypatch.setattr(nmspmm.nn, "sparsegpt", failing)
+    with pytest.raises(ValueError, match=r"^4: gram: something a layer cannot be pruned for; no layer was swapped$"):
+        nmspmm.sparsify(model, "2:4", method="sparsegpt", calibration=[torch.randn(8, 32, device=DEVICE)])
+    assert all(type(module) is not nmspmm.SparseLinear for module in model)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())

@@ -1,23 +1,33 @@
-"""Wanda masks and input-norm collection, SparseGPT's reconstruction, the channel permutation search of N:M, the
+"""Wanda masks and input-norm collection, SparseGPT's reconstruction and its layer-by-layer pass through a model,
+the channel permutation search of N:M, the
 row permutation search of block pruning, and kept_magnitude."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
+import nmspmm
+
 from nmspmm.prune import (
+    collect_input_grams,
     collect_input_norms,
     kept_magnitude,
     magnitude_mask,
+    prune_csr,
+    prune_sequentially,
     search_permutation,
     sparsegpt,
+    sparsegpt_block_shuffled,
     sparsegpt_csr,
     unstructured_mask,
+    wanda_csr_mask,
     wanda_mask,
+    wanda_scores,
 )
 from nmspmm.prune.block_shuffle import kept_block_count, prune_block_shuffled, search_row_permutation, tile_magnitudes
 
@@ -403,7 +413,7 @@ def test_sparsegpt_keeps_half_precision_weights():
         (dict(gram=torch.full((128, 128), float("nan"))), ValueError, "gram: expected finite values"),
         (dict(gram="eye"), TypeError, "gram: expected a torch.Tensor, got str"),
         (dict(damping=0.0), ValueError, r"damping: expected a number in \(0, 1\), got 0.0"),
-        (dict(block=30), ValueError, "block: expected a positive multiple of 4, got 30"),
+        (dict(columns=30), ValueError, "columns: expected a positive multiple of 4, got 30"),
         (dict(pattern="3:4", vector=3), ValueError, "vector"),
     ],
 )
@@ -420,7 +430,7 @@ def test_sparsegpt_rejects_bad_arguments(change, error, match):
         (dict(sparsity=1.0), ValueError, r"sparsity: expected a float in \[0, 1\), got 1.0"),
         (dict(gram=torch.eye(64)), ValueError, r"gram: expected shape \(128, 128\)"),
         (dict(weight=torch.randn(4, 128).int()), TypeError, "weight"),
-        (dict(block=0), ValueError, "block: expected a positive multiple of 1, got 0"),
+        (dict(columns=0), ValueError, "columns: expected a positive multiple of 1, got 0"),
     ],
 )
 def test_sparsegpt_csr_rejects_bad_arguments(change, error, match):
@@ -428,3 +438,183 @@ def test_sparsegpt_csr_rejects_bad_arguments(change, error, match):
     arguments = dict(weight=weight, gram=x.t() @ x, sparsity=0.5) | change
     with pytest.raises(error, match=match):
         sparsegpt_csr(**arguments)
+
+
+def test_wanda_csr_mask_keeps_the_largest_scores_of_every_row():
+    weight, norm = torch.randn(12, 40), torch.rand(40) * 3
+    mask = wanda_csr_mask(weight, norm, 0.7)
+    assert mask.sum(1).tolist() == [12] * 12  # round(0.3 * 40) in every row
+    scores = weight.double().abs() * norm.double()
+    for row in range(12):
+        kept = sorted(range(40), key=lambda col: (-float(scores[row, col]), col))[:12]
+        assert mask[row].nonzero().squeeze(1).tolist() == sorted(kept)
+    assert torch.equal(wanda_csr_mask(weight, torch.ones(40), 0.0), torch.ones(12, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"input_norm: expected shape \(40,\), got \(39,\)"):
+        wanda_csr_mask(weight, torch.ones(39), 0.5)
+    with pytest.raises(ValueError, match=r"sparsity: expected a float in \[0, 1\)"):
+        wanda_csr_mask(weight, norm, 1.0)
+
+
+def test_block_pruning_ranks_by_the_scores_given():
+    weight = torch.randn(64, 64)
+    plain = prune_block_shuffled(weight, 0.75, (16, 16))
+    # Scores of |w| are what it ranks without them; Wanda's with equal norms keep the same tiles.
+    assert torch.equal(prune_block_shuffled(weight, 0.75, (16, 16), scores=weight.abs()).mask(), plain.mask())
+    assert torch.equal(prune_block_shuffled(weight, 0.75, (16, 16), scores=wanda_scores(weight, torch.ones(64))).mask(),
+                       plain.mask())
+    # Inputs 0-15 carry all the activation: every kept tile lies over them, and the most such tiles are kept.
+    norm = torch.cat([torch.full((16,), 100.0), torch.full((48,), 1e-3)])
+    for search in (False, True):
+        wanda = prune_block_shuffled(weight, 0.75, (16, 16), search=search, scores=wanda_scores(weight, norm))
+        assert bool(wanda.mask()[:, :16].all()) and not bool(wanda.mask()[:, 16:].any())
+    with pytest.raises(ValueError, match=r"scores: expected shape \(64, 64\), got \(64, 32\)"):
+        prune_block_shuffled(weight, 0.75, (16, 16), scores=torch.ones(64, 32))
+    with pytest.raises(ValueError, match=r"scores: expected finite, non-negative values, got -1.0"):
+        prune_block_shuffled(weight, 0.75, (16, 16), scores=-torch.ones(64, 64))
+
+
+@pytest.mark.parametrize(("sparsity", "block"), [(0.5, (16, 16)), (0.75, (16, 16)), (0.75, (32, 16))])
+def test_sparsegpt_block_shuffled_keeps_the_outputs_better_than_wanda_and_magnitude(sparsity, block):
+    weight, x = _calibration(rows=64, cols=128)
+    gram = x.t() @ x
+    pruned = sparsegpt_block_shuffled(weight, gram, sparsity, block)
+    rows, cols = 64 // block[0], 128 // block[1]
+    assert pruned.values.shape[0] == kept_block_count(rows, cols, sparsity) and pruned.dtype == weight.dtype
+    error = _output_error(x, weight, pruned.to_dense())
+    norm = gram.diagonal().sqrt().float()
+    wanda = prune_block_shuffled(weight, sparsity, block, scores=wanda_scores(weight, norm)).to_dense()
+    magnitude = prune_block_shuffled(weight, sparsity, block).to_dense()
+    assert error < _output_error(x, weight, wanda) < _output_error(x, weight, magnitude)
+    assert error <= 1.3 * _least_squares_error(x, weight, pruned.mask())
+    # Every block-column keeps as many tiles as Wanda's choice gives it.
+    def column_counts(weight: nmspmm.BlockShuffledWeight) -> list[int]:
+        return weight.mask()[weight.row_permutation.long()].reshape(rows, block[0], cols, block[1])[:, 0, :, 0].sum(0)
+
+    wanda_weight = prune_block_shuffled(weight, sparsity, block, scores=wanda_scores(weight, norm))
+    assert torch.equal(pruned.row_permutation, wanda_weight.row_permutation)
+    assert column_counts(pruned).tolist() == column_counts(wanda_weight).tolist()
+
+
+def test_sparsegpt_block_shuffled_rejects_bad_arguments():
+    weight, x = _calibration(rows=64, cols=128)
+    with pytest.raises(ValueError, match=r"columns: expected a positive multiple of 16, got 24"):
+        sparsegpt_block_shuffled(weight, x.t() @ x, 0.5, (16, 16), columns=24)
+    with pytest.raises(ValueError, match=r"gram: expected shape \(128, 128\)"):
+        sparsegpt_block_shuffled(weight, torch.eye(64), 0.5, (16, 16))
+    with pytest.raises(TypeError, match=r"search: expected a bool, got str"):
+        sparsegpt_block_shuffled(weight, x.t() @ x, 0.5, (16, 16), search="yes")
+
+
+def test_collect_input_grams_matches_a_hand_computation():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    batches = [torch.randn(5, 4), torch.randn(2, 3, 4)]
+    grams = collect_input_grams(model, batches)
+    inputs = torch.cat([batches[0], batches[1].reshape(-1, 4)]).double()
+    hidden = torch.relu(inputs @ model[0].weight.double().t() + model[0].bias.double())
+    assert list(grams) == ["0", "2"] and grams["0"].dtype == torch.float64
+    torch.testing.assert_close(grams["0"], inputs.t() @ inputs)
+    torch.testing.assert_close(grams["2"], hidden.t() @ hidden)
+    assert hooks_left(model) == 0
+
+
+class Attention(nn.Module):
+    """q, k and v of one input tensor, then o; an MLP after it; and a head that may run twice per batch."""
+
+    def __init__(self, width: int = 16, head_twice: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, width)
+        self.head_twice = head_twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), dim=-1)
+        x = x + self.o(scores @ self.v(x))
+        x = x + self.down(torch.relu(self.up(x)))
+        return self.head(self.head(x)) if self.head_twice else self.head(x)
+
+
+def _sequential_by_hand(model: nn.Module, batches: list[torch.Tensor], prune_layer) -> dict[str, torch.Tensor]:
+    """The reference procedure written out: for each layer in order, its Gram over all batches on the model with
+    the earlier layers pruned (one full forward per layer), then the layer pruned in place."""
+    names = ["q", "k", "v", "o", "up", "down", "head"]
+    for name in names:
+        module = getattr(model, name)
+        inputs = []
+        handle = module.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].double()))
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+        handle.remove()
+        gram = sum(x.reshape(-1, x.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) for x in inputs)
+        with torch.no_grad():
+            module.weight.copy_(prune_layer(name, module.weight.detach(), gram).to_dense())
+    return {name: getattr(model, name).weight.detach().clone() for name in names}
+
+
+@pytest.mark.parametrize("head_twice", [False, True])
+def test_prune_sequentially_is_the_reference_procedure(head_twice):
+    torch.manual_seed(0)
+    model = Attention(head_twice=head_twice)
+    batches = [torch.randn(2, 5, 16) for _ in range(3)]
+    seen: list[str] = []
+
+    def prune_layer(name, weight, gram):
+        seen.append(name)
+        if head_twice and name == "head":
+            return sparsegpt_csr(weight, gram, 0.5)
+        return sparsegpt(weight, gram, "2:4", 1)
+
+    reference = copy.deepcopy(model)
+    expected = _sequential_by_hand(reference, batches, lambda name, weight, gram: prune_layer(name, weight, gram))
+    seen.clear()
+    calls = {"head": 0}
+    model.head.register_forward_pre_hook(lambda module, args: calls.__setitem__("head", calls["head"] + 1))
+    pruned = prune_sequentially(model, batches, prune_layer)
+    assert seen == list(expected) and list(pruned) == list(expected)
+    for name, weight in expected.items():
+        torch.testing.assert_close(getattr(model, name).weight.detach(), weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(pruned[name].to_dense(), weight, rtol=1e-6, atol=1e-7)
+    # q, k and v share one pass, and a pass stops at its group's last layer: the head runs in the pass that finds
+    # the order and in its own. A head that runs twice per batch lets no pass stop early (one full pass per group).
+    runs_per_batch = 2 if head_twice else 1
+    passes = 1 + (5 if head_twice else 1)  # groups: (q, k, v), o, up, down, head
+    assert calls["head"] == passes * runs_per_batch * len(batches)
+    assert hooks_left(model) == 1  # the counter above
+
+
+def test_prune_sequentially_restores_the_weights_on_an_error():
+    model = Attention()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def prune_layer(name, weight, gram):
+        if name == "up":
+            raise ValueError("up: cannot")
+        return sparsegpt(weight, gram, "2:4", 1)
+
+    with pytest.raises(ValueError, match="up: cannot"):
+        prune_sequentially(model, [torch.randn(2, 5, 16)], prune_layer)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert hooks_left(model) == 0
+
+
+def test_prune_sequentially_bad_arguments():
+    model = Attention()
+    with pytest.raises(ValueError, match=r"batches: expected at least one batch, got none"):
+        prune_sequentially(model, [], lambda name, weight, gram: prune_csr(weight, 0.5))
+    with pytest.raises(ValueError, match=r"names: expected names of nn.Linear modules of model, got \['x'\]"):
+        prune_sequentially(model, [torch.randn(2, 5, 16)], lambda name, weight, gram: prune_csr(weight, 0.5), ["x"])
+    wrapped = _Wrapped(nn.ModuleDict({"model": model, "spare": nn.Linear(4, 4)}))
+    with pytest.raises(ValueError, match=r"names: these linears received no input .*\['inner.spare'\]"):
+        prune_sequentially(wrapped, [torch.randn(2, 5, 16)], lambda name, weight, gram: prune_csr(weight, 0.5),
+                           ["inner.model.q", "inner.spare"])
+    assert hooks_left(model) == 0
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner["model"](x)

@@ -19,12 +19,23 @@ from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
 from .formats.base import SparseWeightBase
 from .formats.pattern import check_vector, check_weight_matrix, holds_values, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
-from .prune import prune, prune_block_shuffled, prune_csr
+from .prune import (
+    prune,
+    prune_block_shuffled,
+    prune_csr,
+    prune_sequentially,
+    sparsegpt,
+    sparsegpt_block_shuffled,
+    sparsegpt_csr,
+    wanda_csr_mask,
+    wanda_mask,
+    wanda_scores,
+)
 from .prune.block_shuffle import check_block_sparsity
 from .prune.magnitude import check_finite
 from .prune.unstructured import check_sparsity
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 class _SparseLinearBase(nn.Module):
@@ -56,6 +67,13 @@ class _SparseLinearBase(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias.detach())
+
+    @classmethod
+    def of(cls, weight: SparseWeightBase, linear: nn.Linear, *, backend: str = "auto") -> _SparseLinearBase:
+        """The module that replaces ``linear`` with the pruned ``weight``: ``linear``'s bias copied, and both
+        keeping ``linear``'s ``requires_grad``."""
+        _check_linear(linear)
+        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
 
     @property
     def weight(self) -> SparseWeightBase:
@@ -180,7 +198,7 @@ class SparseLinear(_SparseLinearBase):
             weight = prune(dense, pattern, vector)
         else:
             weight = NMSparseWeight.from_dense(dense, mask, pattern, vector)
-        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
+        return cls.of(weight, linear, backend=backend)
 
     @property
     def weight(self) -> NMSparseWeight:
@@ -226,7 +244,7 @@ class CSRLinear(_SparseLinearBase):
         _check_linear(linear)
         dense = linear.weight.detach()
         weight = prune_csr(dense, sparsity) if mask is None else CSRWeight.from_dense(dense, mask)
-        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
+        return cls.of(weight, linear, backend=backend)
 
     @property
     def weight(self) -> CSRWeight:
@@ -278,7 +296,7 @@ class BlockShuffledLinear(_SparseLinearBase):
         """Prune ``linear``'s weight to whole ``block`` tiles after a searched row permutation into a new module."""
         _check_linear(linear)
         weight = prune_block_shuffled(linear.weight.detach(), sparsity, block, search=search)
-        return _like(cls(weight, _bias_copy(linear), backend=backend), linear)
+        return cls.of(weight, linear, backend=backend)
 
     @property
     def weight(self) -> BlockShuffledWeight:
@@ -353,18 +371,32 @@ FORMATS = ("csr", "block")
 
 class SparsifyConfig:
     """How :func:`sparsify` swaps an ``nn.Linear``: the check that a layer fits, the module that replaces it,
-    and what the report says. ``calibrated`` configs get each layer's input-feature norms (from calibration
-    batches) in :meth:`make`. Subclass it for a format of your own; :func:`sparsify` takes any instance."""
+    and what the report says. ``method`` says what calibration the pruning takes: none ("magnitude"), each
+    layer's input-feature norms in :meth:`make` ("wanda"), or each layer's Gram matrix on the partly pruned model
+    in :meth:`reconstruct` ("sparsegpt"). Subclass it for a format of your own; :func:`sparsify` takes any
+    instance (one that overrides :meth:`make` alone prunes by magnitude)."""
 
-    calibrated = False
+    method = "magnitude"
 
     def fits(self, weight: torch.Tensor) -> None:
         """Raise TypeError or ValueError (the reason the layer is skipped) if ``weight`` cannot take this format."""
         raise NotImplementedError
 
-    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
-        """The module that replaces ``linear``."""
+    def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> SparseWeightBase:
+        """``weight`` pruned by magnitude, or by Wanda given the layer's ``input_norm``."""
         raise NotImplementedError
+
+    def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> SparseWeightBase:
+        """``weight`` pruned by SparseGPT given the Gram matrix ``gram`` of the layer's inputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not prune by SparseGPT")
+
+    def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
+        """The module that replaces ``linear``, holding the pruned ``weight`` and a copy of ``linear``'s bias."""
+        raise NotImplementedError
+
+    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
+        """The module that replaces ``linear`` (see :meth:`prune`)."""
+        return self.module(self.prune(linear.weight.detach(), input_norm), linear)
 
     def sparse_bytes(self, module: nn.Module) -> int:
         """Bytes of the replacement's weight (values, indices, metadata)."""
@@ -375,36 +407,40 @@ class SparsifyConfig:
         raise NotImplementedError
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
 @dataclass(frozen=True)
 class NMConfig(SparsifyConfig):
     """Vector-wise N:M (:class:`SparseLinear`): ``pattern`` ("n:m") with V=``vector``, pruned by ``method``
-    ("magnitude", or "wanda", which needs calibration batches)."""
+    ("magnitude"; "wanda" or "sparsegpt", which need calibration batches)."""
 
     pattern: str
     vector: int = 1
     method: str = "magnitude"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        _check_method(self.method)
         parse_pattern(self.pattern)
         check_vector(self.vector)
-
-    @property
-    def calibrated(self) -> bool:
-        return self.method == "wanda"
 
     def fits(self, weight: torch.Tensor) -> None:
         n, m = parse_pattern(self.pattern)
         check_weight_matrix(weight, n, m, self.vector)
 
-    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
-        mask = None
-        if input_norm is not None:
-            from .prune import wanda_mask
+    def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> NMSparseWeight:
+        if input_norm is None:
+            return prune(weight, self.pattern, self.vector)
+        return NMSparseWeight.from_dense(weight, wanda_mask(weight, input_norm, self.pattern, self.vector),
+                                         self.pattern, self.vector)
 
-            mask = wanda_mask(linear.weight.detach(), input_norm, self.pattern, self.vector)
-        return SparseLinear.from_dense(linear, self.pattern, self.vector, mask)
+    def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> NMSparseWeight:
+        return sparsegpt(weight, gram, self.pattern, self.vector)
+
+    def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
+        return SparseLinear.of(weight, linear)
 
     def describe(self) -> dict[str, Any]:
         return {"pattern": self.pattern, "vector": self.vector, "method": self.method, "sparsity": None}
@@ -412,45 +448,66 @@ class NMConfig(SparsifyConfig):
 
 @dataclass(frozen=True)
 class CSRConfig(SparsifyConfig):
-    """Unstructured sparsity (:class:`CSRLinear`): the ``sparsity`` fraction of smallest |w| pruned."""
+    """Unstructured sparsity (:class:`CSRLinear`): the ``sparsity`` fraction of weights pruned by ``method``
+    (the smallest |w| over the matrix; Wanda's smallest |w| * ||x|| in each row; or SparseGPT)."""
 
     sparsity: float
+    method: str = "magnitude"
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
+        _check_method(self.method)
 
     def fits(self, weight: torch.Tensor) -> None:
         check_weight_matrix(weight, 1, 1, 1)
 
-    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
-        return CSRLinear.from_dense(linear, self.sparsity)
+    def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> CSRWeight:
+        if input_norm is None:
+            return prune_csr(weight, self.sparsity)
+        return CSRWeight.from_dense(weight, wanda_csr_mask(weight, input_norm, self.sparsity))
+
+    def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> CSRWeight:
+        return sparsegpt_csr(weight, gram, self.sparsity)
+
+    def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
+        return CSRLinear.of(weight, linear)
 
     def describe(self) -> dict[str, Any]:
-        return {"pattern": "csr", "vector": 1, "method": "magnitude", "sparsity": self.sparsity}
+        return {"pattern": "csr", "vector": 1, "method": self.method, "sparsity": self.sparsity}
 
 
 @dataclass(frozen=True)
 class BlockConfig(SparsifyConfig):
     """Block-sparse after a row permutation (:class:`BlockShuffledLinear`): whole ``block`` tiles pruned to
-    ``sparsity``, the permutation searched when ``search``."""
+    ``sparsity`` by ``method`` (summed |w|, Wanda's summed |w| * ||x||, or SparseGPT's saliency), the permutation
+    searched when ``search``."""
 
     sparsity: float
     block: tuple[int, int] = (32, 32)
     search: bool = True
+    method: str = "magnitude"
 
     def __post_init__(self) -> None:
         check_block(self.block)
         check_block_sparsity(self.sparsity)
+        _check_method(self.method)
 
     def fits(self, weight: torch.Tensor) -> None:
         check_weight_matrix(weight, 1, 1, 1)
         check_block_weight(weight, self.block)
 
-    def make(self, linear: nn.Linear, input_norm: torch.Tensor | None = None) -> nn.Module:
-        return BlockShuffledLinear.from_dense(linear, self.sparsity, self.block, search=self.search)
+    def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> BlockShuffledWeight:
+        scores = None if input_norm is None else wanda_scores(weight, input_norm)
+        return prune_block_shuffled(weight, self.sparsity, self.block, search=self.search, scores=scores)
+
+    def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> BlockShuffledWeight:
+        return sparsegpt_block_shuffled(weight, gram, self.sparsity, self.block, search=self.search)
+
+    def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
+        return BlockShuffledLinear.of(weight, linear)
 
     def describe(self) -> dict[str, Any]:
-        return {"pattern": "block", "vector": 1, "method": "magnitude", "sparsity": self.sparsity}
+        return {"pattern": "block", "vector": 1, "method": self.method, "sparsity": self.sparsity}
 
 
 CONFIGS = (NMConfig, CSRConfig, BlockConfig)
@@ -511,8 +568,7 @@ def config_of(
         raise TypeError(
             f"pattern: expected an 'n:m', 'csr' or 'block' string or a config, got {type(pattern).__name__}"
         )
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    _check_method(method)
     if pattern.lower() in FORMATS and pattern not in FORMATS:
         raise ValueError(f"pattern: expected {pattern.lower()!r} (lower case), got {pattern!r}")
     if pattern not in FORMATS:
@@ -526,11 +582,9 @@ def config_of(
         return NMConfig(pattern, vector, method)
     if sparsity is None:
         raise ValueError(f"sparsity: pattern {pattern!r} needs the fraction of weights to prune, got None")
-    if method != "magnitude":
-        raise ValueError(f"method: pattern {pattern!r} prunes by magnitude only, got {method!r}")
     if vector != 1:
         raise ValueError(f"vector: applies to n:m patterns only; pattern {pattern!r} needs vector=1, got {vector}")
-    return CSRConfig(sparsity) if pattern == "csr" else BlockConfig(sparsity, block)
+    return CSRConfig(sparsity, method) if pattern == "csr" else BlockConfig(sparsity, block, method=method)
 
 
 def swap_linears(
@@ -550,8 +604,9 @@ def swap_linears(
     if skip is not None and not callable(skip):
         raise TypeError(f"skip: expected a callable (name, module) -> bool or None, got {type(skip).__name__}")
     described = config.describe()
-    if config.calibrated and calibration is None:
-        raise ValueError(f"calibration: method {described['method']!r} needs an iterable of input batches, got None")
+    method = config.method
+    if method != "magnitude" and calibration is None:
+        raise ValueError(f"calibration: method {method!r} needs an iterable of input batches, got None")
     if calibration is not None and not isinstance(calibration, Iterable):
         raise TypeError(f"calibration: expected an iterable of input batches, got {type(calibration).__name__}")
     report = SparsifyReport(described["pattern"], described["vector"], described["method"], described["sparsity"])
@@ -561,19 +616,26 @@ def swap_linears(
             check_finite(module.weight.detach())
         except ValueError as error:
             raise ValueError(f"{name}: {error}; no layer was swapped") from None
-    norms = None
-    if config.calibrated:
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    label = f"sparsify {described['pattern']}"
+    norms: dict[str, torch.Tensor] = {}
+    reconstructed: dict[str, SparseWeightBase] = {}
+    if method == "wanda":
         from .prune import collect_input_norms
 
         norms = collect_input_norms(model, calibration, list(targets))
-    show = sys.stderr.isatty() if progress is None else bool(progress)
+    elif method == "sparsegpt":
+        reconstructed = _reconstruct_in_order(model, config, calibration, targets, label if show else None)
     total = len(targets)
     for name in list(targets):
         if show:
-            draw_progress(len(report.swapped), total, f"sparsify {described['pattern']}: {name}")
+            draw_progress(len(report.swapped), total, f"{label}: {name}")
         module = targets.pop(name)  # held nowhere else here: each dense weight is freed once swapped
         try:
-            sparse = config.make(module, None if norms is None else norms.pop(name))
+            if name in reconstructed:
+                sparse = config.module(reconstructed.pop(name), module)
+            else:
+                sparse = config.make(module, norms.pop(name, None))
         except (TypeError, ValueError) as error:
             done = f"; swapped before it: {', '.join(report.swapped)}" if report.swapped else "; no layer was swapped"
             raise type(error)(f"{name}: {error}{done}") from error
@@ -582,8 +644,31 @@ def swap_linears(
         report.dense_bytes += module.weight.numel() * module.weight.element_size()
         report.sparse_bytes += config.sparse_bytes(sparse)
     if show and total:
-        draw_progress(total, total, f"sparsify {described['pattern']}: done")
+        draw_progress(total, total, f"{label}: done")
     return report
+
+
+def _reconstruct_in_order(
+    model: nn.Module,
+    config: SparsifyConfig,
+    calibration: Iterable[Any],
+    targets: dict[str, nn.Linear],
+    label: str | None,
+) -> dict[str, SparseWeightBase]:
+    """SparseGPT through ``model`` (:func:`nmspmm.prune.prune_sequentially`): each target's pruned weight, by
+    name. Their dense weights then hold the pruned ones; on an error they are restored and the error names the
+    layer."""
+
+    def prune_layer(name: str, weight: torch.Tensor, gram: torch.Tensor) -> SparseWeightBase:
+        try:
+            return config.reconstruct(weight, gram)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}: {error}; no layer was swapped") from error
+
+    def show(done: int, total: int, name: str) -> None:
+        draw_progress(done, total, f"{label}: SparseGPT {name}")
+
+    return prune_sequentially(model, calibration, prune_layer, list(targets), progress=None if label is None else show)
 
 
 def eligible_linears(

@@ -21,7 +21,7 @@ import torch
 from ..formats.base import register_pruner
 from ..formats.block_shuffled import INDEX_DTYPE, BlockShuffledWeight, check_block, check_block_weight
 from ..formats.pattern import holds_values
-from .magnitude import check_finite, largest_mask
+from .magnitude import check_finite, check_scores, largest_mask
 
 DEFAULT_ITERATIONS = 64
 # An exchange must raise the objective by more than this fraction of it (far above float64 rounding).
@@ -53,6 +53,14 @@ def kept_block_count(block_rows: int, block_cols: int, sparsity: float) -> int:
     return round((1.0 - sparsity) * block_rows * block_cols)
 
 
+def ranked_scores(weight: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+    """What block pruning ranks: ``weight`` (whose |w| the profiles sum) or the checked ``scores`` in its place."""
+    if scores is None:
+        return weight
+    check_scores(scores, "scores", tuple(weight.shape))
+    return scores.detach().to(weight.device)
+
+
 def row_profiles(weight: torch.Tensor, bk: int) -> torch.Tensor:
     """float64 ``[N, K / bk]``: the summed |w| of every row over every column-block."""
     rows, cols = weight.shape
@@ -73,6 +81,7 @@ def search_row_permutation(
     *,
     iterations: int = DEFAULT_ITERATIONS,
     seed: int = 0,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int64 permutation ``perm`` ``[N]`` of the rows such that block-pruning ``weight[perm]`` (to ``block``
     tiles at ``sparsity``) keeps at least the summed |w| that block-pruning ``weight`` keeps.
@@ -81,8 +90,9 @@ def search_row_permutation(
     their column-block profiles; then, for at most ``iterations`` rounds, disjoint pairs of groups (best pairs
     first) exchange the rows whose exchange raises the objective most, given the currently kept tiles (see the
     module docstring). The identity is returned unless the result keeps strictly more, and for a weight without
-    values (on the meta device or fake) to search. About 2.5 s for a 4096 x 4096 weight with 32 x 32 blocks on
-    one CPU core. Deterministic for a given ``seed``.
+    values (on the meta device or fake) to search. ``scores`` (non-negative, the weight's shape; Wanda's, say)
+    replace |w| as what the tiles keep. About 2.5 s for a 4096 x 4096 weight with 32 x 32 blocks on one CPU
+    core. Deterministic for a given ``seed``.
     """
     bn, bk = check_block_prunable(weight, block, sparsity)
     if isinstance(iterations, bool) or not isinstance(iterations, int):
@@ -91,7 +101,7 @@ def search_row_permutation(
         raise ValueError(f"iterations: expected a non-negative number of rounds, got {iterations}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__} {seed!r}")
-    profiles = row_profiles(weight, bk)
+    profiles = row_profiles(ranked_scores(weight, scores), bk)
     rows = profiles.shape[0]
     groups = rows // bn
     keep = kept_block_count(groups, profiles.shape[1], sparsity)
@@ -114,10 +124,12 @@ def prune_block_shuffled(
     *,
     search: bool = True,
     iterations: int | None = None,
+    scores: torch.Tensor | None = None,
 ) -> BlockShuffledWeight:
-    """Keep the ``round((1 - sparsity) * total)`` tiles of ``weight[perm]`` with the largest summed |w| (ties
-    to the lower block-row, then block-column), ``perm`` from :func:`search_row_permutation` when ``search``
-    (``iterations`` rounds, its default if None), else the identity; the result holds a detached copy. A weight
+    """Keep the ``round((1 - sparsity) * total)`` tiles of ``weight[perm]`` with the largest summed |w| (or summed
+    ``scores``: non-negative, the weight's shape; Wanda's, say) (ties to the lower block-row, then block-column),
+    ``perm`` from :func:`search_row_permutation` on the same scores when ``search`` (``iterations`` rounds, its
+    default if None), else the identity; the result holds a detached copy. A weight
     without values (on the meta device or fake: :func:`holds_values`), where no tiles can be ranked, gives a
     shape-only weight of as many blocks in the placeholder structure, the first ones in row-major block order
     under the identity permutation (:meth:`BlockShuffledWeight.placeholder_indices`)."""
@@ -125,10 +137,11 @@ def prune_block_shuffled(
     if not isinstance(search, bool):
         raise TypeError(f"search: expected a bool, got {type(search).__name__} {search!r}")
     weight = weight.detach()
+    ranked = ranked_scores(weight, scores)
     rows, cols = weight.shape
     if search:
         rounds = DEFAULT_ITERATIONS if iterations is None else iterations
-        permutation = search_row_permutation(weight, (bn, bk), sparsity, iterations=rounds)
+        permutation = search_row_permutation(weight, (bn, bk), sparsity, iterations=rounds, scores=scores)
     else:
         if iterations is not None:
             raise ValueError("iterations: only used by the search; pass search=True or leave iterations=None")
@@ -137,7 +150,7 @@ def prune_block_shuffled(
     if not holds_values(weight):
         fields = {"shape": [rows, cols], "block": [bn, bk]}
         return BlockShuffledWeight.placeholder(weight.new_empty(keep, bn, bk), fields)
-    magnitudes = tile_magnitudes(weight, (bn, bk), permutation)
+    magnitudes = tile_magnitudes(ranked, (bn, bk), permutation)
     kept = largest_mask(magnitudes, keep)
     permuted_mask = kept.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
     mask = torch.empty_like(permuted_mask)

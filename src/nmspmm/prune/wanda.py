@@ -1,93 +1,40 @@
-"""Activation-aware pruning to vector-wise N:M (Wanda: Sun et al. 2023, "A Simple and Effective Pruning
-Approach for Large Language Models"): weight w_ij scores |w_ij| * ||x_j||_2, where ||x_j||_2 is the L2 norm
-of input feature j over calibration tokens, so inputs that carry large activations keep more weights."""
+"""Activation-aware pruning (Wanda: Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language
+Models"): weight w_ij scores |w_ij| * ||x_j||_2, where ||x_j||_2 is the L2 norm of input feature j over
+calibration tokens (:func:`~nmspmm.prune.collect_input_norms`), so inputs that carry large activations keep
+more weights. N:M compares within each V-group and run of m inputs, unstructured within each output row (as
+Wanda does), blocks by the scores summed over each tile (:func:`~nmspmm.prune.prune_block_shuffled`'s
+``scores``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
-
 import torch
-from torch import nn
 
-from .magnitude import check_prunable, check_scores, topn_group_mask, vector_sums
+from .magnitude import check_finite, check_prunable, check_scores, topn_group_mask, vector_sums
+from .unstructured import check_sparsity
+from ..formats.pattern import check_weight_matrix
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """float64 ``[N, K]`` scores ``|w_ij| * ||x_j||`` of ``weight`` given the ``[K]`` ``input_norm``."""
+    check_scores(input_norm, "input_norm", (weight.shape[1],))
+    norm = input_norm.detach().to(device=weight.device, dtype=torch.float64)
+    return weight.detach().abs().to(torch.float64) * norm
 
 
 def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, pattern: str, vector: int = 1) -> torch.Tensor:
     """bool ``[N, K]`` mask keeping, per V-group and group of m inputs, the n inputs with the largest
     ``||x_j|| * sum |w_ij|`` over the V rows; float64 scores and ties to the lower index, as in magnitude pruning."""
     n, m = check_prunable(weight, pattern, vector)
-    check_scores(input_norm, "input_norm", (weight.shape[1],))
-    norm = input_norm.detach().to(device=weight.device, dtype=torch.float64)
-    return topn_group_mask(vector_sums(weight.detach().abs(), vector) * norm, n, m, vector)
+    return topn_group_mask(vector_sums(wanda_scores(weight, input_norm), vector), n, m, vector)
 
 
-def _run(model: nn.Module, batch: Any) -> None:
-    """Call ``model`` on one calibration batch: a tensor as the input, a mapping as keyword arguments,
-    a tuple or list as positional arguments."""
-    if isinstance(batch, torch.Tensor):
-        model(batch)
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        raise TypeError(
-            f"batches: expected each batch to be a torch.Tensor, a Mapping or a tuple/list, got {type(batch).__name__}"
-        )
-
-
-def collect_input_norms(
-    model: nn.Module, batches: Iterable[Any], names: Iterable[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Run ``model`` over ``batches`` without gradients and return, per ``nn.Linear`` (all, or those in ``names``),
-    the float32 L2 norm ``[in_features]`` of each input feature over all tokens, as :func:`wanda_mask` takes.
-
-    Squares are summed in float64; padding tokens count like any other, so feed unpadded batches. Without
-    ``names``, linears that received no input are left out; a named one that received none is an error.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    if names is None:
-        selected = list(linears)
-    else:
-        if isinstance(names, str):
-            raise TypeError(f"names: expected an iterable of module names, got the str {names!r}")
-        selected = list(dict.fromkeys(names))
-        unknown = [name for name in selected if name not in linears]
-        if unknown:
-            raise ValueError(f"names: expected names of nn.Linear modules of model, got {unknown}")
-
-    sums: dict[str, torch.Tensor] = {}
-
-    def accumulate(name: str, x: torch.Tensor) -> None:
-        squares = x.detach().to(torch.float64).square().reshape(-1, x.shape[-1]).sum(0)
-        if name in sums:
-            sums[name].add_(squares)
-        else:
-            sums[name] = squares
-
-    handles = [
-        linears[name].register_forward_pre_hook(
-            lambda module, args, kwargs, name=name: accumulate(name, args[0] if args else kwargs["input"]),
-            with_kwargs=True,
-        )
-        for name in selected
-    ]
-    count = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _run(model, batch)
-                count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    if count == 0:
-        raise ValueError("batches: expected at least one batch, got none")
-    if names is not None:
-        unused = [name for name in selected if name not in sums]
-        if unused:
-            raise ValueError(f"names: these linears received no input while running the batches: {unused}")
-    return {name: sums[name].sqrt().to(torch.float32) for name in selected if name in sums}
+def wanda_csr_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """bool ``[N, K]`` unstructured mask keeping, in every row, the ``round((1 - sparsity) * K)`` entries of largest
+    ``|w_ij| * ||x_j||`` (ties to the lower index): Wanda compares weights of the same output."""
+    sparsity = check_sparsity(sparsity)
+    check_weight_matrix(weight, 1, 1, 1)  # 1:1 with V = 1 constrains nothing: type, dtype, a non-empty 2-D shape
+    check_finite(weight)
+    scores = wanda_scores(weight, input_norm)
+    keep = round((1 - sparsity) * weight.shape[1])
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, :keep], True)
