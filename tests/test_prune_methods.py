@@ -1,6 +1,5 @@
 """Wanda masks and input-norm collection, SparseGPT's reconstruction and its layer-by-layer pass through a model,
-the channel permutation search of N:M, the
-row permutation search of block pruning, and kept_magnitude."""
+the channel permutation search of N:M, the row permutation search of block pruning, and kept_magnitude."""
 
 from __future__ import annotations
 
