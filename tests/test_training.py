@@ -1,8 +1,9 @@
 """SR-STE training: the straight-through gradient with its decay, the mask schedule, end-to-end training,
-state dicts, finalizing to SparseLinear, and argument checks."""
+state dicts, finalizing to SparseLinear, and argument checks; recovery after one-shot pruning (distillation)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import nmspmm
-from nmspmm.training import SRSTELinear, finalize_srste, prepare_srste
+from nmspmm.training import SRSTELinear, distillation_loss, finalize_srste, prepare_srste, recover
 from conftest import DEVICE, TOLERANCE, relative_error
 
 BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
@@ -182,3 +183,130 @@ def test_loss_curve_example_runs(tmp_path):
     planted_sr_ste = [row["eval_loss"] for row in rows if row["task"] == "planted" and row["recipe"] == "sr-ste"]
     assert planted_sr_ste[-1] < 0.5 * planted_sr_ste[0]
     assert (tmp_path / "srste-loss.csv").stat().st_size > 0 and (tmp_path / "srste-loss.png").stat().st_size > 0
+
+
+class _Student(nn.Module):
+    """An MLP with a LayerNorm between its linears (a parameter recovery must leave alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.norm, self.down = nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.norm(self.up(x))))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "kwargs"), [("2:4", {"vector": 16}), ("csr", {"sparsity": 0.7}), ("block", {"sparsity": 0.5,
+                                                                                             "block": (16, 16)})],
+)
+def test_recover_fits_the_teacher_under_the_fixed_structure(pattern, kwargs):
+    torch.manual_seed(0)
+    teacher = _Student().to(DEVICE)
+    model = copy.deepcopy(teacher)
+    nmspmm.sparsify(model, pattern, **kwargs)
+    masks = {name: module.weight.mask().clone() for name, module in model.named_children() if name != "norm"}
+    norm_before = copy.deepcopy(model.norm.state_dict())
+    batches = [torch.randn(16, 32, device=DEVICE) for _ in range(8)]
+    model.train()
+    teacher.train()
+    report = recover(model, teacher, batches, 150, lr=3e-3, progress=False)
+    assert len(report.losses) == 150 and report.seconds > 0
+    assert report.parameters == sum(module.values.numel() + module.bias.numel() for module in (model.up, model.down))
+    assert sum(report.losses[-10:]) < 0.5 * sum(report.losses[:10]), report.losses[::15]
+    for name, mask in masks.items():
+        assert torch.equal(getattr(model, name).weight.mask(), mask)
+    assert all(torch.equal(value, norm_before[key]) for key, value in model.norm.state_dict().items())
+    assert model.training and teacher.training  # modes given back
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    with torch.no_grad():
+        held_out = torch.randn(64, 32, device=DEVICE)
+        assert relative_error(model(held_out), teacher(held_out)) < 0.8 * relative_error(
+            _pruned_only(teacher, pattern, kwargs)(held_out), teacher(held_out))
+
+
+def _pruned_only(teacher: nn.Module, pattern: str, kwargs: dict) -> nn.Module:
+    pruned = copy.deepcopy(teacher)
+    nmspmm.sparsify(pruned, pattern, **kwargs)
+    return pruned
+
+
+def test_distillation_losses_and_padding():
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mse = distillation_loss(student, teacher, "mse", None)
+    torch.testing.assert_close(mse, (student - teacher).square().sum() / teacher.square().sum())
+    assert float(distillation_loss(teacher, teacher, "cosine", None)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation_loss(teacher, teacher, "kl", None)) == pytest.approx(0.0, abs=1e-6)
+    # Tokens of weight 0 (padding) count for nothing, whatever they hold.
+    weights = torch.ones(2, 5, 1)
+    weights[1, 3:] = 0
+    noisy = student.clone()
+    noisy[1, 3:] = 1e6
+    for loss in ("mse", "cosine", "kl"):
+        torch.testing.assert_close(distillation_loss(noisy, teacher, loss, weights),
+                                   distillation_loss(student, teacher, loss, weights))
+
+
+def test_recover_leaves_padding_out_of_a_mapping_batch():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(8, 8)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.layer(input_ids)
+
+    teacher = Keyword()
+    model = copy.deepcopy(teacher)
+    nmspmm.sparsify(model, "2:4")
+    mask = torch.ones(1, 4, dtype=torch.long)
+    mask[0, 2:] = 0
+    batch = {"input_ids": torch.randn(1, 4, 8), "attention_mask": mask}
+    with torch.no_grad():
+        expected = distillation_loss(model(**batch), teacher(**batch), "mse", mask.unsqueeze(-1).float())
+        unmasked = distillation_loss(model(**batch), teacher(**batch), "mse", None)
+    report = recover(model, teacher, [batch], 1, progress=False)
+    assert report.losses[0] == pytest.approx(float(expected), rel=1e-6)
+    assert float(expected) != pytest.approx(float(unmasked), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"steps": -1}, ValueError, r"steps: expected a non-negative int, got -1"),
+        ({"lr": 0.0}, ValueError, r"lr: expected a positive number, got 0.0"),
+        ({"loss": "l1"}, ValueError, r"loss: expected one of \('mse', 'cosine', 'kl'\), got 'l1'"),
+        ({"batches": []}, ValueError, r"batches: expected at least one batch, got none"),
+        ({"batches": torch.randn(4, 32)}, TypeError, r"batches: expected an iterable of batches, got Tensor"),
+        ({"output": "logits"}, TypeError, r"output: expected a callable"),
+        ({"teacher": "dense"}, TypeError, r"teacher: expected a torch.nn.Module, got str"),
+    ],
+)
+def test_recover_rejects_bad_arguments(change, error, match):
+    teacher = _Student()
+    model = copy.deepcopy(teacher)
+    nmspmm.sparsify(model, "2:4")
+    arguments = {"model": model, "teacher": teacher, "batches": [torch.randn(4, 32)], "steps": 1} | change
+    with pytest.raises(error, match=match):
+        recover(**arguments)
+
+
+def test_recover_needs_sparse_modules_and_a_tensor_to_match():
+    teacher = _Student()
+    with pytest.raises(ValueError, match=r"model: has no sparse modules to recover \(sparsify it first\)"):
+        recover(copy.deepcopy(teacher), teacher, [torch.randn(4, 32)], 1)
+
+    class Pairs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> dict:
+            return {"hidden": self.layer(x)}
+
+    model = Pairs()
+    nmspmm.sparsify(model, "2:4")
+    with pytest.raises(TypeError, match=r"output: the model returned dict, .*pass output="):
+        recover(model, Pairs(), [torch.randn(4, 32)], 1)
+    report = recover(model, Pairs(), [torch.randn(4, 32)], 2, output=lambda out: out["hidden"], progress=False)
+    assert len(report.losses) == 2

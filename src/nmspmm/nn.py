@@ -315,6 +315,10 @@ class BlockShuffledLinear(_SparseLinearBase):
         )
 
 
+SPARSE_MODULES = (SparseLinear, CSRLinear, BlockShuffledLinear)
+"""The modules that hold a sparse weight, one per format."""
+
+
 def _check_linear(linear: Any) -> None:
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")

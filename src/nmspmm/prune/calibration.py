@@ -15,19 +15,18 @@ from torch import nn
 from ..formats.base import SparseWeightBase
 
 
-def run_batch(model: nn.Module, batch: Any) -> None:
-    """Call ``model`` on one calibration batch: a tensor as the input, a mapping as keyword arguments,
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """``model`` called on one batch, its output returned: a tensor as the input, a mapping as keyword arguments,
     a tuple or list as positional arguments."""
     if isinstance(batch, torch.Tensor):
-        model(batch)
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        raise TypeError(
-            f"batches: expected each batch to be a torch.Tensor, a Mapping or a tuple/list, got {type(batch).__name__}"
-        )
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise TypeError(
+        f"batches: expected each batch to be a torch.Tensor, a Mapping or a tuple/list, got {type(batch).__name__}"
+    )
 
 
 def selected_linears(model: nn.Module, names: Iterable[str] | None) -> tuple[dict[str, nn.Linear], bool]:
