@@ -291,7 +291,7 @@ def recover(
     batches: Iterable[Any],
     steps: int,
     *,
-    lr: float = 2e-4,
+    lr: float = 1e-3,
     loss: str = "mse",
     output: Callable[[Any], torch.Tensor] = model_output,
     train_biases: bool = True,
