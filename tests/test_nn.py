@@ -4,7 +4,6 @@ fine-tuning, and state-dict round trips (also through safetensors)."""
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from conftest import DEVICE, TOLERANCE, relative_error
 # On the CPU "triton" runs the kernels through the interpreter; "auto" there is the dense reference.
 BACKENDS = ["auto", "triton"] if DEVICE == "cpu" else ["auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# The package, not the function nmspmm.prune that shadows it as an attribute of nmspmm.
-PRUNE = importlib.import_module("nmspmm.prune")
 
 
 def _dense(rows: int, cols: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -332,7 +329,7 @@ def test_sparsify_wanda_uses_the_calibration_norms(monkeypatch):
         calls.setdefault("masks", []).append((weight.shape, input_norm.shape, pattern, vector))
         return nmspmm.magnitude_mask(weight.abs() * input_norm, pattern, vector)
 
-    monkeypatch.setattr(PRUNE, "collect_input_norms", collect_input_norms, raising=False)
+    monkeypatch.setattr(nmspmm.nn, "collect_input_norms", collect_input_norms)
     monkeypatch.setattr(nmspmm.nn, "wanda_mask", wanda_mask)
     dense_first = model[0].weight.detach().clone()
     report = nmspmm.sparsify(
@@ -344,10 +341,6 @@ def test_sparsify_wanda_uses_the_calibration_norms(monkeypatch):
     assert not torch.equal(model[0].weight.mask(), nmspmm.magnitude_mask(dense_first, "2:8", 16))
 
 
-@pytest.mark.skipif(
-    not all(hasattr(PRUNE, name) for name in ("collect_input_norms", "wanda_mask")),
-    reason="nmspmm.prune does not provide collect_input_norms and wanda_mask yet",
-)
 def test_sparsify_wanda_end_to_end():
     model = nn.Sequential(_dense(32, 64), nn.ReLU(), _dense(32, 32))
     batches = [torch.randn(4, 64, device=DEVICE) for _ in range(2)]

@@ -20,6 +20,7 @@ from .formats.base import SparseWeightBase
 from .formats.pattern import check_vector, check_weight_matrix, holds_values, parse_pattern
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
 from .prune import (
+    collect_input_norms,
     prune,
     prune_block_shuffled,
     prune_csr,
@@ -625,8 +626,6 @@ def swap_linears(
     norms: dict[str, torch.Tensor] = {}
     reconstructed: dict[str, SparseWeightBase] = {}
     if method == "wanda":
-        from .prune import collect_input_norms
-
         norms = collect_input_norms(model, calibration, list(targets))
     elif method == "sparsegpt":
         reconstructed = _reconstruct_in_order(model, config, calibration, targets, label if show else None)

@@ -88,7 +88,8 @@ def _run_all(model: nn.Module, batches: Iterable[Any], stop: bool = False) -> in
 
 def _check_reached(linears: Mapping[str, nn.Linear], named: bool, reached: Iterable[str]) -> None:
     if named:
-        unused = [name for name in linears if name not in set(reached)]
+        reached = set(reached)
+        unused = [name for name in linears if name not in reached]
         if unused:
             raise ValueError(f"names: these linears received no input while running the batches: {unused}")
 

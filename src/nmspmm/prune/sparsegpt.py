@@ -16,10 +16,9 @@ import torch
 from ..formats.block_shuffled import INDEX_DTYPE, BlockShuffledWeight
 from ..formats.csr import CSRWeight
 from ..formats.nm import NMSparseWeight
-from ..formats.pattern import check_weight_matrix
 from .block_shuffle import check_block_prunable, kept_block_count, search_row_permutation, tile_magnitudes
-from .magnitude import check_finite, check_prunable, largest_mask, topn_group_mask, vector_sums
-from .unstructured import check_sparsity
+from .magnitude import check_prunable, largest_mask, topn_group_mask, vector_sums
+from .unstructured import check_unstructured_prunable
 from .wanda import wanda_scores
 
 # Damping added to H's diagonal, as a fraction of its mean (the reference procedure's default), and about how many
@@ -132,9 +131,7 @@ def sparsegpt_csr(
     inputs (see :func:`sparsegpt`): each step of ``columns`` keeps the ``round((1 - sparsity) * N * width)`` entries
     of largest saliency, so the whole keeps about ``(1 - sparsity) * N * K``. Returns a :class:`CSRWeight` in
     ``weight``'s dtype."""
-    sparsity = check_sparsity(sparsity)
-    check_weight_matrix(weight, 1, 1, 1)  # 1:1 with V = 1 constrains nothing: type, dtype, a non-empty 2-D shape
-    check_finite(weight)
+    sparsity = check_unstructured_prunable(weight, sparsity)
     check_gram(gram, weight.shape[1])
     step = _step_columns(damping, columns, 1)
 

@@ -22,13 +22,19 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def check_unstructured_prunable(weight: torch.Tensor, sparsity: float) -> float:
+    """Validate a weight to prune without structure (type, dtype, a non-empty 2-D shape, finite values) and
+    ``sparsity``; return the sparsity as a float. Shared by every unstructured rule."""
+    sparsity = check_sparsity(sparsity)
+    check_weight_matrix(weight, 1, 1, 1)  # 1:1 with V = 1 constrains nothing: type, dtype, a non-empty 2-D shape
+    check_finite(weight)
+    return sparsity
+
+
 def unstructured_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """bool ``[N, K]`` mask keeping the ``round((1 - sparsity) * N * K)`` entries of largest |w| over the whole
     matrix; ties go to the earlier entry in row-major order, so the mask is deterministic."""
-    sparsity = check_sparsity(sparsity)
-    # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
-    check_weight_matrix(weight, 1, 1, 1)
-    check_finite(weight)
+    sparsity = check_unstructured_prunable(weight, sparsity)
     return largest_mask(weight.detach().abs(), kept_entry_count(weight, sparsity))
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .magnitude import check_finite, check_prunable, check_scores, topn_group_mask, vector_sums
-from .unstructured import check_sparsity
-from ..formats.pattern import check_weight_matrix
+from .magnitude import check_prunable, check_scores, topn_group_mask, vector_sums
+from .unstructured import check_unstructured_prunable
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -31,9 +30,7 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, pattern: str, vec
 def wanda_csr_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
     """bool ``[N, K]`` unstructured mask keeping, in every row, the ``round((1 - sparsity) * K)`` entries of largest
     ``|w_ij| * ||x_j||`` (ties to the lower index): Wanda compares weights of the same output."""
-    sparsity = check_sparsity(sparsity)
-    check_weight_matrix(weight, 1, 1, 1)  # 1:1 with V = 1 constrains nothing: type, dtype, a non-empty 2-D shape
-    check_finite(weight)
+    sparsity = check_unstructured_prunable(weight, sparsity)
     scores = wanda_scores(weight, input_norm)
     keep = round((1 - sparsity) * weight.shape[1])
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
