@@ -8,7 +8,13 @@ import torch
 
 from nmspmm.bench import corpus
 from nmspmm.bench.corpus import GRADES, calibration_sentences, graded_pairs
-from nmspmm.bench.quality import CALIBRATION_SENTENCES, FIXED_SENTENCES, paraphrase_recall, spearman
+from nmspmm.bench.quality import (
+    CALIBRATION_SENTENCES,
+    FIXED_SENTENCES,
+    paraphrase_recall,
+    reconstruction_quality,
+    spearman,
+)
 
 
 def test_the_corpus_has_the_documented_size_and_no_repeats():
@@ -77,3 +83,16 @@ def test_paraphrase_recall_counts_own_nearest_among_paraphrases():
     first = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 1.0]])  # pair 1 finds pair 0's second
     assert paraphrase_recall(first, second, torch.tensor([True, True, False])) == pytest.approx(0.5)
     assert paraphrase_recall(first, second, torch.tensor([True, False, True])) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rows": ["2:4 V=2"]}, r"rows: expected labels from \[.*'2:4 V=1'.*\], got \['2:4 V=2'\]"),
+        ({"methods": ("magnitude", "obs")}, r"methods: expected names from \(.*\), got 'obs'"),
+        ({"methods": ("sparsegpt+recovery", "sparsegpt")}, r"'sparsegpt\+recovery' continues from 'sparsegpt'"),
+    ],
+)
+def test_the_methods_study_names_its_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        reconstruction_quality(**kwargs)

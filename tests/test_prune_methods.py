@@ -174,11 +174,12 @@ def test_collect_input_norms_removes_hooks_on_error() -> None:
         ({"names": "0"}, TypeError, r"names: expected an iterable of module names, got the str '0'"),
     ],
 )
-def test_collect_input_norms_bad_arguments(kwargs: dict, error: type[Exception], message: str) -> None:
+@pytest.mark.parametrize("collect", [collect_input_norms, collect_input_grams])
+def test_collect_input_statistics_bad_arguments(collect, kwargs: dict, error: type[Exception], message: str) -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     arguments = {"model": model, "batches": [torch.randn(2, 4)], **kwargs}
     with pytest.raises(error, match=message):
-        collect_input_norms(**arguments)
+        collect(**arguments)
     assert hooks_left(model) == 0
 
 
