@@ -663,7 +663,7 @@ def launch_nm(
     xt = xt.contiguous()
     out, storage, outside = poisoned_out((tokens, rows), dtype, tier.device, transposed)
     if vector == 1:
-        nm_element_matmul(xt, values, offsets, n, m, out, bias)
+        nm_element_matmul(xt, values, offsets, n, m, out, bias, input_precision=precision)
     else:
         config = choose_vector_config(tokens, rows, kept_count, vector, dtype, values.device)
         nm_vector_matmul(xt, values, offsets, n, m, vector, out, config, bias, precision)

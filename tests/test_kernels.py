@@ -15,6 +15,7 @@ from nmspmm.formats.csr import CSRWeight
 from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, transpose
 from nmspmm.kernels import choose_vector_config
 from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
+from nmspmm.kernels.nm_element import cached_kept_bits, kept_bits
 from nmspmm.kernels.csr_spmm import csr_spmm
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
 from nmspmm.kernels.sddmm import CELL, SddmmTile, sddmm_tiled
@@ -82,14 +83,80 @@ def test_vector_kernel_tf32():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "tokens,rows,cols,pattern",
-    [(1, 8, 16, "2:4"), (7, 24, 64, "3:4"), (9, 33, 64, "5:32"), (3, 5, 64, "60:64")],
+    [(1, 8, 16, "2:4"), (7, 24, 64, "3:4"), (9, 33, 64, "5:32"), (3, 5, 64, "60:64"), (18, 70, 200, "2:8")],
 )
-@pytest.mark.parametrize("feature_major", [False, True])
-def test_element_kernel(tokens, rows, cols, pattern, dtype, feature_major):
+@pytest.mark.parametrize("layout", ["rows", "feature_major", "out_transposed"])
+@pytest.mark.parametrize("variant", ["chosen", "split_k"])
+def test_element_kernel(tokens, rows, cols, pattern, dtype, layout, variant):
+    # x as the op passes it (x.t() of row-major rows) or feature-major; K not a multiple of the 32-input words
+    # (200), N not of the tile (33, 70), and a split of K into three shares.
     weight, x, bias, expected = _case(tokens, rows, cols, pattern, 1, dtype)
-    out = _poisoned(tokens, rows, dtype, feature_major)
-    nm_element_matmul(x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias)
+    out = _poisoned(tokens, rows, dtype, layout == "out_transposed")
+    xt = x.t().contiguous() if layout == "feature_major" else x.t()
+    config = None
+    if variant == "split_k":
+        config = VectorConfig(16, 16, max(32, weight.m), 4, 2, split_k=3, weight_first=True)
+    nm_element_matmul(
+        xt, weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias, config,
+        input_precision="tf32x3" if dtype == torch.float32 else "ieee",
+    )
     assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_element_kernel_sums_only_the_kept_inputs_of_a_non_finite_row(poison, split_k):
+    # The expanded tile holds zeros at pruned inputs; a non-finite input there must not reach the output (the
+    # kernel's kept-only recomputation), while one at a kept input must, with its sign.
+    weight, x, bias, _ = _case(6, 40, 128, "2:4", 1, torch.float32)
+    mask = weight.mask()
+    feature = int(((mask.sum(0) > 0) & (mask.sum(0) < mask.shape[0])).nonzero()[0])
+    x[3, feature] = poison
+    out = _poisoned(6, 40, torch.float32, False)
+    config = VectorConfig(16, 16, 32, 4, 2, split_k=split_k, weight_first=True)
+    nm_element_matmul(x.t(), weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias, config, "tf32x3")
+    clean = x.clone()
+    clean[3, feature] = 0.0
+    expected = clean.double() @ weight.to_dense().double().t() + bias.double()
+    reaches = mask[:, feature]
+    reached = poison * weight.to_dense()[reaches, feature].double()  # the poison (with w's sign) swamps the rest
+    torch.testing.assert_close(out[3, reaches].double(), reached, equal_nan=True, rtol=0, atol=0)
+    assert relative_error(out[3, ~reaches], expected[3, ~reaches]) < TOLERANCE[torch.float32]
+    others = [0, 1, 2, 4, 5]
+    assert relative_error(out[others], expected[others]) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "3:8", "7:16", "20:32", "33:64"])
+def test_kept_bits_match_the_mask(pattern):
+    weight = nmspmm.prune(torch.randn(9, 192, device=DEVICE), pattern, 1)
+    bits = kept_bits(weight.kept_offsets(), weight.n, weight.m, 192)
+    assert bits.dtype == torch.int32 and bits.shape == (9, 6)
+    unpacked = (bits[:, :, None] >> torch.arange(32, dtype=torch.int32, device=DEVICE)) & 1
+    assert torch.equal(unpacked.reshape(9, 192).bool(), weight.mask())
+
+
+def test_cached_kept_bits_follow_the_offsets():
+    weight = nmspmm.prune(torch.randn(8, 64, device=DEVICE), "2:4", 1)
+    offsets = weight.kept_offsets().clone()
+    first = cached_kept_bits(offsets, 2, 4, 64)
+    assert cached_kept_bits(offsets, 2, 4, 64) is first
+    offsets[0, :2] = torch.tensor([2, 3], dtype=offsets.dtype, device=DEVICE)  # an in-place edit: a new version
+    again = cached_kept_bits(offsets, 2, 4, 64)
+    assert again is not first and int(again[0, 0]) & 0xF == 0b1100
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (VectorConfig(16, 16, 48, 4, 2, weight_first=True), "block_k=48 must be a multiple of 32"),
+        (VectorConfig(16, 16, 32, 4, 2), "weight-first tiles only"),
+    ],
+)
+def test_element_kernel_refuses_a_config_it_cannot_run(config, message):
+    weight, x, _, _ = _case(3, 16, 64, "2:4", 1, torch.float32)
+    out = _poisoned(3, 16, torch.float32, False)
+    with pytest.raises(ValueError, match=message):
+        nm_element_matmul(x.t(), weight.values, weight.kept_offsets(), 2, 4, out, None, config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -180,3 +180,17 @@ def test_v64_half_tiles_follow_the_grid_size():
     assert _half_tile_v64(512, 4096, 132) == (64, 64, 4, 3, True)  # 256: two waves
     assert _half_tile_v64(256, 11008, 132) == (128, 64, 4, 3, True)  # 344: more
     assert _half_tile_v64(4096, 4096, 132) == (128, 64, 4, 3, True)
+
+
+@pytest.mark.parametrize("pattern,stored", [("2:4", 2), ("3:4", 1), ("8:32", 8)])
+def test_element_wise_nm_multiplies_the_expanded_tile_and_reads_the_stored_bytes(pattern, stored):
+    # V=1 expands each tile to dense: the dense FLOPs on tensor cores, x read without a transpose, and per group
+    # of m the kept values plus min(n, m - n) stored offsets.
+    n, m = (int(part) for part in pattern.split(":"))
+    model = model_case(4096, 4096, 4096, n, m, 1, torch.bfloat16, "bfloat16", CEILINGS)
+    assert model.sparse_flops == model.dense_flops
+    assert model.op_bytes == model.kernel_bytes
+    groups = 4096 * 4096 // m
+    assert model.kernel_bytes - model.dense_bytes + 4096 * 4096 * 2 == groups * (2 * n + stored)
+    decode = model_case(1, 4096, 4096, n, m, 1, torch.bfloat16, "bfloat16", CEILINGS)
+    assert decode.ideal_speedup == pytest.approx(decode.dense_bytes / decode.kernel_bytes, rel=0.02)

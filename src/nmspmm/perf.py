@@ -114,15 +114,26 @@ def model_case(
     """FLOPs and fewest bytes (x, values, offsets, y; the op adds x's transpose) and the time bounds they
     give at the device's measured matmul rate, copy bandwidth and L2 bandwidth. In L2 traffic, every tile of
     output features (at most ``min(V, 128)`` wide: a tile may not mix choices of kept inputs) gathers its own
-    kept x rows for all tokens, and the kept weights are read once per band of 256 tokens (the widest tile)."""
+    kept x rows for all tokens, and the kept weights are read once per band of 256 tokens (the widest tile).
+    Element-wise N:M (V = 1) expands each weight tile to dense and multiplies it whole: the dense FLOPs on tensor
+    cores, x read as stored (no transpose) once per tile of 128 output features, and the weight's bytes as stored
+    (values and offsets)."""
     size = torch.finfo(dtype).bits // 8
     kept = cols // m * n
-    offsets = rows // vector * kept if vector > 1 else rows * kept
+    tensor_rate = tensor_core_tflops(precision, ceilings)
+    if vector == 1:
+        weight_bytes = rows * kept * size + rows * (cols // m) * min(n, m - n)
+        return _linear_model(
+            tokens, rows, cols, size, 2.0 * tokens * rows * cols, weight_bytes,
+            tokens * cols * size * triton.cdiv(rows, 128), 256, ceilings.matmul_tflops[precision], tensor_rate,
+            ceilings, transposes_x=False,
+        )
+    offsets = rows // vector * kept
     weight_bytes = rows * kept * size + offsets
     gathered_x = tokens * kept * size * (rows // min(vector, 128))
     return _linear_model(
         tokens, rows, cols, size, 2.0 * tokens * rows * kept, weight_bytes, gathered_x, 256,
-        ceilings.matmul_tflops[precision], tensor_core_tflops(precision, ceilings), ceilings, transposes_x=True,
+        ceilings.matmul_tflops[precision], tensor_rate, ceilings, transposes_x=True,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import NMSparseWeight
-from ..kernels import VectorConfig, choose_vector_config, nm_vector_matmul
+from ..kernels import VectorConfig, choose_element_config, choose_vector_config, nm_vector_matmul
 from ..kernels.launch import FEW_TOKENS
 from ..ops import linear, linear_feature_major
 from ..ops.backend import input_precision
@@ -131,7 +131,10 @@ def _run_case(
     model = model_case(
         case.tokens, case.rows, case.cols, weight.n, weight.m, case.vector, dtype, precision, ceilings
     )
-    config = choose_vector_config(case.tokens, case.rows, weight.kept_per_row, case.vector, dtype, xs[0].device)
+    if case.vector > 1:
+        config = choose_vector_config(case.tokens, case.rows, weight.kept_per_row, case.vector, dtype, xs[0].device)
+    else:
+        config = choose_element_config(case.tokens, case.rows, case.cols, weight.m, dtype, xs[0].device)
     rows = []
     for level, functions in timed.items():
         correct = errors[level] < TOLERANCE[case.dtype]
@@ -149,7 +152,7 @@ def _run_case(
             "eager_ms": eager_ms, "dense_eager_ms": dense["dense_eager_ms"], "tflops": model.dense_flops / ms / 1e9,
             "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms, "semi_structured_ms": semi_structured_ms,
             "dense_tf32_ms": dense["dense_tf32_ms"],
-            "config": _describe(config) if case.vector > 1 else "element-wise",
+            "config": _describe(config) if case.vector > 1 else f"element-wise {_describe(config)}",
         })
     if check_configs and case.vector > 1 and rows[-1]["correct"]:
         rows[-1].update(_config_check(case, config, weights, x_ts, reference))

@@ -1,49 +1,199 @@
-"""Element-wise N:M product (V = 1): every output feature keeps its own n of each m inputs, so no two
-features share a gather and the product runs on FMA units. Correct for every pattern; not yet tuned."""
+"""Element-wise N:M product (V = 1) on tensor cores: every output feature keeps its own n of each m inputs, so
+no two features share a gather. The kernel loads the compressed weight tile (the kept values and a bitmap of
+which inputs each row keeps), expands it in registers into a dense tile with zeros where inputs are pruned,
+and runs a dense MMA with the matching tile of ``X``, read as stored (row-major needs no transpose): decode
+reads the compressed bytes only, prefill runs the dense tensor-core product.
+
+The zeros of the expanded tile would turn a NaN or Inf input at a pruned position into NaN (``0 * inf``),
+which the product over the kept inputs never reads. A tile whose result is not finite therefore recomputes
+its share of the product over the kept inputs alone (on FMA units, in fp32), so that every output has the
+documented meaning of the other formats' kernels; finite inputs never take that path."""
 
 from __future__ import annotations
+
+import functools
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher, cdiv, interpreter_active, wide_offsets
+from .launch import cdiv, interpreter_active, multiprocessors, next_power_of_2, upcasts_bf16, wide_offsets
+from .nm_vector import VectorConfig
+from .split_k import SplitKLaunch, split_k_total
+
+# Inputs per bitmap word (int32).
+WORD_BITS = 32
+
+
+@triton.jit
+def _expanded_tile(
+    values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS,
+    N_KEEP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The dense ``[BLOCK_N, BLOCK_K]`` tile of the weight from input ``k0`` on: kept values where the bitmap keeps
+    an input, zeros elsewhere. A row's kept values lie in input order, so a kept input's slot is its group's first
+    slot plus the number of inputs the group keeps before it."""
+    word = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(
+        bits_ptr + offs_n[:, None] * WORDS + word[None, :], mask=n_valid[:, None] & (word < WORDS)[None, :], other=0
+    )
+    kept = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    kept = tl.reshape(kept, (BLOCK_N, BLOCK_K // GROUP, GROUP))
+    first_slot = (k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)) * N_KEEP
+    slot = first_slot[None, :, None] + tl.cumsum(kept, axis=2) - kept
+    w = tl.load(values_ptr + offs_n[:, None, None] * KEPT + slot, mask=kept != 0, other=0.0)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
 def _nm_element_kernel(
-    xt_ptr, y_ptr, values_ptr, offsets_ptr, bias_ptr,
-    M, N, KEPT,
-    stride_xk, stride_xm, stride_ym, stride_yn,
-    N_KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr,
+    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, bits_ptr, bias_ptr,
+    M, N, K, KEPT, WORDS,
+    stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
+    SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: consecutive programs share a band of token tiles, so x tiles stay in L2.
+    pids_per_band = GROUP_SIZE_M * num_pid_n
+    band = pid // pids_per_band
+    first_m = band * GROUP_SIZE_M
+    band_m = min(num_pid_m - first_m, GROUP_SIZE_M)
+    pid_m = first_m + (pid % pids_per_band) % band_m
+    pid_n = (pid % pids_per_band) // band_m
+
+    # Split-K: program pid_k sums its own share of the inputs; the tile's last program adds the shares.
+    pid_k = tl.program_id(1)
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_share
+    k_end = min(K, k_begin + k_share)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if WIDE:  # offsets of 2**31 elements or more: int64 arithmetic
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
     m_valid = offs_m < M
     n_valid = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KEPT, BLOCK_K):
+    # The tile is computed transposed, W @ X.T (output features on the MMA's M side).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        kn_valid = (kk[:, None] < KEPT) & n_valid[None, :]
-        entry = offs_n[None, :] * KEPT + kk[:, None]
-        offset = tl.load(offsets_ptr + entry, mask=kn_valid, other=0).to(tl.int32)
-        w = tl.load(values_ptr + entry, mask=kn_valid, other=0.0).to(tl.float32)
-        column = (kk[:, None] // N_KEEP) * GROUP + offset
+        k_valid = kk < k_end
         if WIDE:
-            column = column.to(tl.int64)
+            kk = kk.to(tl.int64)
+        w = _expanded_tile(values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS, N_KEEP, GROUP, BLOCK_N, BLOCK_K)
         x = tl.load(
-            xt_ptr + column[None, :, :] * stride_xk + offs_m[:, None, None] * stride_xm,
-            mask=m_valid[:, None, None] & kn_valid[None, :, :], other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(x * w[None, :, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+            xt_ptr + kk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+            mask=k_valid[:, None] & m_valid[None, :], other=0.0,
+        )
+        if UPCAST:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
+    # A non-finite input anywhere in the share makes its whole token row of the tile non-finite (NaN * 0 or
+    # Inf * 0 at pruned positions), so one check of the result finds every tile that needs the kept-only sum.
+    finite = (acc == acc) & (tl.abs(acc) < float("inf"))
+    if tl.min(tl.min(finite.to(tl.int32), axis=1), axis=0) == 0:
+        acc = tl.zeros_like(acc)
+        before = tl.zeros((BLOCK_N,), dtype=tl.int32) + (k_begin // GROUP) * N_KEEP
+        for k in range(k_begin, k_end):
+            bit = (tl.load(bits_ptr + offs_n * WORDS + k // 32, mask=n_valid, other=0) >> (k % 32)) & 1
+            w = tl.load(values_ptr + offs_n * KEPT + before, mask=bit != 0, other=0.0).to(tl.float32)
+            k_row = k
+            if WIDE:
+                k_row = k.to(tl.int64)
+            x = tl.load(xt_ptr + k_row * stride_xk + offs_m * stride_xm, mask=m_valid, other=0.0).to(tl.float32)
+            acc += tl.where(bit[:, None] != 0, w[:, None] * x[None, :], 0.0)
+            before += bit
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    y_mask = m_valid[None, :] & n_valid[:, None]
+    partial_ptrs = partial_ptr + offs_m[None, :] * N + offs_n[:, None]
+    finish = True
+    if SPLIT_K > 1:
+        finish, acc = split_k_total(acc, partial_ptrs, stride_ps, counter_ptr + pid, pid_k, y_mask, SPLIT_K)
+    if finish:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def kept_bits(kept_offsets: torch.Tensor, n: int, m: int, cols: int) -> torch.Tensor:
+    """The bitmap the kernel reads: int32 ``[N, ceil(cols / 32)]``, bit j of word w of row r set where row r keeps
+    input ``32 * w + j``, from uint8 ``kept_offsets`` ``[N, cols // m * n]`` (kept positions within each group of m).
+    Built in row chunks, so that the int64 scatter indices stay small beside the weight."""
+    rows, kept = kept_offsets.shape
+    bits = torch.zeros(rows, cdiv(cols, WORD_BITS), dtype=torch.int32, device=kept_offsets.device)
+    group_start = (torch.arange(kept, device=kept_offsets.device) // n * m)[None, :]
+    chunk = max(1, (1 << 24) // max(1, kept))
+    for first in range(0, rows, chunk):
+        columns = group_start + kept_offsets[first:first + chunk].long()
+        # Distinct powers of two, bit 31 as int32's -2**31: their sum is the word, with no overflow.
+        word_bits = torch.ones_like(columns, dtype=torch.int32) << (columns % WORD_BITS).to(torch.int32)
+        bits[first:first + chunk].scatter_add_(1, columns // WORD_BITS, word_bits)
+    return bits
+
+
+# id(kept_offsets) -> (a weak reference to it, its data pointer and version, its bitmap), so that the plans built
+# for each call of the autograd path reuse one bitmap per weight; an entry goes when its offsets do.
+_BITMAPS: dict[int, tuple[weakref.ref, int, int, torch.Tensor]] = {}
+
+
+def cached_kept_bits(kept_offsets: torch.Tensor, n: int, m: int, cols: int) -> torch.Tensor:
+    """:func:`kept_bits`, derived once per ``kept_offsets`` tensor while its storage and version stay the same."""
+    key = id(kept_offsets)
+    entry = _BITMAPS.get(key)
+    if (
+        entry is not None and entry[0]() is kept_offsets and entry[1] == kept_offsets.data_ptr()
+        and entry[2] == kept_offsets._version and entry[3].shape[1] == cdiv(cols, WORD_BITS)
+    ):
+        return entry[3]
+    bits = kept_bits(kept_offsets, n, m, cols)
+    _BITMAPS[key] = (weakref.ref(kept_offsets, lambda _, key=key: _BITMAPS.pop(key, None)),
+                     kept_offsets.data_ptr(), kept_offsets._version, bits)
+    return bits
+
+
+def element_block_k(m: int, block_k: int) -> int:
+    """``block_k`` raised to a multiple of the bitmap word and of the group (the kernel expands whole words and
+    whole groups)."""
+    return max(block_k, WORD_BITS, m)
+
+
+def choose_element_config(
+    tokens: int, rows: int, cols: int, m: int, dtype: torch.dtype, device: torch.device
+) -> VectorConfig:
+    """The element-wise kernel's config (tiles are weight-first: output features on the MMA's M side). Up to 64
+    tokens the product is bound by the weight's bytes: 64 output features by 128 inputs, streamed 3 stages deep,
+    split over K while the grid holds fewer than four programs per SM. More tokens take 128 output features by
+    256 tokens by 64 inputs with 8 warps where that grid fills at least half the SMs, else 64 by 128 by 64 with 4
+    warps (64 by 128 by 32 in fp32). From the H200 sweep in ``docs/perf-notes.md``
+    (session 10)."""
+    return _choose_element_config(tokens, rows, cols, m, dtype, device, interpreter_active())
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_element_config(
+    tokens: int, rows: int, cols: int, m: int, dtype: torch.dtype, device: torch.device, interpreted: bool
+) -> VectorConfig:
+    if interpreted:
+        return VectorConfig(16, 16, element_block_k(m, 32), 4, 1, 8, 1, True)
+    if tokens <= 64:
+        block_n, block_k = 64, element_block_k(m, 128)
+        tiles = cdiv(rows, block_n)
+        split_k = 1
+        while tiles * split_k < 4 * multiprocessors(device) and cols >= 4 * block_k * split_k * 2:
+            split_k *= 2
+        return VectorConfig(max(16, next_power_of_2(tokens)), block_n, block_k, 4, 3, 8, split_k, True)
+    if dtype == torch.float32:
+        return VectorConfig(128, 64, element_block_k(m, 32), 4, 3, 8, 1, True)
+    if 2 * cdiv(tokens, 256) * cdiv(rows, 128) >= multiprocessors(device):
+        return VectorConfig(256, 128, element_block_k(m, 64), 8, 3, 8, 1, True)
+    return VectorConfig(128, 64, element_block_k(m, 64), 4, 3, 8, 1, True)
 
 
 class ElementProduct:
@@ -51,7 +201,7 @@ class ElementProduct:
     prepared once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides;
     only their data pointers are read). See :func:`nm_element_matmul` for the arguments."""
 
-    __slots__ = ("_launch",)
+    __slots__ = ("_launch", "bits")
 
     def __init__(
         self,
@@ -62,19 +212,36 @@ class ElementProduct:
         kept_offsets: torch.Tensor,
         n: int,
         m: int,
+        config: VectorConfig,
         bias: torch.Tensor | None = None,
+        input_precision: str = "ieee",
     ) -> None:
-        tokens = xt_shape[1]
+        cols, tokens = xt_shape
         rows, kept = values.shape
-        block_m, block_n, block_k = (16, 16, 8) if interpreter_active() else (32, 32, 8)
-        self._launch = Launcher(
-            _nm_element_kernel, (cdiv(tokens, block_m), cdiv(rows, block_n), 1),
-            (values, kept_offsets, values if bias is None else bias, tokens, rows, kept, *xt_strides, *out_strides),
-            dict(
-                N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                WIDE=wide_offsets((xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept,)),
+        block_k = config.block_k
+        if block_k % WORD_BITS or block_k % m:
+            raise ValueError(f"config: block_k={block_k} must be a multiple of {WORD_BITS} and of m={m}")
+        if not config.weight_first:
+            raise ValueError("config: the element-wise kernel computes weight-first tiles only (weight_first=True)")
+        self.bits = cached_kept_bits(kept_offsets, n, m, cols)
+        upcast = upcasts_bf16(values.dtype)
+        split_k = max(1, min(config.split_k, cdiv(cols, block_k)))
+        tiles = cdiv(tokens, config.block_m) * cdiv(rows, config.block_n)
+        weight = (
+            values, self.bits, values if bias is None else bias,
+            tokens, rows, cols, kept, self.bits.shape[1], *xt_strides, *out_strides, tokens * rows,
+        )
+        constexprs = dict(
+            SPLIT_K=split_k, N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_SIZE_M=config.group_size_m,
+            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+            WIDE=wide_offsets(
+                (xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept, split_k * tokens * rows)
             ),
-            4,
+        )
+        self._launch = SplitKLaunch(
+            _nm_element_kernel, (tiles, split_k, 1), weight, constexprs, config.num_warps, config.num_stages, split_k,
+            tokens, rows, tiles,
         )
 
     def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
@@ -89,9 +256,18 @@ def nm_element_matmul(
     m: int,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
+    config: VectorConfig | None = None,
+    input_precision: str = "ieee",
 ) -> torch.Tensor:
-    """Write ``xt.T @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for an element-wise N:M ``W``
-    given as ``values`` and uint8 ``kept_offsets``, both [N, K*n/m]; accumulates in fp32. Repeated products of
-    one weight keep an :class:`ElementProduct` instead."""
-    ElementProduct(tuple(xt.shape), xt.stride(), out.stride(), values, kept_offsets, n, m, bias)(xt, out)
+    """Write ``xt.T @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for an element-wise N:M ``W`` given
+    as ``values`` and uint8 ``kept_offsets``, both [N, K*n/m]; ``xt`` is [K, M] (any strides: ``x.t()`` of a
+    row-major ``x`` is read as it is). Accumulates in fp32; fp32 inputs take ``input_precision`` as in
+    :func:`nm_vector_matmul`. ``config`` defaults to :func:`choose_element_config`'s. Repeated products of one
+    weight keep an :class:`ElementProduct` instead."""
+    if config is None:
+        config = choose_element_config(xt.shape[1], values.shape[0], xt.shape[0], m, values.dtype, values.device)
+    product = ElementProduct(
+        tuple(xt.shape), xt.stride(), out.stride(), values, kept_offsets, n, m, config, bias, input_precision
+    )
+    product(xt, out)
     return out

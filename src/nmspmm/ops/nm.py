@@ -10,15 +10,15 @@ import torch
 from ..formats import NMSparseWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, transpose
-from ..kernels.nm_element import ElementProduct
+from ..kernels.nm_element import ElementProduct, choose_element_config
 from ..kernels.nm_vector import VectorProduct
 from .backend import (
     ProductPlan, call_op, check_backend, check_gradient_extent, check_operands, define_op, input_precision,
     kept_plan, needs_grad, reference_linear, use_triton,
 )
 
-# Up to this many tokens the product reads x row-major in one launch (see _reads_rows); more tokens are
-# transposed first, so that every gathered feature is one contiguous row.
+# Up to this many tokens the vector-wise product reads x row-major in one launch (see _reads_rows); more tokens
+# are transposed first, so that every gathered feature is one contiguous row.
 ROW_MAJOR_TOKENS = 4
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
@@ -91,11 +91,12 @@ def _row_major_product(
 
 def _reads_rows(tokens: int, vector: int) -> bool:
     """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
-    transpose launch first). One token is already feature-major. At 2 tokens the vector-wise kernel's scattered
+    transpose launch first). The element-wise kernel (V=1) reads whole tiles of x, contiguous either way, so it
+    always reads rows. One token is already feature-major. At 2 tokens the vector-wise kernel's scattered
     2-byte gathers from token rows cost about what the transpose does; from 8 tokens they took up to 2.2x the
     GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the transpose's launch saves on the
     host. :data:`ROW_MAJOR_TOKENS` lies between the two."""
-    return tokens == 1 or (vector > 1 and tokens <= ROW_MAJOR_TOKENS)
+    return vector == 1 or tokens == 1 or tokens <= ROW_MAJOR_TOKENS
 
 
 def _row_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
@@ -250,8 +251,8 @@ def _plan(
     vector: int,
 ) -> ProductPlan:
     """The N:M product's plan (:class:`backend.ProductPlan`): x read row-major in one launch up to
-    :data:`ROW_MAJOR_TOKENS` (:func:`_reads_rows`), transposed first from there; the element-wise kernel at V=1,
-    else the vector-wise one with the config of its token count."""
+    :data:`ROW_MAJOR_TOKENS` (:func:`_reads_rows`) or at V=1, transposed first from there; the element-wise kernel
+    at V=1, else the vector-wise one, each with the config of its token count."""
     # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
     values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -264,7 +265,11 @@ def _plan(
         xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int]
     ) -> Callable[..., None]:
         if vector == 1:
-            return ElementProduct(xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, bias)
+            config = choose_element_config(xt_shape[1], rows, xt_shape[0], m, values.dtype, values.device)
+            return ElementProduct(
+                xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, config, bias,
+                input_precision(values.dtype),
+            )
         config = choose_vector_config(xt_shape[1], rows, values.shape[1], vector, values.dtype, values.device)
         return VectorProduct(
             xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
