@@ -104,7 +104,7 @@ class ProductPlan:
     ``[K, M]`` view of x; ``make(xt_shape, xt_strides, out_strides)`` prepares the kernel's launch, a callable
     ``(xt, out)`` writing the ``[M, N]`` product into ``out`` (both passed as tensors of those strides)."""
 
-    __slots__ = ("sources", "_out_shape", "_xt_shape", "_transpose", "_product")
+    __slots__ = ("sources", "gradient_checked", "_out_shape", "_xt_shape", "_transpose", "_product")
 
     def __init__(
         self,
@@ -116,6 +116,7 @@ class ProductPlan:
         make: Callable[[tuple[int, int], tuple[int, int], tuple[int, int]], Callable[..., None]],
     ) -> None:
         self.sources: tuple = ()  # what a plan kept on a weight was built from (kept_plan)
+        self.gradient_checked = False  # whether this layout of x passed the gradient kernels' checks
         self._transpose = None
         if feature_major:
             features, tokens = x_shape

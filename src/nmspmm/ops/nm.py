@@ -37,18 +37,25 @@ def nm_linear(
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
     plan = _kept_plan(x, weight, bias, backend, False)
-    if plan is not None and not needs_grad(x, weight.values, bias):
-        return plan(x)
+    if plan is not None:
+        if not needs_grad(x, weight.values, bias):
+            return plan(x)
+        # A gradient with a kept plan (so in eager mode): the op's autograd function, which takes x in any
+        # leading shape (its formulas read rows), so the call adds no reshapes of its own to the graph.
+        if not plan.gradient_checked:
+            check_gradient_extent(x.reshape(-1, weight.shape[1]), weight.shape[0], "the N:M backward kernels")
+            plan.gradient_checked = True
+        return _NM_LINEAR.eager_autograd.apply(
+            x, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend, plan
+        )
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     flat = x.dim() == 2
     rows_in = x if flat else x.reshape(-1, weight.shape[1])
-    if plan is not None and not flat:  # a gradient is needed: the op's formulas run on the rows
-        plan = _kept_plan(rows_in, weight, bias, backend, False)
     if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
         check_gradient_extent(rows_in, weight.shape[0], "the N:M backward kernels")
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    y = call_op(_NM_LINEAR, args, plan)
+    y = call_op(_NM_LINEAR, args)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -202,10 +209,12 @@ def _grad_values_fake(x: torch.Tensor, grad_y: torch.Tensor, kept_offsets: torch
 
 
 def _nm_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+    # x is [M, K] in the op; an eager call with a kept plan passes it in any leading shape (nm_linear).
     x = ctx.saved_tensors[0]
-    grad_x, grad_values = _backward(ctx, x, grad_y)
-    grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad_x, grad_values, None, grad_bias, None, None, None, None
+    grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_x, grad_values = _backward(ctx, x.reshape(-1, x.shape[-1]), grad_rows)
+    grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return None if grad_x is None else grad_x.view(x.shape), grad_values, None, grad_bias, None, None, None, None
 
 
 def _nm_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, grad_y_t: torch.Tensor) -> tuple:
