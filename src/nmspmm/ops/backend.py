@@ -195,6 +195,24 @@ def kept_plan(
     return plan
 
 
+def planned_with_gradient(
+    defined: Op, plan: ProductPlan, args: tuple, check_gradient: Callable[[], None]
+) -> torch.Tensor:
+    """An eager product that autograd records, run by its kept ``plan`` inside the op's autograd function on
+    ``args`` as given (x in any leading shape: the formulas read rows, :func:`as_rows`), so the call adds no
+    reshape or view of its own to the graph. ``check_gradient()`` (the gradient kernels' limits for this layout of
+    x) runs once per plan."""
+    if not plan.gradient_checked:
+        check_gradient()
+        plan.gradient_checked = True
+    return defined.eager_autograd.apply(*args, plan)
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``[..., F]`` as ``[M, F]`` rows (a view where the layout allows): what the backward formulas read."""
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
 def _same_objects(kept: tuple, current: tuple) -> bool:
     for a, b in zip(kept, current):
         if a is not b:

@@ -10,8 +10,8 @@ import torch
 from ..formats.block_shuffled import BlockShuffledWeight, block_rows_of, dense_from_blocks, inverse_permutation
 from ..kernels.block_sparse import BlockSparseProduct
 from .backend import (
-    ProductPlan, call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad,
-    reference_linear, use_triton,
+    ProductPlan, as_rows, call_op, check_backend, check_operands, define_op, input_precision, kept_plan, needs_grad,
+    planned_with_gradient, reference_linear, use_triton,
 )
 
 _OP_SCHEMA = (
@@ -31,19 +31,22 @@ def block_shuffled_linear(
     x, the kept values and bias.
     """
     plan = _kept_plan(x, weight, bias, backend)
-    if plan is not None and not needs_grad(x, weight.values, bias):
-        return plan(x)
+    if plan is not None:
+        if not needs_grad(x, weight.values, bias):
+            return plan(x)
+        return planned_with_gradient(_BLOCK_SHUFFLED_LINEAR, plan, _op_args(x, weight, bias, backend), lambda: None)
     check_operands(x, weight, BlockShuffledWeight, bias)
     check_backend(backend)
-    rows_in = x.reshape(-1, weight.shape[1])
-    if plan is not None and x.dim() != 2:  # a gradient is needed: the op's formula runs on the rows
-        plan = _kept_plan(rows_in, weight, bias, backend)
-    args = (
-        rows_in, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
+    y = call_op(_BLOCK_SHUFFLED_LINEAR, _op_args(as_rows(x), weight, bias, backend))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _op_args(x: torch.Tensor, weight: BlockShuffledWeight, bias: torch.Tensor | None, backend: str) -> tuple:
+    """The product's arguments, in the op's order."""
+    return (
+        x, weight.values, weight.block_columns, weight.block_row_offsets, weight.block_row_order,
         weight.row_permutation, bias, backend,
     )
-    y = call_op(_BLOCK_SHUFFLED_LINEAR, args, plan)
-    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _product(
@@ -134,7 +137,9 @@ def _setup_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, out
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
     """Dense gradients in at least fp32: ``dY @ W`` for x, and for the kept values the tiles of
     ``dY[:, perm].T @ x`` at the kept blocks (permuted order), for bias the column sums of ``dY``."""
-    x, values, block_columns, block_row_offsets, row_permutation = ctx.saved_tensors
+    # x is [M, K] in the op, in any leading shape in an eager call with a kept plan (planned_with_gradient).
+    x_given, values, block_columns, block_row_offsets, row_permutation = ctx.saved_tensors
+    x, grad_y = as_rows(x_given), as_rows(grad_y)
     need_x, need_values, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[6]
     compute = torch.promote_types(grad_y.dtype, torch.float32)
     rows, cols = row_permutation.shape[0], x.shape[1]
@@ -143,7 +148,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) ->
     grad_x = grad_values = grad_bias = None
     if need_x:
         permuted = dense_from_blocks(values, block_columns, block_row_offsets, (rows, cols)).to(compute)
-        grad_x = (grad_permuted @ permuted).to(x.dtype)
+        grad_x = (grad_permuted @ permuted).to(x.dtype).view(x_given.shape)
     if need_values:
         tiles = (grad_permuted.t() @ x.to(compute)).view(rows // bn, bn, cols // bk, bk).transpose(1, 2)
         grad_values = tiles[block_rows_of(block_row_offsets, blocks), block_columns.long()].to(values.dtype)

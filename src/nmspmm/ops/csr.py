@@ -14,8 +14,9 @@ from ..kernels.csr_spmm import CSRProduct, csr_spmm
 from ..kernels.sddmm import CELL, TILED_MIN_DENSITY_EXACT, TILED_MIN_DEPTH, sddmm_tiled
 from ..kernels.sddmm import sddmm as sddmm_kernel
 from .backend import (
-    ProductPlan, call_op, check_backend, check_dtype_and_device, check_gradient_extent, check_int32_offsets,
-    check_operands, define_op, input_precision, kept_plan, needs_grad, reference_linear, use_triton,
+    ProductPlan, as_rows, call_op, check_backend, check_dtype_and_device, check_gradient_extent, check_int32_offsets,
+    check_operands, define_op, input_precision, kept_plan, needs_grad, planned_with_gradient, reference_linear,
+    use_triton,
 )
 
 # The products are torch.library custom ops (opaque to torch.compile, traced through their fake implementations).
@@ -40,16 +41,19 @@ def csr_linear(
     ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
     """
     plan = _kept_plan(x, weight, bias, backend, False)
-    if plan is not None and not needs_grad(x, weight.values, bias):
-        return plan(x)
+    if plan is not None:
+        if not needs_grad(x, weight.values, bias):
+            return plan(x)
+        return planned_with_gradient(
+            _CSR_LINEAR, plan, _op_args(x, weight, bias, backend),
+            lambda: check_gradient_extent(as_rows(x), weight.shape[0], "the CSR backward kernels (SDDMM)"),
+        )
     check_operands(x, weight, CSRWeight, bias)
     check_backend(backend)
-    rows_in = x.reshape(-1, weight.shape[1])
-    if plan is not None and x.dim() != 2:  # a gradient is needed: the op's formulas run on the rows
-        plan = _kept_plan(rows_in, weight, bias, backend, False)
+    rows_in = as_rows(x)
     if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
         check_gradient_extent(rows_in, weight.shape[0], "the CSR backward kernels (SDDMM)")
-    y = call_op(_CSR_LINEAR, _op_args(rows_in, weight, bias, backend), plan)
+    y = call_op(_CSR_LINEAR, _op_args(rows_in, weight, bias, backend))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -302,9 +306,11 @@ def _backward(
 
 
 def _csr_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
-    grad_x, grad_values = _backward(ctx, ctx.saved_tensors[0], grad_y)
-    grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return (grad_x, grad_values, None, None, None, grad_bias) + (None,) * 7
+    # x is [M, K] in the op, in any leading shape in an eager call with a kept plan (planned_with_gradient).
+    x, grad_rows = ctx.saved_tensors[0], as_rows(grad_y)
+    grad_x, grad_values = _backward(ctx, as_rows(x), grad_rows)
+    grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return (None if grad_x is None else grad_x.view(x.shape), grad_values, None, None, None, grad_bias) + (None,) * 7
 
 
 def _csr_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, grad_y_t: torch.Tensor) -> tuple:

@@ -13,8 +13,8 @@ from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, trans
 from ..kernels.nm_element import ElementProduct, choose_element_config
 from ..kernels.nm_vector import VectorProduct
 from .backend import (
-    ProductPlan, call_op, check_backend, check_gradient_extent, check_operands, define_op, input_precision,
-    kept_plan, needs_grad, reference_linear, use_triton,
+    ProductPlan, as_rows, call_op, check_backend, check_gradient_extent, check_operands, define_op,
+    input_precision, kept_plan, needs_grad, planned_with_gradient, reference_linear, use_triton,
 )
 
 # Up to this many tokens the vector-wise product reads x row-major in one launch (see _reads_rows); more tokens
@@ -40,13 +40,10 @@ def nm_linear(
     if plan is not None:
         if not needs_grad(x, weight.values, bias):
             return plan(x)
-        # A gradient with a kept plan (so in eager mode): the op's autograd function, which takes x in any
-        # leading shape (its formulas read rows), so the call adds no reshapes of its own to the graph.
-        if not plan.gradient_checked:
-            check_gradient_extent(x.reshape(-1, weight.shape[1]), weight.shape[0], "the N:M backward kernels")
-            plan.gradient_checked = True
-        return _NM_LINEAR.eager_autograd.apply(
-            x, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend, plan
+        args = (x, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+        return planned_with_gradient(
+            _NM_LINEAR, plan, args,
+            lambda: check_gradient_extent(as_rows(x), weight.shape[0], "the N:M backward kernels"),
         )
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
@@ -209,10 +206,10 @@ def _grad_values_fake(x: torch.Tensor, grad_y: torch.Tensor, kept_offsets: torch
 
 
 def _nm_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
-    # x is [M, K] in the op; an eager call with a kept plan passes it in any leading shape (nm_linear).
+    # x is [M, K] in the op, in any leading shape in an eager call with a kept plan (planned_with_gradient).
     x = ctx.saved_tensors[0]
-    grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
-    grad_x, grad_values = _backward(ctx, x.reshape(-1, x.shape[-1]), grad_rows)
+    grad_rows = as_rows(grad_y)
+    grad_x, grad_values = _backward(ctx, as_rows(x), grad_rows)
     grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
     return None if grad_x is None else grad_x.view(x.shape), grad_values, None, grad_bias, None, None, None, None
 
