@@ -623,6 +623,17 @@ def test_sparsify_takes_config_objects_like_its_short_form():
         (lambda: nmspmm.sparsify(TinyTransformer(), 0.5), TypeError, r"pattern: expected an 'n:m', 'csr' or 'block'"),
         (lambda: nmspmm.sparsify(TinyTransformer(), nmspmm.NMConfig("2:4", 16, "wanda")), ValueError,
          r"calibration: method 'wanda' needs an iterable of input batches"),
+        (lambda: nmspmm.NMConfig("2:4", damping=0.1), ValueError,
+         r"damping: SparseGPT's settings, for method='sparsegpt' only; got method='magnitude'"),
+        (lambda: nmspmm.CSRConfig(0.5, "wanda", columns=64), ValueError, r"columns: SparseGPT's settings"),
+        (lambda: nmspmm.NMConfig("2:4", 1, "sparsegpt", damping=1.5), ValueError,
+         r"damping: expected a number in \(0, 1\), got 1.5"),
+        (lambda: nmspmm.NMConfig("8:32", 1, "sparsegpt", columns=48), ValueError,
+         r"columns: expected a positive multiple of 32, got 48"),
+        (lambda: nmspmm.BlockConfig(0.5, (16, 16), method="sparsegpt", columns=24), ValueError,
+         r"columns: expected a positive multiple of 16, got 24"),
+        (lambda: nmspmm.CSRConfig(0.5, "sparsegpt", columns=0), ValueError,
+         r"columns: expected a positive multiple of 1, got 0"),
     ],
 )
 def test_configs_reject_bad_fields(make, error, match):
@@ -688,15 +699,42 @@ def test_sparsify_sparsegpt_keeps_the_model_closer_than_wanda_and_magnitude(patt
     assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
 
 
+@pytest.mark.parametrize(
+    ("config", "prune"),
+    [
+        (nmspmm.NMConfig("2:4", 16, "sparsegpt", damping=0.1, columns=8),
+         lambda w, g: nmspmm.prune.sparsegpt(w, g, "2:4", 16, damping=0.1, columns=8)),
+        (nmspmm.CSRConfig(0.6, "sparsegpt", damping=0.05, columns=16),
+         lambda w, g: nmspmm.prune.sparsegpt_csr(w, g, 0.6, damping=0.05, columns=16)),
+        (nmspmm.BlockConfig(0.5, (16, 16), method="sparsegpt", damping=0.2, columns=32),
+         lambda w, g: nmspmm.prune.sparsegpt_block_shuffled(w, g, 0.5, (16, 16), damping=0.2, columns=32)),
+    ],
+)
+def test_sparsify_passes_sparsegpt_settings_to_the_reconstruction(config, prune):
+    # A config's damping and columns reach the reconstruction: the swapped layer is the pruning function's result
+    # with those settings, and differs from the defaults'.
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = nn.Sequential(_dense(64, 64))
+    calibration = _correlated_inputs(4, 32, 64, generator)
+    gram = nmspmm.prune.collect_input_grams(model, calibration)["0"]  # one layer: the inputs sparsify sees
+    weight = model[0].weight.detach().clone()
+    nmspmm.sparsify(model, config, calibration=calibration)
+    expected = prune(weight, gram).to_dense()
+    assert relative_error(model[0].to_dense().detach(), expected) < 1e-6
+    defaults = type(config)(**{**config.__dict__, "damping": None, "columns": None})
+    assert relative_error(defaults.reconstruct(weight, gram).to_dense(), expected) > 1e-3
+
+
 def test_sparsify_sparsegpt_leaves_the_model_as_it_was_on_an_error(monkeypatch):
     model = nn.Sequential(_dense(32, 32), nn.ReLU(), _dense(32, 32), nn.ReLU(), _dense(32, 32))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     original = nmspmm.nn.sparsegpt
 
-    def failing(weight, gram, pattern, vector):
+    def failing(weight, gram, pattern, vector, **settings):
         if weight.data_ptr() == model[4].weight.data_ptr():
             raise ValueError("gram: something a layer cannot be pruned for")
-        return original(weight, gram, pattern, vector)
+        return original(weight, gram, pattern, vector, **settings)
 
     monkeypatch.setattr(nmspmm.nn, "sparsegpt", failing)
     with pytest.raises(ValueError, match=r"^4: gram: something a layer cannot be pruned for; no layer was swapped$"):

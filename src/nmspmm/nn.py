@@ -34,6 +34,7 @@ from .prune import (
 )
 from .prune.block_shuffle import check_block_sparsity
 from .prune.magnitude import check_finite
+from .prune.sparsegpt import DAMPING, step_columns
 from .prune.unstructured import check_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -417,19 +418,39 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
+def _check_sparsegpt_settings(config: SparsifyConfig, run: int) -> None:
+    """Refuse SparseGPT's ``damping`` or ``columns`` on a config of another method, or out of range (``run``: the
+    columns a choice spans, of which ``columns`` must be a multiple)."""
+    damping, columns = config.damping, config.columns
+    if config.method != "sparsegpt" and (damping is not None or columns is not None):
+        given = ", ".join(name for name, value in (("damping", damping), ("columns", columns)) if value is not None)
+        raise ValueError(f"{given}: SparseGPT's settings, for method='sparsegpt' only; got method={config.method!r}")
+    step_columns(DAMPING if damping is None else damping, columns, run)
+
+
+def _sparsegpt_settings(config: SparsifyConfig) -> dict[str, Any]:
+    """The config's SparseGPT keyword arguments (damping and columns; the functions' defaults where None)."""
+    return {"damping": DAMPING if config.damping is None else config.damping, "columns": config.columns}
+
+
 @dataclass(frozen=True)
 class NMConfig(SparsifyConfig):
     """Vector-wise N:M (:class:`SparseLinear`): ``pattern`` ("n:m") with V=``vector``, pruned by ``method``
-    ("magnitude"; "wanda" or "sparsegpt", which need calibration batches)."""
+    ("magnitude"; "wanda" or "sparsegpt", which need calibration batches). SparseGPT's ``damping`` (a fraction
+    of the Gram matrix's mean diagonal) and ``columns`` per step (a multiple of m) default to the reference
+    procedure's, as in :func:`nmspmm.prune.sparsegpt`; the other configs take them too."""
 
     pattern: str
     vector: int = 1
     method: str = "magnitude"
+    damping: float | None = None
+    columns: int | None = None
 
     def __post_init__(self) -> None:
         _check_method(self.method)
-        parse_pattern(self.pattern)
+        _, m = parse_pattern(self.pattern)
         check_vector(self.vector)
+        _check_sparsegpt_settings(self, m)
 
     def fits(self, weight: torch.Tensor) -> None:
         n, m = parse_pattern(self.pattern)
@@ -442,7 +463,7 @@ class NMConfig(SparsifyConfig):
                                          self.pattern, self.vector)
 
     def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> NMSparseWeight:
-        return sparsegpt(weight, gram, self.pattern, self.vector)
+        return sparsegpt(weight, gram, self.pattern, self.vector, **_sparsegpt_settings(self))
 
     def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
         return SparseLinear.of(weight, linear)
@@ -458,10 +479,13 @@ class CSRConfig(SparsifyConfig):
 
     sparsity: float
     method: str = "magnitude"
+    damping: float | None = None
+    columns: int | None = None
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
         _check_method(self.method)
+        _check_sparsegpt_settings(self, 1)
 
     def fits(self, weight: torch.Tensor) -> None:
         check_weight_matrix(weight, 1, 1, 1)
@@ -472,7 +496,7 @@ class CSRConfig(SparsifyConfig):
         return CSRWeight.from_dense(weight, wanda_csr_mask(weight, input_norm, self.sparsity))
 
     def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> CSRWeight:
-        return sparsegpt_csr(weight, gram, self.sparsity)
+        return sparsegpt_csr(weight, gram, self.sparsity, **_sparsegpt_settings(self))
 
     def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
         return CSRLinear.of(weight, linear)
@@ -491,11 +515,14 @@ class BlockConfig(SparsifyConfig):
     block: tuple[int, int] = (32, 32)
     search: bool = True
     method: str = "magnitude"
+    damping: float | None = None
+    columns: int | None = None
 
     def __post_init__(self) -> None:
         check_block(self.block)
         check_block_sparsity(self.sparsity)
         _check_method(self.method)
+        _check_sparsegpt_settings(self, self.block[1])
 
     def fits(self, weight: torch.Tensor) -> None:
         check_weight_matrix(weight, 1, 1, 1)
@@ -506,7 +533,9 @@ class BlockConfig(SparsifyConfig):
         return prune_block_shuffled(weight, self.sparsity, self.block, search=self.search, scores=scores)
 
     def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> BlockShuffledWeight:
-        return sparsegpt_block_shuffled(weight, gram, self.sparsity, self.block, search=self.search)
+        return sparsegpt_block_shuffled(
+            weight, gram, self.sparsity, self.block, search=self.search, **_sparsegpt_settings(self)
+        )
 
     def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
         return BlockShuffledLinear.of(weight, linear)

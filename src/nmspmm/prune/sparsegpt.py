@@ -41,8 +41,9 @@ def check_gram(gram: torch.Tensor, features: int) -> None:
         raise ValueError("gram: expected finite values, found NaN or Inf")
 
 
-def _step_columns(damping: float, columns: int | None, run: int) -> int:
-    """Check ``damping`` and ``columns``; return the columns per step: ``columns``, or the multiple of ``run``
+def step_columns(damping: float, columns: int | None, run: int) -> int:
+    """Check ``damping`` and ``columns`` (the settings of every SparseGPT function; ``run`` is the pattern's run
+    of columns: m, a block's width, or 1); return the columns per step: ``columns``, or the multiple of ``run``
     nearest above :data:`COLUMNS` when None."""
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < 1:
         raise ValueError(f"damping: expected a number in (0, 1), got {damping!r}")
@@ -115,7 +116,7 @@ def sparsegpt(
     step, a multiple of m; about 128 when None) are the reference procedure's settings."""
     n, m = check_prunable(weight, pattern, vector)
     check_gram(gram, weight.shape[1])
-    step = _step_columns(damping, columns, m)
+    step = step_columns(damping, columns, m)
 
     def choose(w: torch.Tensor, diagonal: torch.Tensor, first: int) -> torch.Tensor:
         return topn_group_mask(vector_sums(saliency(w, diagonal), vector), n, m, vector)
@@ -133,7 +134,7 @@ def sparsegpt_csr(
     ``weight``'s dtype."""
     sparsity = check_unstructured_prunable(weight, sparsity)
     check_gram(gram, weight.shape[1])
-    step = _step_columns(damping, columns, 1)
+    step = step_columns(damping, columns, 1)
 
     def choose(w: torch.Tensor, diagonal: torch.Tensor, first: int) -> torch.Tensor:
         return largest_mask(saliency(w, diagonal), round((1 - sparsity) * w.numel()))
@@ -163,7 +164,7 @@ def sparsegpt_block_shuffled(
     if not isinstance(search, bool):
         raise TypeError(f"search: expected a bool, got {type(search).__name__} {search!r}")
     check_gram(gram, weight.shape[1])
-    step = _step_columns(damping, columns, bk)
+    step = step_columns(damping, columns, bk)
     rows, cols = weight.shape
     scores = wanda_scores(weight, gram.diagonal().clamp_min(0).sqrt().to(torch.float32))
     permutation = torch.arange(rows, device=weight.device)
