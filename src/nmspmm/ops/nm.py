@@ -48,7 +48,7 @@ def nm_linear(
     check_operands(x, weight, NMSparseWeight, bias)
     check_backend(backend)
     flat = x.dim() == 2
-    rows_in = x if flat else x.reshape(-1, weight.shape[1])
+    rows_in = x if flat else as_rows(x)
     if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
         check_gradient_extent(rows_in, weight.shape[0], "the N:M backward kernels")
     args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
@@ -100,7 +100,7 @@ def _reads_rows(tokens: int, vector: int) -> bool:
     2-byte gathers from token rows cost about what the transpose does; from 8 tokens they took up to 2.2x the
     GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the transpose's launch saves on the
     host. :data:`ROW_MAJOR_TOKENS` lies between the two."""
-    return vector == 1 or tokens == 1 or tokens <= ROW_MAJOR_TOKENS
+    return vector == 1 or tokens <= ROW_MAJOR_TOKENS
 
 
 def _row_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
