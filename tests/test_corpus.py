@@ -34,36 +34,25 @@ def test_evaluation_text_is_not_calibration_text():
 
 
 @pytest.mark.parametrize(
-    ("text", "match"),
+    ("reader", "text", "match"),
     [
-        ("paraphrase\ta\tb\nsimilar\tc\td\n", r"corpus/pairs.tsv: line 2: expected 'grade<TAB>first<TAB>second'"),
-        ("related\ta\tb\nunrelated\tb\tc\n", r"corpus/pairs.tsv: a sentence appears twice"),
-        ("related\ta\n", r"line 1: expected"),
+        (graded_pairs, "paraphrase\ta\tb\nsimilar\tc\td\n",
+         r"corpus/pairs.tsv: line 2: expected 'grade<TAB>first<TAB>second'"),
+        (graded_pairs, "related\ta\tb\nunrelated\tb\tc\n", r"corpus/pairs.tsv: a sentence appears twice"),
+        (graded_pairs, "related\ta\n", r"line 1: expected"),
+        (calibration_sentences, "one\n\nthree\n", r"line 2 is empty"),
+        (calibration_sentences, "one\n two\n", r"line 2 is empty or has surrounding spaces"),
+        (calibration_sentences, "one\none\n", r"a sentence appears twice"),
     ],
 )
-def test_a_damaged_pairs_file_is_refused(monkeypatch, text, match):
+def test_a_damaged_corpus_file_is_refused(monkeypatch, reader, text, match):
     monkeypatch.setattr(corpus, "_lines", lambda name: text.splitlines())
-    graded_pairs.cache_clear()
+    reader.cache_clear()
     try:
         with pytest.raises(ValueError, match=match):
-            graded_pairs()
+            reader()
     finally:
-        graded_pairs.cache_clear()
-
-
-@pytest.mark.parametrize(
-    ("text", "match"),
-    [("one\n\nthree\n", r"line 2 is empty"), ("one\n two\n", r"line 2 is empty or has surrounding spaces"),
-     ("one\none\n", r"a sentence appears twice")],
-)
-def test_a_damaged_calibration_file_is_refused(monkeypatch, text, match):
-    monkeypatch.setattr(corpus, "_lines", lambda name: text.splitlines())
-    calibration_sentences.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=match):
-            calibration_sentences()
-    finally:
-        calibration_sentences.cache_clear()
+        reader.cache_clear()
 
 
 def test_spearman_matches_a_hand_computation():
