@@ -34,6 +34,16 @@ def test_nm_decode_ideal_is_the_byte_ratio():
     assert model.ideal_speedup == pytest.approx(model.dense_bytes / model.kernel_bytes)
 
 
+@pytest.mark.parametrize("vector", [1, 64])
+@pytest.mark.parametrize("values_dtype", [torch.float8_e4m3fn, torch.int8])
+def test_8_bit_values_count_one_byte_each_and_the_scales(values_dtype, vector):
+    bf16 = model_case(1, 4096, 4096, 8, 32, vector, torch.bfloat16, "bfloat16", CEILINGS)
+    quantized = model_case(1, 4096, 4096, 8, 32, vector, torch.bfloat16, "bfloat16", CEILINGS, values_dtype)
+    kept = 4096 // 32 * 8
+    assert bf16.kernel_bytes - quantized.kernel_bytes == 4096 * kept * (2 - 1) - 4 * 4096
+    assert quantized.dense_flops == bf16.dense_flops and quantized.kernel_bytes < bf16.kernel_bytes
+
+
 def test_launch_cost_is_added_to_every_bound():
     launched = dataclasses.replace(CEILINGS, launch_us=2.0)
     decode = model_case(1, 4096, 4096, 8, 32, 64, torch.bfloat16, "bfloat16", launched)

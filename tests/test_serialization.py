@@ -229,8 +229,8 @@ def _edit_weight(field: str, value: object):
         (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
         (
             _edit_weight("format", "Dense"),
-            r"metadata of weight 'b': expected a format in \['BlockShuffledWeight', 'CSRWeight', 'NMSparseWeight'\], "
-            r"got 'Dense'",
+            r"metadata of weight 'b': expected a format in \['BlockShuffledWeight', 'CSRWeight', 'NMSparseWeight', "
+            r"'QuantizedNMWeight'\], got 'Dense'",
         ),
         (_edit_header("weights", []), r"expected a 'weights' object, got \[\]"),
         (_edit_weight("pattern", "2:8"), r"weight 'b' is inconsistent: values: expected shape \(128, 16\)"),

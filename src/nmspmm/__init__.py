@@ -1,10 +1,12 @@
 """nmspmm: sparse matrix products for pruned neural networks, as Triton kernels in PyTorch."""
 
 from ._version import __version__
-from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, load_safetensors, save_safetensors
+from .formats import (
+    BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight, load_safetensors, save_safetensors,
+)
 from .nn import (
-    BlockConfig, BlockShuffledLinear, CSRConfig, CSRLinear, NMConfig, SparseLinear, SparsifyConfig, SparsifyReport,
-    sparsify,
+    BlockConfig, BlockShuffledLinear, CSRConfig, CSRLinear, NMConfig, QuantizedSparseLinear, SparseLinear,
+    SparsifyConfig, SparsifyReport, sparsify,
 )
 from .ops import linear, linear_feature_major, sddmm
 from .pretrained import densify, load_pretrained, save_pretrained
@@ -23,6 +25,8 @@ __all__ = [
     "CSRWeight",
     "NMConfig",
     "NMSparseWeight",
+    "QuantizedNMWeight",
+    "QuantizedSparseLinear",
     "SparseLinear",
     "SparsifyConfig",
     "SparsifyReport",

@@ -15,9 +15,12 @@ from torch import nn
 
 from . import ops
 from .progress import progress as draw_progress
-from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight
+from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
 from .formats.base import SparseWeightBase
-from .formats.pattern import check_vector, check_weight_matrix, holds_values, parse_pattern
+from .formats.pattern import (
+    SUPPORTED_DTYPES, check_vector, check_weight_matrix, dtype_name, holds_values, parse_pattern,
+)
+from .formats.quantized import check_quantized_dtype
 from .formats.block_shuffled import check_block, check_block_weight, descending_block_count_order
 from .prune import (
     collect_input_norms,
@@ -49,6 +52,8 @@ class _SparseLinearBase(nn.Module):
     FORMAT: type
     values: nn.Parameter
     bias: nn.Parameter | None
+    # Stored tensors whose dtype no module cast changes (buffers moved by :meth:`_move_held`).
+    HELD: tuple[str, ...] = ()
 
     def __init__(
         self, weight: SparseWeightBase, bias: torch.Tensor | None = None, *, backend: str = "auto"
@@ -62,7 +67,10 @@ class _SparseLinearBase(nn.Module):
         self.backend = backend
         self.fields = {key: value for key, value in weight.state_fields().items() if key != "dtype"}
         tensors = weight.state_tensors()
-        self.values = nn.Parameter(tensors.pop("values").detach())
+        if "values" in self.HELD:
+            self.register_buffer("values", tensors.pop("values").detach())
+        else:
+            self.values = nn.Parameter(tensors.pop("values").detach())
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
         if bias is None:
@@ -99,10 +107,23 @@ class _SparseLinearBase(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SparseLinearBase:
         self.__dict__.pop("_weight_view", None)
         shape_only = not holds_values(self.values)
-        module = super()._apply(fn, recurse)
+        held = {name: self._buffers.pop(name) for name in self.HELD}
+        try:
+            module = super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(held)
+        if held:
+            self._move_held(fn)
         if shape_only and holds_values(self.values):
             self._hold_placeholder()
         return module
+
+    def _move_held(self, fn: Callable[..., Any]) -> None:
+        """Move the :attr:`HELD` buffers as ``fn`` (a module move or cast) moves the others, keeping their dtypes."""
+
+    def _products_dtype(self, values: torch.Tensor) -> str:
+        """The ``dtype`` field of this module's weight when it holds ``values`` (that of the values here)."""
+        return str(values.dtype).removeprefix("torch.")
 
     def _hold_placeholder(self) -> None:
         """Fill the index tensors that ``to_empty`` leaves uninitialised, when it moves the module off the meta
@@ -150,7 +171,7 @@ class _SparseLinearBase(nn.Module):
             }
             tensors["values"] = values
         try:
-            dtype = str(values.dtype).removeprefix("torch.") if isinstance(values, torch.Tensor) else None
+            dtype = self._products_dtype(values) if isinstance(values, torch.Tensor) else None
             self.FORMAT.from_state(tensors, {**self.fields, "dtype": dtype})
         except (TypeError, ValueError, AttributeError) as error:
             stored = [prefix + name for name in names]
@@ -177,6 +198,8 @@ class SparseLinear(_SparseLinearBase):
     def __init__(self, weight: NMSparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
         """Wrap ``weight`` (sharing its tensors) and an optional ``[out_features]`` ``bias``; ``backend`` is
         passed to :func:`nmspmm.linear` on every call."""
+        if isinstance(weight, QuantizedNMWeight) and type(self) is SparseLinear:
+            raise TypeError("weight: a QuantizedNMWeight goes in a QuantizedSparseLinear, not a SparseLinear")
         super().__init__(weight, bias, backend=backend)
         self.pattern = weight.pattern
         self.vector = weight.vector
@@ -222,6 +245,92 @@ class SparseLinear(_SparseLinearBase):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, pattern='{self.pattern}', "
             f"vector={self.vector}, bias={self.bias is not None}{backend}"
+        )
+
+
+class QuantizedSparseLinear(_SparseLinearBase):
+    """``y = x @ W.T + b`` with ``W`` a :class:`QuantizedNMWeight`: vector-wise N:M with 8-bit kept values
+    (float8_e4m3fn or int8) and one fp32 scale per output feature, for inference: gradients reach the activations
+    and the bias, not the quantized values.
+
+    ``values`` (8-bit), ``offsets`` and ``scales`` are buffers (saved in the state dict); ``kept_offsets`` is
+    derived (not saved). ``dtype`` is the products' dtype: a float cast of the module (``.half()``,
+    ``.to(torch.bfloat16)``) sets it, while the stored values and scales keep theirs.
+    """
+
+    FORMAT = QuantizedNMWeight
+    HELD = ("values", "scales")
+    offsets: torch.Tensor
+    scales: torch.Tensor
+    kept_offsets: torch.Tensor
+
+    def __init__(
+        self, weight: QuantizedNMWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+    ) -> None:
+        """Wrap ``weight`` (sharing its tensors) and an optional ``[out_features]`` ``bias`` of its dtype."""
+        super().__init__(weight, bias, backend=backend)
+        self.pattern = weight.pattern
+        self.vector = weight.vector
+        self.dtype = weight.dtype
+        self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
+
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        pattern: str,
+        vector: int = 1,
+        weight_dtype: torch.dtype = torch.float8_e4m3fn,
+        *,
+        backend: str = "auto",
+    ) -> QuantizedSparseLinear:
+        """Prune ``linear``'s weight to ``pattern`` with V=``vector`` by magnitude and quantize the kept values to
+        ``weight_dtype``; the bias is copied."""
+        _check_linear(linear)
+        weight = prune(linear.weight.detach(), pattern, vector).quantize(weight_dtype)
+        return cls.of(weight, linear, backend=backend)
+
+    @property
+    def weight(self) -> QuantizedNMWeight:
+        """The weight as a :class:`QuantizedNMWeight` over this module's tensors (validated when they were built or
+        loaded, not again)."""
+        shape = (self.out_features, self.in_features)
+        return QuantizedNMWeight._trusted_quantized(
+            self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype, self.kept_offsets
+        )
+
+    def _move_held(self, fn: Callable[..., Any]) -> None:
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.offsets.device))
+        if probe.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype: the products of a QuantizedSparseLinear take float16, bfloat16 or float32, "
+                            f"got {probe.dtype}")
+        self.dtype = probe.dtype
+        for name in self.HELD:
+            tensor = self._buffers[name]
+            if tensor.device != probe.device:
+                moved = torch.empty_like(tensor, device=probe.device) if tensor.is_meta else tensor.to(probe.device)
+                self._buffers[name] = moved
+
+    def _products_dtype(self, values: torch.Tensor) -> str:
+        return dtype_name(self.dtype)
+
+    def _describe_weight(self) -> str:
+        return (f"{self.pattern} weight with vector={self.vector}, {self.fields['values_dtype']} values and shape "
+                f"{(self.out_features, self.in_features)}")
+
+    def _derive(self) -> None:
+        shape = (self.out_features, self.in_features)
+        weight = QuantizedNMWeight._trusted_quantized(
+            self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype
+        )
+        self.kept_offsets = weight.kept_offsets()
+
+    def extra_repr(self) -> str:
+        backend = f", backend='{self.backend}'" if self.backend != "auto" else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, pattern='{self.pattern}', "
+            f"vector={self.vector}, values={self.fields['values_dtype']}, dtype={dtype_name(self.dtype)}, "
+            f"bias={self.bias is not None}{backend}"
         )
 
 
@@ -317,7 +426,7 @@ class BlockShuffledLinear(_SparseLinearBase):
         )
 
 
-SPARSE_MODULES = (SparseLinear, CSRLinear, BlockShuffledLinear)
+SPARSE_MODULES = (SparseLinear, QuantizedSparseLinear, CSRLinear, BlockShuffledLinear)
 """The modules that hold a sparse weight, one per format."""
 
 
@@ -331,8 +440,9 @@ def _bias_copy(linear: nn.Linear) -> torch.Tensor | None:
 
 
 def _like(module: _SparseLinearBase, linear: nn.Linear) -> _SparseLinearBase:
-    """``module`` with the ``requires_grad`` of ``linear``'s weight and bias."""
-    module.values.requires_grad_(linear.weight.requires_grad)
+    """``module`` with the ``requires_grad`` of ``linear``'s weight (values that are a Parameter) and bias."""
+    if isinstance(module.values, nn.Parameter):
+        module.values.requires_grad_(linear.weight.requires_grad)
     if module.bias is not None:
         module.bias.requires_grad_(linear.bias.requires_grad)
     return module
@@ -438,19 +548,24 @@ class NMConfig(SparsifyConfig):
     """Vector-wise N:M (:class:`SparseLinear`): ``pattern`` ("n:m") with V=``vector``, pruned by ``method``
     ("magnitude"; "wanda" or "sparsegpt", which need calibration batches). SparseGPT's ``damping`` (a fraction
     of the Gram matrix's mean diagonal) and ``columns`` per step (a multiple of m) default to the reference
-    procedure's, as in :func:`nmspmm.prune.sparsegpt`; the other configs take them too."""
+    procedure's, as in :func:`nmspmm.prune.sparsegpt`; the other configs take them too. ``weight_dtype``
+    (``torch.float8_e4m3fn`` or ``torch.int8``) quantizes the kept values after pruning
+    (:class:`QuantizedSparseLinear`, for inference)."""
 
     pattern: str
     vector: int = 1
     method: str = "magnitude"
     damping: float | None = None
     columns: int | None = None
+    weight_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         _check_method(self.method)
         _, m = parse_pattern(self.pattern)
         check_vector(self.vector)
         _check_sparsegpt_settings(self, m)
+        if self.weight_dtype is not None:
+            check_quantized_dtype(self.weight_dtype, "weight_dtype")
 
     def fits(self, weight: torch.Tensor) -> None:
         n, m = parse_pattern(self.pattern)
@@ -458,14 +573,20 @@ class NMConfig(SparsifyConfig):
 
     def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> NMSparseWeight:
         if input_norm is None:
-            return prune(weight, self.pattern, self.vector)
-        return NMSparseWeight.from_dense(weight, wanda_mask(weight, input_norm, self.pattern, self.vector),
-                                         self.pattern, self.vector)
+            return self._quantized(prune(weight, self.pattern, self.vector))
+        return self._quantized(NMSparseWeight.from_dense(
+            weight, wanda_mask(weight, input_norm, self.pattern, self.vector), self.pattern, self.vector
+        ))
 
     def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> NMSparseWeight:
-        return sparsegpt(weight, gram, self.pattern, self.vector, **_sparsegpt_settings(self))
+        return self._quantized(sparsegpt(weight, gram, self.pattern, self.vector, **_sparsegpt_settings(self)))
+
+    def _quantized(self, weight: NMSparseWeight) -> NMSparseWeight:
+        return weight if self.weight_dtype is None else weight.quantize(self.weight_dtype)
 
     def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
+        if isinstance(weight, QuantizedNMWeight):
+            return QuantizedSparseLinear.of(weight, linear)
         return SparseLinear.of(weight, linear)
 
     def describe(self) -> dict[str, Any]:
@@ -557,6 +678,7 @@ def sparsify(
     *,
     sparsity: float | None = None,
     block: tuple[int, int] = (32, 32),
+    weight_dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> SparsifyReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` that fits by a sparse module, and report.
@@ -565,7 +687,8 @@ def sparsify(
     ``"n:m"`` pattern (:class:`SparseLinear`, vector-wise with V=``vector``, pruned with ``method``: "magnitude",
     or "wanda" with ``calibration`` batches), ``"csr"`` (:class:`CSRLinear`, unstructured magnitude pruning to
     ``sparsity``) or ``"block"`` (:class:`BlockShuffledLinear`: whole ``block`` tiles after a searched row
-    permutation, to ``sparsity``).
+    permutation, to ``sparsity``). ``weight_dtype`` (``torch.float8_e4m3fn`` or ``torch.int8``, n:m patterns only)
+    quantizes the kept values of each pruned layer (:class:`QuantizedSparseLinear`, weight-only, for inference).
 
     A layer is skipped, with its reason in the report, when ``skip(name, module)`` is true, its shape or dtype
     does not fit, its weight is shared (tied) with another module, it is a subclass of ``nn.Linear`` (whose
@@ -583,19 +706,19 @@ def sparsify(
     """
     if isinstance(pattern, SparsifyConfig):
         given = {"vector": vector != 1, "method": method != "magnitude", "sparsity": sparsity is not None,
-                 "block": block not in ((32, 32), [32, 32])}
+                 "block": block not in ((32, 32), [32, 32]), "weight_dtype": weight_dtype is not None}
         if any(given.values()):
             names = ", ".join(name for name, set_ in given.items() if set_)
             raise TypeError(f"{names}: part of the config when one is given; got {type(pattern).__name__} and {names}")
         config = pattern
     else:
-        config = config_of(pattern, vector, method, sparsity, block)
+        config = config_of(pattern, vector, method, sparsity, block, weight_dtype)
     return swap_linears(model, config, skip, calibration, progress=progress)
 
 
 def config_of(
     pattern: str, vector: int = 1, method: str = "magnitude", sparsity: float | None = None,
-    block: tuple[int, int] = (32, 32),
+    block: tuple[int, int] = (32, 32), weight_dtype: torch.dtype | None = None,
 ) -> SparsifyConfig:
     """The config that :func:`sparsify`'s short form names, with the checks across its arguments."""
     if not isinstance(pattern, str):
@@ -613,7 +736,10 @@ def config_of(
         check_vector(vector)
         if sparsity is not None:
             raise ValueError(f"sparsity: an n:m pattern fixes the sparsity ({pattern}); got sparsity={sparsity}")
-        return NMConfig(pattern, vector, method)
+        return NMConfig(pattern, vector, method, weight_dtype=weight_dtype)
+    if weight_dtype is not None:
+        raise ValueError(f"weight_dtype: quantized values are for n:m patterns; pattern {pattern!r} takes None, "
+                         f"got {weight_dtype}")
     if sparsity is None:
         raise ValueError(f"sparsity: pattern {pattern!r} needs the fraction of weights to prune, got None")
     if vector != 1:

@@ -109,7 +109,7 @@ class CaseModel:
 
 def model_case(
     tokens: int, rows: int, cols: int, n: int, m: int, vector: int, dtype: torch.dtype, precision: str,
-    ceilings: DeviceCeilings,
+    ceilings: DeviceCeilings, values_dtype: torch.dtype | None = None,
 ) -> CaseModel:
     """FLOPs and fewest bytes (x, values, offsets, y; the op adds x's transpose) and the time bounds they
     give at the device's measured matmul rate, copy bandwidth and L2 bandwidth. In L2 traffic, every tile of
@@ -117,24 +117,30 @@ def model_case(
     kept x rows for all tokens, and the kept weights are read once per band of 256 tokens (the widest tile).
     Element-wise N:M (V = 1) expands each weight tile to dense and multiplies it whole: the dense FLOPs on tensor
     cores, x read as stored (no transpose) once per tile of 128 output features, and the weight's bytes as stored
-    (values and offsets)."""
+    (values and offsets). ``values_dtype`` (8-bit, :class:`~nmspmm.formats.QuantizedNMWeight`) counts the kept
+    values in its bytes plus one fp32 scale per output feature; the arithmetic stays in ``dtype``."""
     size = torch.finfo(dtype).bits // 8
     kept = cols // m * n
     tensor_rate = tensor_core_tflops(precision, ceilings)
+    value_size, scales = (size, 0) if values_dtype is None else (_element_bytes(values_dtype), 4 * rows)
     if vector == 1:
-        weight_bytes = rows * kept * size + rows * (cols // m) * min(n, m - n)
+        weight_bytes = rows * kept * value_size + rows * (cols // m) * min(n, m - n) + scales
         return _linear_model(
             tokens, rows, cols, size, 2.0 * tokens * rows * cols, weight_bytes,
             tokens * cols * size * triton.cdiv(rows, 128), 256, ceilings.matmul_tflops[precision], tensor_rate,
             ceilings, transposes_x=False,
         )
     offsets = rows // vector * kept
-    weight_bytes = rows * kept * size + offsets
+    weight_bytes = rows * kept * value_size + offsets + scales
     gathered_x = tokens * kept * size * (rows // min(vector, 128))
     return _linear_model(
         tokens, rows, cols, size, 2.0 * tokens * rows * kept, weight_bytes, gathered_x, 256,
         ceilings.matmul_tflops[precision], tensor_rate, ceilings, transposes_x=True,
     )
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return (torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)).bits // 8
 
 
 def tensor_core_tflops(precision: str, ceilings: DeviceCeilings) -> float:

@@ -182,14 +182,15 @@ def _sparse_layer(
     except (TypeError, ValueError) as error:
         raise ValueError(f"path: {path!r} layer {name!r} is inconsistent: {error}") from error
     layer = layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
-    layer.values.requires_grad_(linear.weight.requires_grad)
+    if isinstance(layer.values, nn.Parameter):  # quantized values are a buffer, never trained
+        layer.values.requires_grad_(linear.weight.requires_grad)
     return layer
 
 
 def densify(model: nn.Module) -> list[str]:
-    """Replace, in place, every sparse layer of ``model`` (:class:`SparseLinear`, :class:`CSRLinear`,
-    :class:`BlockShuffledLinear`) by an ``nn.Linear`` holding its dense weight (zeros where pruned) and bias, on
-    the same device and dtype; returns the names replaced."""
+    """Replace, in place, every sparse layer of ``model`` (:class:`SparseLinear`, :class:`QuantizedSparseLinear`
+    (dequantized), :class:`CSRLinear`, :class:`BlockShuffledLinear`) by an ``nn.Linear`` holding its dense
+    weight (zeros where pruned) and bias, on the same device and dtype; returns the names replaced."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model) in SPARSE_MODULES:
@@ -199,7 +200,7 @@ def densify(model: nn.Module) -> list[str]:
         sparse = model.get_submodule(name)
         dense = nn.Linear(
             sparse.in_features, sparse.out_features, bias=sparse.bias is not None,
-            device=sparse.values.device, dtype=sparse.values.dtype,
+            device=sparse.values.device, dtype=sparse.weight.dtype,
         )
         with torch.no_grad():
             dense.weight.copy_(sparse.to_dense())

@@ -4,7 +4,7 @@ output features (one V-group) share the choice."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from .pattern import (
     holds_values,
     parse_pattern,
 )
+
+if TYPE_CHECKING:
+    from .quantized import QuantizedNMWeight
 
 OFFSET_DTYPE = torch.uint8
 
@@ -114,7 +117,7 @@ class NMSparseWeight(SparseWeightBase):
             raise ValueError(f"shape: K={cols} must be divisible by m={self.m} of the pattern {self.pattern}")
         if rows % self.vector:
             raise ValueError(f"vector: V={self.vector} must divide N={rows}")
-        check_values(self.values)
+        self._check_values()
         expected_values = (rows, self.kept_per_row)
         if tuple(self.values.shape) != expected_values:
             raise ValueError(f"values: expected shape {expected_values}, got {tuple(self.values.shape)}")
@@ -138,6 +141,18 @@ class NMSparseWeight(SparseWeightBase):
                 f"offsets: must be strictly ascending within each group of m={self.m}; "
                 f"V-group {bad[0]}, input group {bad[1]} is not"
             )
+
+    def _check_values(self) -> None:
+        """Refuse ``values`` of a dtype this format does not store (float16, bfloat16 or float32 here)."""
+        check_values(self.values)
+
+    def quantize(self, dtype: torch.dtype) -> QuantizedNMWeight:
+        """This weight with its kept values in ``dtype`` (``torch.float8_e4m3fn`` or ``torch.int8``), one fp32
+        scale per output feature (its largest kept magnitude over the dtype's largest), the structure shared:
+        a :class:`~nmspmm.formats.quantized.QuantizedNMWeight`, whose products return this weight's dtype."""
+        from .quantized import quantize_nm
+
+        return quantize_nm(self, dtype)
 
     @classmethod
     def from_dense(

@@ -1,8 +1,8 @@
 """Save and load sparse weights (any nmspmm format) as safetensors files.
 
-A file holds, per weight ``<name>`` of any format (:class:`NMSparseWeight`, :class:`CSRWeight`,
-:class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and ``offsets``), and one
-metadata entry, ``"nmspmm"``, a JSON object::
+A file holds, per weight ``<name>`` of any format (:class:`NMSparseWeight`, :class:`QuantizedNMWeight`,
+:class:`CSRWeight`, :class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and
+``offsets``, and ``scales`` when quantized), and one metadata entry, ``"nmspmm"``, a JSON object::
 
     {"format": "nmspmm", "version": 4,
      "weights": {"<name>": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K],
@@ -31,6 +31,7 @@ from .block_shuffled import BlockShuffledWeight
 from .csr import CSRWeight
 from .nm import NMSparseWeight
 from .pattern import holds_values
+from .quantized import QuantizedNMWeight
 
 FILE_FORMAT = "nmspmm"
 FORMAT_VERSION = 4
@@ -38,8 +39,10 @@ FORMAT_VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)
 METADATA_KEY = "nmspmm"
 DEFAULT_NAME = "weight"
-SparseWeight = NMSparseWeight | CSRWeight | BlockShuffledWeight
-WEIGHT_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (NMSparseWeight, CSRWeight, BlockShuffledWeight)}
+SparseWeight = NMSparseWeight | QuantizedNMWeight | CSRWeight | BlockShuffledWeight
+WEIGHT_CLASSES: dict[str, type] = {
+    cls.__name__: cls for cls in (NMSparseWeight, QuantizedNMWeight, CSRWeight, BlockShuffledWeight)
+}
 _CLASS_NAMES = ", ".join(WEIGHT_CLASSES)
 
 

@@ -20,12 +20,12 @@ from .split_k import SplitKLaunch, split_k_total
 
 @triton.jit
 def _nm_vector_kernel(
-    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, offsets_ptr, bias_ptr,
+    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, offsets_ptr, bias_ptr, scales_ptr,
     M, N, KEPT,
     stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
     SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, VECTOR: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    WEIGHT_FIRST: tl.constexpr,
+    WEIGHT_FIRST: tl.constexpr, SCALED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
     WIDE: tl.constexpr,
 ):
@@ -72,7 +72,11 @@ def _nm_vector_kernel(
         if WIDE:
             column = column.to(tl.int64)
         if WEIGHT_FIRST:
-            w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
+            if SCALED:  # 8-bit values are exact in the activations' dtype; their scales apply to the sum
+                w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :])
+                w = tl.where(k_valid[None, :], w.to(tl.float32 if UPCAST else xt_ptr.dtype.element_ty), 0.0)
+            else:
+                w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
             x = tl.load(
                 xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
                 mask=k_valid[:, None] & m_valid[None, :], other=0.0,
@@ -86,7 +90,11 @@ def _nm_vector_kernel(
                 xt_ptr + column[None, :] * stride_xk + offs_m[:, None] * stride_xm,
                 mask=m_valid[:, None] & k_valid[None, :], other=0.0,
             )
-            w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None], other=0.0)
+            if SCALED:
+                w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None])
+                w = tl.where(k_valid[:, None], w.to(tl.float32 if UPCAST else xt_ptr.dtype.element_ty), 0.0)
+            else:
+                w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None], other=0.0)
             if UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -99,6 +107,12 @@ def _nm_vector_kernel(
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
         y_mask = m_valid[:, None]
         partial_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+    if SCALED:
+        scale = tl.load(scales_ptr + offs_n)
+        if WEIGHT_FIRST:
+            acc = acc * scale[:, None]
+        else:
+            acc = acc * scale[None, :]
     finish = True
     if SPLIT_K > 1:
         finish, acc = split_k_total(acc, partial_ptrs, stride_ps, counter_ptr + pid, pid_k, y_mask, SPLIT_K)
@@ -231,7 +245,9 @@ def _alignment(*values: int) -> int:
 class VectorProduct:
     """The vector-wise kernel's launch for one weight and one layout of ``xt`` [K, M] and ``out`` [M, N], prepared
     once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides; only their
-    data pointers are read). See :func:`nm_vector_matmul` for the arguments."""
+    data pointers are read). See :func:`nm_vector_matmul` for the arguments. With ``scales`` (fp32 [N]), ``values``
+    are 8-bit (float8_e4m3fn or int8), ``W`` is ``values * scales[:, None]``, and ``dtype`` names the activations'
+    dtype."""
 
     __slots__ = ("_launch",)
 
@@ -248,22 +264,24 @@ class VectorProduct:
         config: VectorConfig,
         bias: torch.Tensor | None = None,
         input_precision: str = "ieee",
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         tokens = xt_shape[1]
         rows, kept = values.shape
         if vector % config.block_n or rows % config.block_n:
             raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
-        upcast = upcasts_bf16(values.dtype)
+        upcast = upcasts_bf16(values.dtype if dtype is None else dtype)
         split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
         tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
         weight = (
-            values, kept_offsets, values if bias is None else bias,
+            values, kept_offsets, values if bias is None else bias, values if scales is None else scales,
             tokens, rows, kept, *xt_strides, *out_strides, tokens * rows,
         )
         constexprs = dict(
             SPLIT_K=split_k, N_KEEP=n, GROUP=m, VECTOR=vector, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first,
+            GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first, SCALED=scales is not None,
             INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
             TOKEN_ALIGN=_alignment(tokens, xt_strides[0]),
             Y_ROW_ALIGN=_alignment(out_strides[1]) if out_strides[0] == 1 else 1,

@@ -8,7 +8,10 @@ from .backend import BACKENDS, Op, call_op, check_backend, check_bias, define_op
 from .block_shuffled import block_shuffled_linear, block_shuffled_linear_op
 from .csr import csr_linear, csr_linear_feature_major, csr_linear_feature_major_op, csr_linear_op, sddmm
 from .dispatch import linear, linear_feature_major
-from .nm import nm_linear, nm_linear_feature_major, nm_linear_feature_major_op, nm_linear_op
+from .nm import (
+    nm_linear, nm_linear_feature_major, nm_linear_feature_major_op, nm_linear_op, nm_quantized_linear,
+    nm_quantized_linear_op,
+)
 
 __all__ = [
     "BACKENDS",
@@ -29,5 +32,7 @@ __all__ = [
     "nm_linear_feature_major",
     "nm_linear_feature_major_op",
     "nm_linear_op",
+    "nm_quantized_linear",
+    "nm_quantized_linear_op",
     "sddmm",
 ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, SparseWeight
+from ..formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight, SparseWeight
 from . import block_shuffled, csr, nm
 
-_FORMATS = "an nmspmm.NMSparseWeight, CSRWeight or BlockShuffledWeight"
+_FORMATS = "an nmspmm.NMSparseWeight, QuantizedNMWeight, CSRWeight or BlockShuffledWeight"
 
 
 def linear(
@@ -16,6 +16,8 @@ def linear(
     """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]`` and a sparse weight of any format: a contiguous
     ``[..., N]`` result in x's dtype. On CUDA the format's Triton kernels run (never a silent dense fallback);
     on the CPU the dense reference, or the kernels under ``TRITON_INTERPRET=1`` with ``backend="triton"``."""
+    if isinstance(weight, QuantizedNMWeight):
+        return nm.nm_quantized_linear(x, weight, bias, backend=backend)
     if isinstance(weight, NMSparseWeight):
         return nm.nm_linear(x, weight, bias, backend=backend)
     if isinstance(weight, CSRWeight):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..formats import NMSparseWeight
+from ..formats import NMSparseWeight, QuantizedNMWeight
 from ..formats.nm import dense_from_kept, kept_row_columns
 from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, transpose
 from ..kernels.nm_element import ElementProduct, choose_element_config
@@ -34,8 +34,11 @@ def nm_linear(
     """``x @ weight.T + bias`` for ``x`` of shape ``[..., K]``: a contiguous ``[..., N]`` result in x's dtype.
 
     On CUDA this runs the Triton kernels (never a silent dense fallback); on the CPU the dense reference.
-    ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``.
+    ``backend="triton"`` forces the kernels, which on the CPU needs ``TRITON_INTERPRET=1``. A
+    :class:`QuantizedNMWeight` goes to :func:`nm_quantized_linear`.
     """
+    if isinstance(weight, QuantizedNMWeight):
+        return nm_quantized_linear(x, weight, bias, backend=backend)
     plan = _kept_plan(x, weight, bias, backend, False)
     if plan is not None:
         if not needs_grad(x, weight.values, bias):
@@ -61,8 +64,14 @@ def nm_linear_feature_major(
 ) -> torch.Tensor:
     """The same product on feature-major activations: ``x_t`` is ``[K, M]`` (``X.T``), the result ``[N, M]``.
 
-    No transpose is needed on either side, so a chain of sparse layers can stay feature-major.
+    No transpose is needed on either side, so a chain of sparse layers can stay feature-major. Not for a
+    :class:`QuantizedNMWeight` (:func:`nm_quantized_linear` reads row-major activations).
     """
+    if isinstance(weight, QuantizedNMWeight):
+        raise TypeError(
+            "weight: linear_feature_major takes unquantized weights; call nmspmm.linear(x, weight) with a "
+            "QuantizedNMWeight"
+        )
     plan = _kept_plan(x_t, weight, bias, backend, True)
     if plan is not None and not needs_grad(x_t, weight.values, bias):
         return plan(x_t)
@@ -74,6 +83,95 @@ def nm_linear_feature_major(
         check_gradient_extent(x_t.t(), weight.shape[0], "the N:M backward kernels")
     args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
     return call_op(_NM_LINEAR_FEATURE_MAJOR, args, plan)
+
+
+def nm_quantized_linear(
+    x: torch.Tensor, weight: QuantizedNMWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a :class:`QuantizedNMWeight` (8-bit kept values, one fp32 scale per output
+    feature) and ``x`` ``[..., K]`` in the weight's :attr:`~QuantizedNMWeight.dtype`: a contiguous ``[..., N]``
+    result in that dtype, the product with the dequantized weight. The kernels dequantize in registers (weight-only
+    quantization: the activations keep their dtype). Gradients flow to ``x`` and ``bias``; the quantized values
+    and scales have none (values or scales that require grad are refused)."""
+    if not isinstance(weight, QuantizedNMWeight):
+        raise TypeError(f"weight: expected an nmspmm.QuantizedNMWeight, got {type(weight).__name__}")
+    if weight.values.requires_grad or weight.scales.requires_grad:
+        raise ValueError(
+            "weight: its values or scales require grad, but a QuantizedNMWeight has no gradient; train the "
+            "unquantized NMSparseWeight, then quantize it"
+        )
+    plan = kept_plan(x, weight, QuantizedNMWeight, bias, backend, False, lambda: _plan(
+        tuple(x.shape), x.stride(), False, weight.values, weight.kept_offsets(), bias, weight.n, weight.m,
+        weight.vector, weight.scales, weight.dtype,
+    ))
+    args = (
+        x, weight.values, weight.kept_offsets(), weight.scales, bias, weight.n, weight.m, weight.vector, backend,
+    )
+    if plan is not None:
+        if not needs_grad(x, weight.values, bias):
+            return plan(x)
+        return planned_with_gradient(
+            _NM_QUANTIZED_LINEAR, plan, args,
+            lambda: check_gradient_extent(as_rows(x), weight.shape[0], "the N:M backward kernels"),
+        )
+    check_operands(x, weight, QuantizedNMWeight, bias)
+    check_backend(backend)
+    flat = x.dim() == 2
+    rows_in = x if flat else as_rows(x)
+    if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
+        check_gradient_extent(rows_in, weight.shape[0], "the N:M backward kernels")
+    args = (
+        rows_in, weight.values, weight.kept_offsets(), weight.scales, bias, weight.n, weight.m, weight.vector,
+        backend,
+    )
+    y = call_op(_NM_QUANTIZED_LINEAR, args)
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _quantized_product(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    kept_offsets: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    m: int,
+    vector: int,
+    backend: str,
+) -> torch.Tensor:
+    """``[M, N]`` = ``x`` ``[M, K]`` times the weight ``values * scales[:, None]`` (8-bit ``values``) at the kept
+    positions, plus ``bias``, in x's dtype; operands are trusted (:func:`nm_quantized_linear` checks them)."""
+    if not use_triton(backend, x.device):
+        dequantized = values.to(scales.dtype) * scales[:, None]
+        return _reference(x, dequantized, kept_offsets, bias, n, m, vector)
+    return _plan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector, scales, x.dtype)(x)
+
+
+def _quantized_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _setup_quantized_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, values, kept_offsets, scales, bias, n, m, vector, backend = inputs
+    ctx.save_for_backward(values, kept_offsets, scales)
+    ctx.pattern = (n, m, vector, backend)
+    ctx.has_bias = bias is not None
+
+
+def _quantized_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
+    """The activations' gradient ``dY @ W`` through the dequantized weight (built for the call) and the bias's;
+    none for the quantized values and scales."""
+    values, kept_offsets, scales = ctx.saved_tensors
+    n, m, vector, backend = ctx.pattern
+    grad_rows = as_rows(grad_y)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        cols = kept_offsets.shape[1] // n * m
+        dequantized = (values.to(scales.dtype) * scales[:, None]).to(grad_y.dtype)
+        rows = grad_input(grad_rows, dequantized, kept_offsets, n, m, vector, cols, backend)
+        grad_x = rows.view(*grad_y.shape[:-1], cols)
+    grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return grad_x, None, None, None, grad_bias, None, None, None, None
 
 
 def _row_major_product(
@@ -238,11 +336,18 @@ _NM_LINEAR_GRAD_VALUES = define_op(
     "(Tensor x, Tensor grad_y, Tensor kept_offsets, int n, int m, int vector) -> Tensor",
     _grad_values_product, _grad_values_fake,
 )
+_NM_QUANTIZED_LINEAR = define_op(
+    "nmspmm::nm_quantized_linear",
+    "(Tensor x, Tensor values, Tensor kept_offsets, Tensor scales, Tensor? bias, int n, int m, int vector, "
+    "str backend) -> Tensor",
+    _quantized_product, _quantized_fake, _setup_quantized_backward, _quantized_backward,
+)
 # The custom ops themselves (torch.ops.nmspmm.*): what torch.compile traces and opcheck checks.
 nm_linear_op = _NM_LINEAR.op
 nm_linear_feature_major_op = _NM_LINEAR_FEATURE_MAJOR.op
 nm_linear_grad_input_op = _NM_LINEAR_GRAD_INPUT.op
 nm_linear_grad_values_op = _NM_LINEAR_GRAD_VALUES.op
+nm_quantized_linear_op = _NM_QUANTIZED_LINEAR.op
 
 
 def _plan(
@@ -255,14 +360,18 @@ def _plan(
     n: int,
     m: int,
     vector: int,
+    scales: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> ProductPlan:
     """The N:M product's plan (:class:`backend.ProductPlan`): x read row-major in one launch up to
     :data:`ROW_MAJOR_TOKENS` (:func:`_reads_rows`) or at V=1, transposed first from there; the element-wise kernel
-    at V=1, else the vector-wise one, each with the config of its token count."""
+    at V=1, else the vector-wise one, each with the config of its token count. With ``scales``, ``values`` are
+    8-bit and ``dtype`` is the activations' (the configs and precision are those of that dtype)."""
     # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
     values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
     bias = None if bias is None else bias.contiguous()
     rows = values.shape[0]
+    compute = values.dtype if dtype is None else dtype
 
     def transposes(tokens: int, xt_strides: tuple[int, int]) -> bool:
         return not feature_major and not _reads_rows(tokens, vector)
@@ -271,15 +380,15 @@ def _plan(
         xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int]
     ) -> Callable[..., None]:
         if vector == 1:
-            config = choose_element_config(xt_shape[1], rows, xt_shape[0], m, values.dtype, values.device)
+            config = choose_element_config(xt_shape[1], rows, xt_shape[0], m, compute, values.device)
             return ElementProduct(
                 xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, config, bias,
-                input_precision(values.dtype),
+                input_precision(compute), scales, compute,
             )
-        config = choose_vector_config(xt_shape[1], rows, values.shape[1], vector, values.dtype, values.device)
+        config = choose_vector_config(xt_shape[1], rows, values.shape[1], vector, compute, values.device)
         return VectorProduct(
             xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
-            input_precision(values.dtype),
+            input_precision(compute), scales, compute,
         )
 
     return ProductPlan(x_shape, x_strides, feature_major, rows, transposes, make)
