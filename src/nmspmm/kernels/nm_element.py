@@ -29,31 +29,54 @@ WORD_BITS = 32
 @triton.jit
 def _expanded_tile(
     values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS,
-    N_KEEP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_KEEP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
-    """The dense ``[BLOCK_N, BLOCK_K]`` tile of the weight from input ``k0`` on: kept values where the bitmap keeps
-    an input, zeros elsewhere. A row's kept values lie in input order, so a kept input's slot is its group's first
-    slot plus the number of inputs the group keeps before it."""
+    """The dense ``[BLOCK_N, BLOCK_K]`` tile of the weight from input ``k0`` on, in ``DTYPE``: kept values where the
+    bitmap keeps an input, zeros elsewhere. A row's kept values lie in input order, so a kept input's slot is its
+    group's first slot plus the number of inputs the group keeps before it. ``GATHER`` loads the tile's kept values
+    as one contiguous block and places them with a register gather; otherwise each kept input loads its own value
+    (masked). 8-bit values (DTYPE differs from theirs) are exact in DTYPE."""
     word = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     words = tl.load(
         bits_ptr + offs_n[:, None] * WORDS + word[None, :], mask=n_valid[:, None] & (word < WORDS)[None, :], other=0
     )
     kept = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
     kept = tl.reshape(kept, (BLOCK_N, BLOCK_K // GROUP, GROUP))
-    first_slot = (k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)) * N_KEEP
-    slot = first_slot[None, :, None] + tl.cumsum(kept, axis=2) - kept
-    w = tl.load(values_ptr + offs_n[:, None, None] * KEPT + slot, mask=kept != 0, other=0.0)
+    before = tl.cumsum(kept, axis=2) - kept
+    cast = values_ptr.dtype.element_ty != DTYPE
+    if GATHER:
+        width: tl.constexpr = BLOCK_K // GROUP * N_KEEP
+        packed_cols = k0 // GROUP * N_KEEP + tl.arange(0, width)
+        valid = n_valid[:, None] & (packed_cols < KEPT)[None, :]
+        if cast:
+            packed = tl.load(values_ptr + offs_n[:, None] * KEPT + packed_cols[None, :], mask=valid)
+            packed = tl.where(valid, packed.to(DTYPE), 0.0)
+        else:
+            packed = tl.load(values_ptr + offs_n[:, None] * KEPT + packed_cols[None, :], mask=valid, other=0.0)
+        # Pruned inputs after a group's last kept one point one past it: clamp, then zero them.
+        slot = tl.arange(0, BLOCK_K // GROUP)[None, :, None] * N_KEEP + before
+        slot = tl.minimum(tl.reshape(slot, (BLOCK_N, BLOCK_K)), width - 1)
+        w = tl.gather(packed, slot, axis=1)
+        return tl.where(tl.reshape(kept, (BLOCK_N, BLOCK_K)) != 0, w, 0.0)
+    slot = ((k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)) * N_KEEP)[None, :, None] + before
+    if cast:
+        w = tl.load(values_ptr + offs_n[:, None, None] * KEPT + slot, mask=kept != 0)
+        w = tl.where(kept != 0, w.to(DTYPE), 0.0)
+    else:
+        w = tl.load(values_ptr + offs_n[:, None, None] * KEPT + slot, mask=kept != 0, other=0.0)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
 def _nm_element_kernel(
-    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, bits_ptr, bias_ptr,
+    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, bits_ptr, bias_ptr, scales_ptr,
     M, N, K, KEPT, WORDS,
     stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
     SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+    SCALED: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -86,7 +109,11 @@ def _nm_element_kernel(
         k_valid = kk < k_end
         if WIDE:
             kk = kk.to(tl.int64)
-        w = _expanded_tile(values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS, N_KEEP, GROUP, BLOCK_N, BLOCK_K)
+        # 8-bit values (SCALED) are expanded in the activations' dtype; their scales apply to the sum.
+        w = _expanded_tile(
+            values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS, N_KEEP, GROUP, BLOCK_N, BLOCK_K,
+            (tl.float32 if UPCAST else xt_ptr.dtype.element_ty) if SCALED else values_ptr.dtype.element_ty, GATHER,
+        )
         x = tl.load(
             xt_ptr + kk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
             mask=k_valid[:, None] & m_valid[None, :], other=0.0,
@@ -103,13 +130,15 @@ def _nm_element_kernel(
         before = tl.zeros((BLOCK_N,), dtype=tl.int32) + (k_begin // GROUP) * N_KEEP
         for k in range(k_begin, k_end):
             bit = (tl.load(bits_ptr + offs_n * WORDS + k // 32, mask=n_valid, other=0) >> (k % 32)) & 1
-            w = tl.load(values_ptr + offs_n * KEPT + before, mask=bit != 0, other=0.0).to(tl.float32)
+            w = tl.where(bit != 0, tl.load(values_ptr + offs_n * KEPT + before, mask=bit != 0).to(tl.float32), 0.0)
             k_row = k
             if WIDE:
                 k_row = k.to(tl.int64)
             x = tl.load(xt_ptr + k_row * stride_xk + offs_m * stride_xm, mask=m_valid, other=0.0).to(tl.float32)
             acc += tl.where(bit[:, None] != 0, w[:, None] * x[None, :], 0.0)
             before += bit
+    if SCALED:
+        acc = acc * tl.load(scales_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
     y_mask = m_valid[None, :] & n_valid[:, None]
     partial_ptrs = partial_ptr + offs_m[None, :] * N + offs_n[:, None]
@@ -196,10 +225,21 @@ def _choose_element_config(
     return VectorConfig(128, 64, element_block_k(m, 64), 4, 3, 8, 1, True)
 
 
+def gathers_tile(n: int, m: int, block_k: int) -> bool:
+    """Whether the kernel expands a tile by one contiguous load of its kept values and a register gather (rather
+    than a masked load per kept input): where at least half the inputs are kept, and the block of kept values is a
+    power of two wide (``tl.gather``'s source). On the H200 (graph-replayed, bf16, 4096 and 11008 output features
+    by 4096 inputs, 1 to 4096 tokens) the gather ran 2:4 1.4-2.0x faster, and 8:32 (a quarter kept, so the masked
+    loads move a quarter of the lanes) 0.6-1.15x as fast: ``docs/perf-notes.md``, session 11."""
+    width = block_k // m * n
+    return 2 * n >= m and width & (width - 1) == 0
+
+
 class ElementProduct:
     """The element-wise kernel's launch for one weight and one layout of ``xt`` [K, M] and ``out`` [M, N],
     prepared once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides;
-    only their data pointers are read). See :func:`nm_element_matmul` for the arguments."""
+    only their data pointers are read). See :func:`nm_element_matmul` for the arguments, and :class:`VectorProduct`
+    for ``scales`` and ``dtype`` (8-bit values)."""
 
     __slots__ = ("_launch", "bits")
 
@@ -215,6 +255,8 @@ class ElementProduct:
         config: VectorConfig,
         bias: torch.Tensor | None = None,
         input_precision: str = "ieee",
+        scales: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         cols, tokens = xt_shape
         rows, kept = values.shape
@@ -224,16 +266,17 @@ class ElementProduct:
         if not config.weight_first:
             raise ValueError("config: the element-wise kernel computes weight-first tiles only (weight_first=True)")
         self.bits = cached_kept_bits(kept_offsets, n, m, cols)
-        upcast = upcasts_bf16(values.dtype)
+        upcast = upcasts_bf16(values.dtype if dtype is None else dtype)
         split_k = max(1, min(config.split_k, cdiv(cols, block_k)))
         tiles = cdiv(tokens, config.block_m) * cdiv(rows, config.block_n)
         weight = (
-            values, self.bits, values if bias is None else bias,
+            values, self.bits, values if bias is None else bias, values if scales is None else scales,
             tokens, rows, cols, kept, self.bits.shape[1], *xt_strides, *out_strides, tokens * rows,
         )
         constexprs = dict(
             SPLIT_K=split_k, N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_SIZE_M=config.group_size_m,
+            SCALED=scales is not None, GATHER=gathers_tile(n, m, block_k),
             INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
             WIDE=wide_offsets(
                 (xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept, split_k * tokens * rows)
