@@ -121,11 +121,37 @@ def test_every_option_has_help():
 
     parser = build_parser()
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-    assert set(commands.choices) == {"demo", "bench", "bench-formats", "models", "host"}
+    assert set(commands.choices) == {"demo", "bench", "bench-formats", "bench-quantized", "models", "host"}
     for name, command in commands.choices.items():
         for action in command._actions:
             assert action.help, (name, action.dest)
 
+
+
+def test_quantized_summary_and_table_from_rows():
+    from nmspmm.bench.quantized import format_quantized, summary_quantized
+
+    def row(tokens: int, values: str, ms: float) -> dict:
+        return {
+            "M": tokens, "N": 4096, "K": 4096, "pattern": "8:32", "values": values, "ms": ms, "bf16_nm_ms": 2 * ms,
+            "dense_ms": 4 * ms, "dense_fp8_ms": float("nan"), "speedup_vs_bf16_nm": 2.0, "speedup_vs_dense": 4.0,
+            "fraction_of_bound": 0.5, "rel_error": 1e-3, "correct": True,
+        }
+
+    rows = [row(1, "int8", 0.01), row(16, "int8", 0.02), row(4096, "int8", 0.5), row(1, "float8_e4m3fn", 0.01)]
+    summary = summary_quantized(rows)
+    assert "int8 decode M<=16: 2.00x our bf16 N:M, 4.00x dense bf16, fraction of bound 0.50 (2 cases)" in summary
+    assert "int8 prefill M>=256: 2.00x our bf16 N:M" in summary and "float8_e4m3fn decode M<=16" in summary
+    assert "float8_e4m3fn prefill" not in summary
+    assert len(format_quantized(rows).splitlines()) == 1 + len(rows)
+
+
+def test_bench_quantized_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench-quantized", "--tokens", "1"])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_layer():

@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"], help="what is timed"
     )
     models.add_argument("--out-dir", default="benchmarks/results", help="where <device>-models.csv goes")
+    quantized = commands.add_parser(
+        "bench-quantized", help="N:M weights with 8-bit values vs bf16 N:M, dense bf16 and dense fp8 (GPU)",
+        **defaults,
+    )
+    quantized.add_argument("--tokens", type=_positive, nargs="+", default=[1, 8, 16, 64, 256, 1024, 4096],
+                           help="token counts M")
+    quantized.add_argument("--layers", type=_layer, nargs="+",
+                           default=[(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)], help="layers as NxK")
+    quantized.add_argument("--patterns", type=_pattern, nargs="+", default=["8:32"], help="n:m patterns")
+    quantized.add_argument("--vector", type=_vector, default=64, help="vector length V")
+    quantized.add_argument("--out-dir", default="benchmarks/results", help="where <device>-quantized.csv and .png go")
+    quantized.add_argument("--no-plot", action="store_true", help="write the CSV only")
     host = commands.add_parser(
         "host", help="host time per eager call, nmspmm vs torch, at short GPU shapes (GPU)", **defaults
     )
@@ -181,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"models: {error}")
         _require_gpu(parser, args.command)
         run_models(*selection, args.out_dir)
+    elif args.command == "bench-quantized":
+        from .bench.quantized import run_quantized
+
+        _require_gpu(parser, args.command)
+        run_quantized(args.tokens, args.layers, args.patterns, args.vector, args.out_dir, make_plot=not args.no_plot)
     elif args.command == "host":
         from .bench.host import check_shapes, run_host
 
