@@ -61,6 +61,21 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
             return _product_and_gradients(weight, tokens, dtype)
         return run
 
+    def quantized(pattern: str, vector: int, rows: int, cols: int, tokens: int, values: torch.dtype) -> Callable:
+        def run() -> list[tuple[str, float]]:
+            weight = nmspmm.prune(torch.randn(rows, cols, device=DEVICE, dtype=bf16), pattern, vector)
+            weight = weight.quantize(values)
+            x = torch.randn(tokens, cols, device=DEVICE, dtype=bf16, requires_grad=True)
+            y = nmspmm.linear(x, weight)
+            grad_y = torch.randn_like(y)
+            y.backward(grad_y)
+            dense = weight.dequantized_values(torch.float64)
+            reference = torch.zeros(rows, cols, dtype=torch.float64, device=DEVICE)
+            reference[weight.mask()] = dense.flatten()
+            return [("forward", relative_error(y, x.detach().double() @ reference.t())),
+                    ("grad x", relative_error(x.grad, grad_y.double() @ reference))]
+        return run
+
     def csr(tokens: int, dtype: torch.dtype) -> Callable:
         def run() -> list[tuple[str, float]]:
             weight = nmspmm.prune.prune_csr(torch.randn(96, 200, device=DEVICE, dtype=dtype), sparsity=0.8)
@@ -100,6 +115,10 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
         ("N:M 6:8 V=16, 3 tokens (row-major x), fp32", nm("6:8", 16, 48, 200, 3, fp32), FP32_TOLERANCE),
         ("N:M 2:4 V=1, 333 tokens (element-wise kernel), fp32", nm("2:4", 1, 40, 104, 333, fp32), FP32_TOLERANCE),
         ("N:M 8:32 V=32, 333 tokens, bf16", nm("8:32", 32, 96, 224, 333, bf16), BF16_TOLERANCE),
+        ("N:M 8:32 V=64 float8_e4m3fn values, 5 tokens (split-K), bf16",
+         quantized("8:32", 64, 128, 4128, 5, torch.float8_e4m3fn), BF16_TOLERANCE),
+        ("N:M 2:4 V=1 int8 values, 37 tokens (gathered tile expansion), bf16",
+         quantized("2:4", 1, 40, 200, 37, torch.int8), BF16_TOLERANCE),
         ("CSR 80%, 7 tokens, bf16", csr(7, bf16), BF16_TOLERANCE),
         ("CSR 80%, 600 tokens (transposed write), fp32", csr(600, fp32), FP32_TOLERANCE),
         ("block 32x32 50%, 5 tokens (split-K), bf16", block(5, bf16), BF16_TOLERANCE),
