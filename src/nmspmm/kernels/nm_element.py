@@ -44,7 +44,7 @@ def _expanded_tile(
     kept = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
     kept = tl.reshape(kept, (BLOCK_N, BLOCK_K // GROUP, GROUP))
     before = tl.cumsum(kept, axis=2) - kept
-    cast = values_ptr.dtype.element_ty != DTYPE
+    cast: tl.constexpr = values_ptr.dtype.element_ty != DTYPE
     if GATHER:
         width: tl.constexpr = BLOCK_K // GROUP * N_KEEP
         packed_cols = k0 // GROUP * N_KEEP + tl.arange(0, width)
