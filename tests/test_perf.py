@@ -183,6 +183,34 @@ def test_few_token_tiles_widen_and_split_where_the_grid_is_short():
     assert tile(64, 4096, 2048, torch.float32)[2] == 64
 
 
+def test_eight_bit_values_take_64_by_128_decode_tiles_split_to_three_programs_per_sm(monkeypatch):
+    from nmspmm.kernels import nm_vector
+
+    monkeypatch.setattr(nm_vector, "multiprocessors", lambda device: 132)
+
+    def tile(tokens, rows, kept, eight_bit=True, dtype=torch.bfloat16):
+        config = nm_vector._choose_vector_config.__wrapped__(
+            tokens, rows, kept, 64, dtype, torch.device("cuda"), False, eight_bit
+        )
+        return config.block_m, config.block_n, config.block_k, config.split_k, config.weight_first
+
+    assert tile(1, 4096, 1024) == (16, 64, 128, 4, True)  # 64 tiles: 256 programs
+    assert tile(16, 11008, 1024) == (16, 64, 128, 2, True)  # 172 tiles: 344 programs
+    assert tile(1, 14336, 1024)[3] == 1  # 224 tiles: a split would exceed three programs per SM
+    assert tile(1, 4096, 256)[3] == 2 and tile(1, 4096, 128)[3] == 1  # every share keeps a whole K step
+    assert tile(64, 4096, 1024) == tile(64, 4096, 1024, eight_bit=False)  # from 17 tokens the activations' tiles
+    assert tile(1, 4096, 1024, dtype=torch.float32) == tile(1, 4096, 1024, False, torch.float32)
+
+
+def test_element_wise_tiles_gather_where_half_the_inputs_are_kept():
+    from nmspmm.kernels.nm_element import gathers_tile
+
+    assert gathers_tile(2, 4, 128) and gathers_tile(4, 8, 128) and gathers_tile(16, 32, 128)
+    assert not gathers_tile(8, 32, 128) and not gathers_tile(3, 8, 128)  # a quarter / three eighths kept
+    assert not gathers_tile(6, 8, 128) and not gathers_tile(3, 4, 128)  # 96 kept values: no power-of-two block
+    assert gathers_tile(32, 64, 64) and not gathers_tile(30, 64, 64)
+
+
 def test_v64_half_tiles_follow_the_grid_size():
     from nmspmm.kernels.nm_vector import _half_tile_v64
 

@@ -171,21 +171,30 @@ def _half_tile_v64(tokens: int, rows: int, sms: int) -> tuple[int, int, int, int
 
 
 def choose_vector_config(
-    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device
+    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device,
+    eight_bit: bool = False,
 ) -> VectorConfig:
-    """The vector-wise kernel's config for a case. Few tokens (<= :data:`FEW_TOKENS`) are bound by weight bytes:
-    narrow tiles of output features streamed in long K steps, split over K only where a long reduction would leave
-    too few programs. More tokens take tiles tuned offline: at V=64 by the size of the grid, otherwise from a small
-    table. Cached: the host time of a call matters when there are few tokens."""
-    return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active())
+    """The vector-wise kernel's config for a case (``dtype`` the activations'; ``eight_bit`` for 8-bit values).
+    Few tokens (<= :data:`FEW_TOKENS`) are bound by weight bytes: narrow tiles of output features streamed in long
+    K steps, split over K only where a long reduction would leave too few programs. More tokens take tiles tuned
+    offline: at V=64 by the size of the grid, otherwise from a small table. Cached: the host time of a call matters
+    when there are few tokens."""
+    return _choose_vector_config(tokens, rows, kept, vector, dtype, device, interpreter_active(), eight_bit)
+
+
+# Up to this many tokens, 8-bit values take their own tiles (_eight_bit_config); more share the activations'.
+EIGHT_BIT_TOKENS = 16
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose_vector_config(
-    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device, interpreted: bool
+    tokens: int, rows: int, kept: int, vector: int, dtype: torch.dtype, device: torch.device, interpreted: bool,
+    eight_bit: bool = False,
 ) -> VectorConfig:
     if interpreted:
         return interpreter_config(vector)
+    if eight_bit and tokens <= EIGHT_BIT_TOKENS and dtype != torch.float32:
+        return _eight_bit_config(tokens, rows, kept, vector, multiprocessors(device))
     if tokens <= FEW_TOKENS:
         return _few_tokens_config(tokens, rows, kept, vector, dtype, multiprocessors(device))
     block_n = min(vector, 128)
@@ -232,6 +241,19 @@ def _few_tokens_config(tokens: int, rows: int, kept: int, vector: int, dtype: to
     ):
         split_k *= 2
     return VectorConfig(block_m, block_n, block_k, 4, 3, 8, split_k, block_n >= 32)
+
+
+def _eight_bit_config(tokens: int, rows: int, kept: int, vector: int, sms: int) -> VectorConfig:
+    """Tiles for 8-bit values at up to :data:`EIGHT_BIT_TOKENS` tokens: 64 output features by 128 kept inputs,
+    split over K while the split grid holds at most three programs per SM. Fitted to a graph-timed sweep on the H200
+    (8:32 V=64 at 1 and 16 tokens: 4096x4096 best at split 4, 5.9-6.3 us against 8.0-8.4 us with the bf16 rule;
+    11008x4096 at split 2, 11.7-12.1 us against 13.3-15.1 us; ``docs/perf-notes.md``, session 11)."""
+    block_n, block_k = min(vector, 64), 128
+    tiles = rows // block_n
+    split_k = 1
+    while tiles * split_k * 2 <= 3 * sms and kept >= 2 * block_k * split_k:
+        split_k *= 2
+    return VectorConfig(max(16, next_power_of_2(tokens)), block_n, block_k, 4, 3, 8, split_k, True)
 
 
 def _alignment(*values: int) -> int:

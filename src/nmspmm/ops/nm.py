@@ -385,7 +385,9 @@ def _plan(
                 xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, config, bias,
                 input_precision(compute), scales, compute,
             )
-        config = choose_vector_config(xt_shape[1], rows, values.shape[1], vector, compute, values.device)
+        config = choose_vector_config(
+            xt_shape[1], rows, values.shape[1], vector, compute, values.device, eight_bit=scales is not None
+        )
         return VectorProduct(
             xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, vector, config, bias,
             input_precision(compute), scales, compute,
