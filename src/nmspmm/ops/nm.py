@@ -13,7 +13,7 @@ from ..kernels import choose_vector_config, nm_grad_input, nm_grad_values, trans
 from ..kernels.nm_element import ElementProduct, choose_element_config
 from ..kernels.nm_vector import VectorProduct
 from .backend import (
-    ProductPlan, as_rows, call_op, check_backend, check_gradient_extent, check_operands, define_op,
+    Op, ProductPlan, as_rows, call_op, check_backend, check_gradient_extent, check_operands, define_op,
     input_precision, kept_plan, needs_grad, planned_with_gradient, reference_linear, use_triton,
 )
 
@@ -39,24 +39,11 @@ def nm_linear(
     """
     if isinstance(weight, QuantizedNMWeight):
         return nm_quantized_linear(x, weight, bias, backend=backend)
-    plan = _kept_plan(x, weight, bias, backend, False)
-    if plan is not None:
-        if not needs_grad(x, weight.values, bias):
-            return plan(x)
-        args = (x, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-        return planned_with_gradient(
-            _NM_LINEAR, plan, args,
-            lambda: check_gradient_extent(as_rows(x), weight.shape[0], "the N:M backward kernels"),
-        )
-    check_operands(x, weight, NMSparseWeight, bias)
-    check_backend(backend)
-    flat = x.dim() == 2
-    rows_in = x if flat else as_rows(x)
-    if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
-        check_gradient_extent(rows_in, weight.shape[0], "the N:M backward kernels")
-    args = (rows_in, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
-    y = call_op(_NM_LINEAR, args)
-    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+
+    def args(rows: torch.Tensor) -> tuple:
+        return (rows, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+
+    return _row_major_call(x, weight, NMSparseWeight, bias, backend, _NM_LINEAR, args)
 
 
 def nm_linear_feature_major(
@@ -100,31 +87,43 @@ def nm_quantized_linear(
             "weight: its values or scales require grad, but a QuantizedNMWeight has no gradient; train the "
             "unquantized NMSparseWeight, then quantize it"
         )
-    plan = kept_plan(x, weight, QuantizedNMWeight, bias, backend, False, lambda: _plan(
-        tuple(x.shape), x.stride(), False, weight.values, weight.kept_offsets(), bias, weight.n, weight.m,
-        weight.vector, weight.scales, weight.dtype,
-    ))
-    args = (
-        x, weight.values, weight.kept_offsets(), weight.scales, bias, weight.n, weight.m, weight.vector, backend,
-    )
+
+    def args(rows: torch.Tensor) -> tuple:
+        return (
+            rows, weight.values, weight.kept_offsets(), weight.scales, bias, weight.n, weight.m, weight.vector,
+            backend,
+        )
+
+    return _row_major_call(x, weight, QuantizedNMWeight, bias, backend, _NM_QUANTIZED_LINEAR, args)
+
+
+def _row_major_call(
+    x: torch.Tensor,
+    weight: NMSparseWeight,
+    weight_type: type,
+    bias: torch.Tensor | None,
+    backend: str,
+    defined: Op,
+    args: Callable[[torch.Tensor], tuple],
+) -> torch.Tensor:
+    """The eager path of the row-major N:M products (``defined``, with the op's arguments ``args(rows)`` for
+    activations ``rows``): the weight's kept plan where it has one for this layout of ``x`` (inside the op's
+    autograd function where a gradient is needed), else the checks, then the op on ``x`` as ``[M, K]`` rows."""
+    plan = _kept_plan(x, weight, bias, backend, False)
     if plan is not None:
         if not needs_grad(x, weight.values, bias):
             return plan(x)
         return planned_with_gradient(
-            _NM_QUANTIZED_LINEAR, plan, args,
+            defined, plan, args(x),
             lambda: check_gradient_extent(as_rows(x), weight.shape[0], "the N:M backward kernels"),
         )
-    check_operands(x, weight, QuantizedNMWeight, bias)
+    check_operands(x, weight, weight_type, bias)
     check_backend(backend)
     flat = x.dim() == 2
     rows_in = x if flat else as_rows(x)
     if needs_grad(x, weight.values, bias) and use_triton(backend, x.device):
         check_gradient_extent(rows_in, weight.shape[0], "the N:M backward kernels")
-    args = (
-        rows_in, weight.values, weight.kept_offsets(), weight.scales, bias, weight.n, weight.m, weight.vector,
-        backend,
-    )
-    y = call_op(_NM_QUANTIZED_LINEAR, args)
+    y = call_op(defined, args(rows_in))
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -399,16 +398,17 @@ def _plan(
 def _kept_plan(
     x: torch.Tensor, weight: NMSparseWeight, bias: torch.Tensor | None, backend: str, feature_major: bool
 ) -> ProductPlan | None:
-    """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`), or None where the call takes
-    the full path."""
+    """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`; with its scales for a
+    :class:`QuantizedNMWeight`), or None where the call takes the full path."""
+    scales = weight.scales if isinstance(weight, QuantizedNMWeight) else None
 
     def make() -> ProductPlan:
         return _plan(
             tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n,
-            weight.m, weight.vector,
+            weight.m, weight.vector, scales, None if scales is None else weight.dtype,
         )
 
-    return kept_plan(x, weight, NMSparseWeight, bias, backend, feature_major, make)
+    return kept_plan(x, weight, type(weight), bias, backend, feature_major, make)
 
 
 def _reference(
