@@ -8,6 +8,9 @@ query/key/value/output and the two MLP linears; not the embeddings or the pooler
   SparseGPT, SparseGPT then recovery) on every format through :func:`nmspmm.sparsify` and
   :func:`nmspmm.training.recover`, calibrated on the project's corpus (:mod:`nmspmm.bench.corpus`), with
   similarity measures on its graded pairs.
+- ``--quantized`` (:func:`quantized_quality`): N:M rows by magnitude and SparseGPT with their kept values quantized
+  to float8_e4m3fn and int8 (:meth:`nmspmm.NMSparseWeight.quantize`, :class:`nmspmm.nn.QuantizedSparseLinear`),
+  against the dense model and the same sparse model with unquantized values.
 - the default (:func:`minilm_quality`) and ``--formats`` (:func:`format_quality`): masks alone (each weight
   replaced by ``weight * mask``), per N:M pattern, V and mask rule (with the permutation searches), and the other
   formats at equal sparsity by magnitude.
@@ -23,17 +26,27 @@ import datetime
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..nn import BlockConfig, CSRConfig, NMConfig, SparsifyConfig, sparsify
+from ..formats.quantized import QUANTIZED_DTYPES
+from ..nn import (
+    BlockConfig,
+    CSRConfig,
+    NMConfig,
+    QuantizedSparseLinear,
+    SparseLinear,
+    SparsifyConfig,
+    replace_module,
+    sparsify,
+)
 from ..training import recover
 from .corpus import calibration_sentences, graded_pairs
 
-from ..formats.pattern import NM_OF_SPARSITY, check_vector, parse_pattern
+from ..formats.pattern import NM_OF_SPARSITY, check_vector, dtype_name, parse_pattern
 from ..prune import (
     collect_input_norms,
     kept_magnitude,
@@ -520,6 +533,170 @@ def reconstruction_table(rows: Sequence[dict[str, Any]]) -> str:
     ))
 
 
+QUANTIZED_ROWS = ("2:4 V=1", "2:4 V=64", "4:8 V=1", "8:32 V=64", "16:32 V=1", "16:32 V=64")
+"""The rows of :func:`quantized_quality` by default (labels of :func:`reconstruction_rows`)."""
+
+QUANTIZED_METHODS = ("magnitude", "sparsegpt")
+"""The methods of :func:`quantized_quality`."""
+
+
+def _encoder_only(name: str, module: nn.Module) -> bool:
+    """:func:`nmspmm.sparsify`'s ``skip``: everything but the encoder's linears."""
+    return not name.startswith("encoder.")
+
+
+def _nm_modules(model: nn.Module) -> dict[str, SparseLinear | QuantizedSparseLinear]:
+    """The N:M modules of ``model`` (unquantized or quantized), by name."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (SparseLinear, QuantizedSparseLinear))}
+
+
+def quantize_modules(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace, in place, every :class:`SparseLinear` of ``model`` by a :class:`QuantizedSparseLinear` of its
+    weight quantized to ``dtype`` (:meth:`NMSparseWeight.quantize`), its structure (pattern, V, offsets) and bias
+    kept: the same sparse model with 8-bit values. Returns how many modules were replaced."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            quantized = QuantizedSparseLinear(module.weight.quantize(dtype), module.bias, backend=module.backend)
+            replace_module(model, name, quantized)
+            swapped += 1
+    return swapped
+
+
+def _same_structure(first: nn.Module, second: nn.Module) -> int:
+    """How many N:M modules of ``first`` have the pattern, V and offsets of ``second``'s module of that name."""
+    others = _nm_modules(second)
+    return sum(
+        name in others and module.pattern == others[name].pattern and module.vector == others[name].vector
+        and torch.equal(module.offsets, others[name].offsets)
+        for name, module in _nm_modules(first).items()
+    )
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of the N:M modules' weights (values, offsets, scales, metadata)."""
+    return sum(module.weight.nbytes for module in _nm_modules(model).values())
+
+
+def quantized_quality(
+    rows: Sequence[str] | None = None,
+    methods: Sequence[str] = QUANTIZED_METHODS,
+    dtypes: Sequence[torch.dtype] = QUANTIZED_DTYPES,
+    recipe: Recipe = Recipe(),
+    through_sparsify: bool = True,
+) -> list[dict[str, Any]]:
+    """For each N:M row (labels of :func:`reconstruction_rows`; by default :data:`QUANTIZED_ROWS`) and method
+    (``magnitude`` or ``sparsegpt``, calibrated as :func:`reconstruction_quality` is), prune every encoder linear
+    of all-MiniLM-L6-v2 through :func:`nmspmm.sparsify` with unquantized values, then quantize that model's
+    weights to each of ``dtypes`` (:func:`quantize_modules`: the same masks by construction).
+
+    One dict per (row, method, values): ``row``, ``method``, ``values`` (the values' dtype, the model's for the
+    unquantized row), the :meth:`Evaluation.scores` against the dense model, ``to_sparse`` (the scores against
+    the unquantized sparse model; None on its own row), ``bytes`` (the N:M weights' bytes) and ``seconds``
+    (pruning, or quantizing). With ``through_sparsify``, each quantized row also has ``sparsify``: the model
+    built by :func:`nmspmm.sparsify` with ``NMConfig(..., weight_dtype=dtype)`` from the dense model, its
+    ``layers`` (N:M modules), ``same_masks`` (how many have the unquantized model's structure), ``to_sparse`` and
+    ``to_dense`` (the mean cosines over the evaluation sentences) and ``seconds``. SparseGPT there calibrates
+    each layer on the model whose earlier layers are already pruned and quantized, so its masks may differ from
+    the unquantized model's."""
+    known = dict(reconstruction_rows())
+    selected = list(QUANTIZED_ROWS) if rows is None else list(rows)
+    unknown = [row for row in selected if row not in known or not isinstance(known[row]("magnitude"), NMConfig)]
+    if unknown:
+        labels = [label for label in known if isinstance(known[label]("magnitude"), NMConfig)]
+        raise ValueError(f"rows: expected N:M labels from {labels}, got {unknown}")
+    for method in methods:
+        if method not in QUANTIZED_METHODS:
+            raise ValueError(f"methods: expected names from {QUANTIZED_METHODS}, got {method!r}")
+    for dtype in dtypes:
+        if dtype not in QUANTIZED_DTYPES:
+            raise TypeError(f"dtypes: expected torch.float8_e4m3fn or torch.int8, got {dtype}")
+    dense, tokenizer = load_minilm()
+    model_dtype = dtype_name(next(dense.parameters()).dtype)
+    evaluation = Evaluation.of(dense, tokenizer)
+    calibration = unpadded_batches(tokenizer, calibration_sentences()[: recipe.calibration])
+
+    def prune(config: NMConfig) -> tuple[nn.Module, float]:
+        start = time.perf_counter()
+        model = copy.deepcopy(dense)
+        sparsify(model, config, skip=_encoder_only,
+                 calibration=None if config.method == "magnitude" else calibration)
+        return model, time.perf_counter() - start
+
+    results: list[dict[str, Any]] = []
+    for label in selected:
+        for method in methods:
+            config = known[label](method)
+            sparse, seconds = prune(config)
+            layers = len(_nm_modules(sparse))
+            reference = Evaluation.of(sparse, tokenizer)
+            results.append({"row": label, "method": method, "values": model_dtype,
+                            **evaluation.scores(sparse, tokenizer), "to_sparse": None,
+                            "bytes": _weight_bytes(sparse), "seconds": seconds})
+            for dtype in dtypes:
+                start = time.perf_counter()
+                quantized = copy.deepcopy(sparse)
+                swapped = quantize_modules(quantized, dtype)
+                seconds = time.perf_counter() - start
+                if swapped != layers or _same_structure(quantized, sparse) != layers:
+                    raise AssertionError(f"{label} {method} {dtype}: quantized {swapped} of {layers} layers")
+                row = {"row": label, "method": method, "values": dtype_name(dtype),
+                       **evaluation.scores(quantized, tokenizer), "to_sparse": reference.scores(quantized, tokenizer),
+                       "bytes": _weight_bytes(quantized), "seconds": seconds}
+                if through_sparsify:
+                    built, seconds = prune(replace(config, weight_dtype=dtype))
+                    modules = _nm_modules(built)
+                    if not all(isinstance(module, QuantizedSparseLinear) for module in modules.values()):
+                        raise AssertionError(f"{label} {method} {dtype}: sparsify left unquantized modules")
+                    embeddings = embed(built, tokenizer, evaluation.sentences)
+                    row["sparsify"] = {"layers": len(modules), "same_masks": _same_structure(built, sparse),
+                                       "to_sparse": float((embeddings * reference.dense).sum(1).mean()),
+                                       "to_dense": float((embeddings * evaluation.dense).sum(1).mean()),
+                                       "seconds": seconds}
+                results.append(row)
+    return results
+
+
+def quantized_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`quantized_quality` rows."""
+    columns = ["weights", "method", "values", "cosine to dense", "cosine to unquantized", "top-1 retrieval",
+               "Spearman to dense", "Spearman to unquantized", "paraphrase recall@1", "weight KiB"]
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        to_sparse = row["to_sparse"]
+        return [row["row"], row["method"], row["values"], f"{row['cosine']:.4f}",
+                "-" if to_sparse is None else f"{to_sparse['cosine']:.5f}", f"{row['top1']:.3f}",
+                f"{row['spearman']:.4f}", "-" if to_sparse is None else f"{to_sparse['spearman']:.5f}",
+                f"{row['recall']:.3f}", f"{row['bytes'] / 1024:.0f}"]
+
+    return _markdown(columns, (cells(row) for row in rows))
+
+
+def quantized_sparsify_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the ``sparsify`` part of :func:`quantized_quality` rows (those that have one)."""
+    columns = ["weights", "method", "values", "layers with the unquantized masks", "cosine to unquantized",
+               "cosine to dense", "seconds"]
+    return _markdown(columns, (
+        [row["row"], row["method"], row["values"], f"{row['sparsify']['same_masks']} of {row['sparsify']['layers']}",
+         f"{row['sparsify']['to_sparse']:.5f}", f"{row['sparsify']['to_dense']:.4f}",
+         f"{row['sparsify']['seconds']:.1f}"]
+        for row in rows if "sparsify" in row
+    ))
+
+
+def quantized_targets(rows: Sequence[dict[str, Any]], target: float = 0.99) -> str:
+    """One line per values dtype: the lowest cosine to the unquantized sparse model and whether it is >= ``target``."""
+    lines = []
+    for values in dict.fromkeys(row["values"] for row in rows if row["to_sparse"] is not None):
+        cosines = [row["to_sparse"]["cosine"] for row in rows if row["values"] == values]
+        lowest = min(cosines)
+        verdict = "met" if lowest >= target else "missed"
+        lines.append(f"{values}: lowest cosine to unquantized {lowest:.5f} over {len(cosines)} rows, "
+                     f"target >= {target}: {verdict}")
+    return "\n".join(lines)
+
+
 def unrelated_cosine(sentences: Sequence[str] = FIXED_SENTENCES) -> float:
     """Mean cosine similarity between the dense embeddings of different sentences: the level at which a
     pruned embedding says no more about its sentence than about any other."""
@@ -539,7 +716,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--formats", action="store_true", help="the CSR / block-shuffled / N:M V=64 table instead")
     parser.add_argument("--reconstruction", action="store_true",
                         help="the methods table (magnitude, Wanda, SparseGPT, SparseGPT + recovery) instead")
-    parser.add_argument("--rows", nargs="+", help="with --reconstruction: row labels, e.g. '2:4 V=1'")
+    parser.add_argument("--quantized", action="store_true",
+                        help="the 8-bit values table (float8_e4m3fn, int8; magnitude and SparseGPT) instead")
+    parser.add_argument("--rows", nargs="+",
+                        help="with --reconstruction or --quantized: row labels, e.g. '2:4 V=1'")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     import transformers
@@ -550,6 +730,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluation = Evaluation.of(dense, tokenizer)
         recall = paraphrase_recall(evaluation.first, evaluation.second, evaluation.paraphrase)
         print(f"\nThe dense model's paraphrase recall@1: {recall:.3f}. Setting: {Recipe()}.")
+    elif args.quantized:
+        rows = quantized_quality(args.rows)
+        print(quantized_table(rows))
+        print("\nThe same quantized rows built by sparsify(..., NMConfig(..., weight_dtype=...)) from the dense "
+              "model:\n")
+        print(quantized_sparsify_table(rows))
+        print()
+        print(quantized_targets(rows))
+        print(f"Setting: {Recipe()}.")
     elif args.formats:
         print(format_table(format_quality()))
     else:
