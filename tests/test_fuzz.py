@@ -3,9 +3,11 @@
 Each case builds a weight (pruned by nmspmm's pruning functions, or compressed from a drawn mask), reads which
 entries it keeps from its stored structure with this file's own decoding, and checks the product and the
 gradients of x, the kept values and bias against a float64 oracle over the ORIGINAL dense weight times that mask
-(``W * mask``), never the format's own ``to_dense``. Operands take drawn strides inside NaN-filled storage (a read
-outside a view poisons the result), every allocation the library makes is filled with NaN (torch's deterministic
-mode), and where a kernel takes an ``out`` it gets a NaN-filled view that must be written exactly.
+(``W * mask``), never the format's own ``to_dense``; quantized N:M weights (kind ``nm8``: 8-bit kept values, one
+fp32 scale per output feature) against one over their dequantized values at the decoded kept positions, with
+gradients for x and bias only. Operands take drawn strides inside NaN-filled storage (a read outside a view
+poisons the result), every allocation the library makes is filled with NaN (torch's deterministic mode), and
+where a kernel takes an ``out`` it gets a NaN-filled view that must be written exactly.
 
 Two tiers: the reference path (the CPU's default backend) and the Triton kernels (under the CPU interpreter at
 small shapes; on a CUDA machine natively, with larger odd shapes). A fixed seed by default, so that a CI failure
@@ -29,23 +31,30 @@ from hypothesis import strategies as st
 
 import nmspmm
 from conftest import DEVICE, TOLERANCE, block_mask, relative_error
-from nmspmm import BlockShuffledWeight, CSRWeight, NMSparseWeight
+from nmspmm import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
 from nmspmm.formats import SUPPORTED_BLOCK_SIDES, SUPPORTED_M, SUPPORTED_VECTORS
+from nmspmm.formats.quantized import QUANTIZED_DTYPES, QUANTIZED_MAX
 from nmspmm.kernels import (
     block_sparse_matmul, choose_vector_config, csr_spmm, nm_element_matmul, nm_grad_input, nm_grad_values,
     nm_vector_matmul, transpose,
 )
+from nmspmm.kernels.nm_element import ElementProduct, choose_element_config
+from nmspmm.kernels.nm_vector import VectorProduct
 from nmspmm.kernels.sddmm import CELL, sddmm_tiled
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
 from nmspmm.ops.backend import input_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Cases per tier and format in a default run (CI), split evenly over the three dtypes: 10,000 on the reference
-# path, 1,000 for the kernels.
+# path, 1,000 for the kernels; and a few for the quantized N:M weights (nm8, about 6 s on two idle CPU cores).
 CI_CASES = {
-    "reference": {"nm": 4500, "csr": 2500, "block": 1800, "sddmm": 1200},
-    "kernels": {"nm": 400, "csr": 250, "block": 200, "sddmm": 150},
+    "reference": {"nm": 4500, "csr": 2500, "block": 1800, "sddmm": 1200, "nm8": 300},
+    "kernels": {"nm": 400, "csr": 250, "block": 200, "sddmm": 150, "nm8": 60},
 }
+# A quantized weight's product against the float64 one with its dequantized weight (as tests/test_quantized.py
+# bounds it): the 8-bit values are exact in every activation dtype.
+QUANTIZED_TOLERANCE = {torch.float32: TOLERANCE[torch.float32], torch.float16: TOLERANCE[torch.float16],
+                       torch.bfloat16: 1e-2}
 
 
 def _scale() -> float:
@@ -163,13 +172,23 @@ class BlockSpec:
     iterations: int | None
 
 
-Spec = NMSpec | CSRSpec | BlockSpec
+@dataclass(frozen=True)
+class QuantizedSpec:
+    """The N:M weight ``nm`` with its kept values quantized (``NMSparseWeight.quantize``) to ``values_dtype``,
+    float8_e4m3fn or int8, one fp32 scale per output feature."""
+
+    nm: NMSpec
+    values_dtype: torch.dtype
+
+
+Spec = NMSpec | CSRSpec | BlockSpec | QuantizedSpec
 
 
 @dataclass(frozen=True)
 class Product:
     """One product and its gradients: x of ``leading`` dimensions (``[K, M]`` when ``feature_major``), the laid
-    out operands, which gradients are taken, and whether a second call follows after the values change in place."""
+    out operands (``scales_layout`` for a quantized weight's scales), which gradients are taken, and whether a
+    second call follows after the values (and scales) change in place."""
 
     dtype: torch.dtype
     leading: tuple[int, ...]
@@ -184,6 +203,7 @@ class Product:
     launchers: bool
     out_transposed: bool
     seed: int
+    scales_layout: Layout | None = None
 
 
 @dataclass(frozen=True)
@@ -223,9 +243,11 @@ def sizes(low: int, high: int) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def products(draw: st.DrawFn, tier: Tier, dtype: torch.dtype, values_dims: int, feature_major: bool) -> Product:
+def products(draw: st.DrawFn, tier: Tier, dtype: torch.dtype, values_dims: int, feature_major: bool,
+             quantized: bool = False) -> Product:
     """The activations' side of a case: shapes (no leading dimension, empty and single-token batches), strides,
-    bias, gradients and the weight's value distribution."""
+    bias, gradients and the weight's value distribution. A ``quantized`` weight takes no gradient of its own (x's
+    and bias's only) and has its scales laid out too."""
     feature_major = feature_major and draw(st.booleans())
     if feature_major:
         leading: tuple[int, ...] = (draw(sizes(0, tier.tokens)),)
@@ -240,7 +262,9 @@ def products(draw: st.DrawFn, tier: Tier, dtype: torch.dtype, values_dims: int, 
         leading = tuple(dims)
     x_dims = 2 if feature_major else len(leading) + 1
     bias_layout = draw(st.none() | layouts(1))
-    grads = draw(st.lists(st.sampled_from(("x", "values", "bias") if bias_layout else ("x", "values")), unique=True))
+    weight_grads = () if quantized else ("values",)
+    grads = draw(st.lists(st.sampled_from(("x", *weight_grads, "bias") if bias_layout else ("x", *weight_grads)),
+                          unique=True))
     return Product(
         dtype=dtype,
         leading=leading,
@@ -255,6 +279,7 @@ def products(draw: st.DrawFn, tier: Tier, dtype: torch.dtype, values_dims: int, 
         launchers=tier.launchers and draw(st.booleans()),
         out_transposed=draw(st.booleans()),
         seed=draw(st.integers(0, 2**32 - 1)),
+        scales_layout=draw(layouts(1)) if quantized else None,
     )
 
 
@@ -266,15 +291,29 @@ def kept_counts(tier: Tier, m: int) -> list[int]:
 
 
 @st.composite
-def nm_cases(draw: st.DrawFn, tier: Tier, dtype: torch.dtype) -> LinearCase:
+def nm_specs(draw: st.DrawFn, tier: Tier) -> NMSpec:
     """Any supported m and V (V = 1 element-wise), n from :func:`kept_counts`, N a multiple of V, K of m."""
     m = draw(st.sampled_from(SUPPORTED_M))
     n = draw(st.sampled_from(kept_counts(tier, m)))
     vector = draw(st.sampled_from(SUPPORTED_VECTORS))
     rows = draw(sizes(1, tier.rows)) if vector == 1 else vector * draw(sizes(1, max(1, tier.rows // vector)))
     cols = m * draw(sizes(1, max(1, tier.cols // m)))
-    spec = NMSpec(n, m, vector, rows, cols, pruned=draw(st.booleans()))
+    return NMSpec(n, m, vector, rows, cols, pruned=draw(st.booleans()))
+
+
+@st.composite
+def nm_cases(draw: st.DrawFn, tier: Tier, dtype: torch.dtype) -> LinearCase:
+    """An N:M weight (:func:`nm_specs`) and a product with it (row-major or feature-major x)."""
+    spec = draw(nm_specs(tier))
     return LinearCase(spec, draw(products(tier, dtype, values_dims=2, feature_major=True)))
+
+
+@st.composite
+def nm8_cases(draw: st.DrawFn, tier: Tier, dtype: torch.dtype) -> LinearCase:
+    """An N:M weight (:func:`nm_specs`) quantized to either 8-bit dtype, and a product with it (row-major x only:
+    a quantized weight has no feature-major product)."""
+    spec = QuantizedSpec(draw(nm_specs(tier)), draw(st.sampled_from(QUANTIZED_DTYPES)))
+    return LinearCase(spec, draw(products(tier, dtype, values_dims=2, feature_major=False, quantized=True)))
 
 
 def csr_specs(tier: Tier) -> st.SearchStrategy[CSRSpec]:
@@ -324,9 +363,11 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def laid_out(values: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A view holding ``values`` with ``layout``'s strides, in storage whose other elements are NaN."""
+    """A view holding ``values`` with ``layout``'s strides, in storage whose other elements are NaN (int8, a
+    quantized weight's values: -128, which no quantized weight holds)."""
     storage = [values.shape[dim] * layout.steps[dim] for dim in layout.order]
-    flat = torch.full((layout.offset + math.prod(storage),), math.nan, dtype=values.dtype, device=values.device)
+    poison = math.nan if values.dtype.is_floating_point else torch.iinfo(values.dtype).min
+    flat = torch.full((layout.offset + math.prod(storage),), poison, dtype=values.dtype, device=values.device)
     base = flat[layout.offset:].view(storage).permute(_inverse(layout.order))
     return base[tuple(slice(None, None, step) for step in layout.steps)].copy_(values)
 
@@ -419,6 +460,13 @@ class Kept:
     def gather(self, dense: torch.Tensor) -> torch.Tensor:
         """A dense ``[N, K]`` matrix's entries laid out as the format's ``values``."""
         return dense.reshape(-1)[self.index]
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense ``[N, K]`` matrix holding ``values`` (laid out as the format's) at the kept entries, zeros
+        elsewhere: :meth:`gather`'s inverse."""
+        dense = values.new_zeros(self.mask.numel())
+        dense[self.index.reshape(-1)] = values.reshape(-1)
+        return dense.view(self.mask.shape)
 
     def to(self, device: str) -> Kept:
         """The same structure on ``device`` (the oracle runs where the tier does)."""
@@ -552,15 +600,44 @@ def build_block(spec: BlockSpec, dense: torch.Tensor, generator: torch.Generator
     return weight, kept
 
 
+def build_nm8(spec: QuantizedSpec, dense: torch.Tensor, generator: torch.Generator) -> tuple[QuantizedNMWeight, Kept]:
+    """The N:M weight :func:`build_nm` makes and checks, quantized, and its structure decoded from the quantized
+    weight's own offsets, after checking the quantization: each row's scale its largest kept magnitude over the
+    8-bit dtype's (1 for a row of zeros), each value the kept weight over its row's scale, rounded (int8: to the
+    nearest integer, never -128; float8_e4m3fn: to the nearest of 3 mantissa bits, 2**-9 apart below 2**-6)."""
+    source, source_kept = build_nm(spec.nm, dense, generator)
+    weight = source.quantize(spec.values_dtype)
+    assert type(weight) is QuantizedNMWeight and weight.values_dtype == spec.values_dtype, "quantize: type or dtype"
+    assert weight.dtype == dense.dtype and weight.scales.dtype == torch.float32, "quantize: products' or scales' dtype"
+    kept = nm_kept(weight)
+    assert torch.equal(kept.index, source_kept.index), "quantize: the structure changed"
+    original = kept.to(dense.device).gather(dense).float()  # the kept weights, in fp32 as quantize computes
+    peak = QUANTIZED_MAX[spec.values_dtype]
+    largest = original.abs().amax(1) if original.shape[1] else original.new_zeros(original.shape[0])
+    assert torch.equal(weight.scales, torch.where(largest > 0, largest / peak, 1.0)), "quantize: scales"
+    quantized, target = weight.values.double(), original.double() / weight.scales.double()[:, None]
+    if spec.values_dtype == torch.int8:
+        assert not bool((weight.values == -128).any()), "quantize: int8 -128"
+        step = torch.ones_like(target)
+    else:
+        step = 2.0 ** (target.abs().clamp_min(2.0**-6).log2().floor() - 3)
+    assert bool((quantized.abs() <= peak).all()), "quantize: a value beyond the dtype's largest"
+    # Half a step, and the rounding of quantize's fp32 division.
+    assert bool(((quantized - target).abs() <= step / 2 + 1e-6 * peak).all()), "quantize: a value not rounded"
+    return weight, kept
+
+
 def spec_shape(spec: Spec) -> tuple[int, int]:
     """``(N, K)`` of a drawn weight."""
     if isinstance(spec, BlockSpec):
         return spec.block_rows * spec.block[0], spec.block_cols * spec.block[1]
+    if isinstance(spec, QuantizedSpec):
+        return spec.nm.rows, spec.nm.cols
     return spec.rows, spec.cols
 
 
 BUILDERS: dict[type, Callable[..., tuple[object, Kept]]] = {
-    NMSpec: build_nm, CSRSpec: build_csr, BlockSpec: build_block,
+    NMSpec: build_nm, CSRSpec: build_csr, BlockSpec: build_block, QuantizedSpec: build_nm8,
 }
 
 
@@ -571,20 +648,30 @@ BUILDERS: dict[type, Callable[..., tuple[object, Kept]]] = {
 
 def check_linear(case: LinearCase, tier: Tier) -> None:
     """``nmspmm.linear`` (or ``linear_feature_major``) and its gradients against ``x @ (W * mask).T + b`` in
-    float64; inputs unchanged; a second call after the values change in place sees them; and, where drawn, the
-    format's kernel launchers with poisoned ``out``."""
+    float64 (a quantized weight: ``x @ W8.T + b``, ``W8`` its dequantized values at the kept positions, and no
+    gradient for its values or scales); inputs unchanged; a second call after the values change in place sees
+    them; and, where drawn, the format's kernel launchers with poisoned ``out``."""
     product, spec = case.product, case.spec
-    dtype, device, tolerance = product.dtype, tier.device, TOLERANCE[product.dtype]
+    quantized = isinstance(spec, QuantizedSpec)
+    dtype, device = product.dtype, tier.device
+    tolerance = QUANTIZED_TOLERANCE[dtype] if quantized else TOLERANCE[dtype]
     generator = torch.Generator().manual_seed(product.seed)
     rows, cols = spec_shape(spec)
     dense = sample((rows, cols), product.distribution, generator, dtype).to(device)
     built, kept = BUILDERS[type(spec)](spec, dense, generator)
     kept = kept.to(device)
-    assert torch.equal(built.values, kept.gather(dense)), "values: not the dense weight's kept entries"
-    masked = dense.double() * kept.mask  # the oracle's weight: W * mask, float64 on the tier's device
+    if quantized:
+        # The oracle's weight: values * scales per row in float64, at the positions decoded from the offsets.
+        masked = kept.scatter(built.values.double() * built.scales.double()[:, None])
+    else:
+        assert torch.equal(built.values, kept.gather(dense)), "values: not the dense weight's kept entries"
+        masked = dense.double() * kept.mask  # the oracle's weight: W * mask, float64 on the tier's device
 
     values = laid_out(built.values, product.values_layout).requires_grad_("values" in product.grads)
-    weight = type(built).from_state({**built.state_tensors(), "values": values}, built.state_fields())
+    tensors = {**built.state_tensors(), "values": values}
+    if quantized:
+        tensors["scales"] = laid_out(built.scales, product.scales_layout)
+    weight = type(built).from_state(tensors, built.state_fields())
     x_shape = (cols, *product.leading) if product.feature_major else (*product.leading, cols)
     x = laid_out(sample(x_shape, "normal", generator, dtype).to(device), product.x_layout)
     x.requires_grad_("x" in product.grads)
@@ -593,7 +680,8 @@ def check_linear(case: LinearCase, tier: Tier) -> None:
         bias = laid_out(sample((rows,), "normal", generator, dtype).to(device), product.bias_layout)
         bias.requires_grad_("bias" in product.grads)
     bias64 = torch.zeros(rows, dtype=torch.float64, device=device) if bias is None else bias.detach().double()
-    before = [t.detach().clone() for t in (x, values, bias) if t is not None]
+    inputs = [t for t in (x, values, weight.scales if quantized else None, bias) if t is not None]
+    before = [t.detach().clone() for t in inputs]
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if product.feature_major:
@@ -631,18 +719,43 @@ def check_linear(case: LinearCase, tier: Tier) -> None:
             assert_close("values.grad", values.grad, expected, tolerance)
         if "bias" in product.grads:
             assert_close("bias.grad", bias.grad, oracle(lambda g: g.sum(0), grad_rows), tolerance)
-    after = [t.detach() for t in (x, values, bias) if t is not None]
-    assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input changed"
+        if quantized:
+            assert weight.values.grad is None and weight.scales.grad is None, "a quantized weight got a gradient"
+            assert not (weight.values.requires_grad or weight.scales.requires_grad), "values or scales require grad"
+    assert all(same_bits(a, b) for a, b in zip(before, inputs)), "an input changed"
     if product.repeat:
+        # Every value negated (and a quantized weight's scales doubled), in place: no kept plan may hold a copy.
+        factor = -2.0 if quantized else -1.0
         with torch.no_grad():
-            weight.values.neg_()
+            negate(weight.values)
+            if quantized:
+                weight.scales.mul_(2)
             again = laid_out(sample(x_shape, "normal", generator, dtype).to(device), product.x_layout)
-            expected = oracle(output, token_rows(again), -masked, bias64)
+            expected = oracle(output, token_rows(again), factor * masked, bias64)
             assert_close("y after values.neg_()", call(again), expected, tolerance)
-            weight.values.neg_()
+            negate(weight.values)
+            if quantized:
+                weight.scales.div_(2)
     if product.launchers:
         forward = oracle(lambda x, w, b: x @ w.t() + b, x_rows, masked, bias64)
         LAUNCHERS[type(spec)](weight, x_rows, bias, grad_rows, product, masked, kept, forward, tier)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same dtype, shape and bytes (torch.equal has no float8 kernel on the CPU)."""
+
+    def raw(tensor: torch.Tensor) -> torch.Tensor:  # (a copy with unit strides: contiguous() may keep a size-1 one)
+        return tensor.detach().clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
+
+
+def negate(values: torch.Tensor) -> None:
+    """``values.neg_()``, for float8 too (torch has no float8 neg on the CPU: its sign bit flipped)."""
+    if values.dtype == torch.float8_e4m3fn:
+        values.view(torch.uint8).bitwise_xor_(0x80)
+    else:
+        values.neg_()
 
 
 def launch_nm(
@@ -709,7 +822,42 @@ def launch_block(
     assert_out("block launcher y", out, storage, outside, forward, TOLERANCE[dtype])
 
 
-LAUNCHERS: dict[type, Callable[..., None]] = {NMSpec: launch_nm, CSRSpec: launch_csr, BlockSpec: launch_block}
+def launch_nm8(
+    weight: QuantizedNMWeight, x_rows: torch.Tensor, bias: torch.Tensor | None, grad_rows: torch.Tensor | None,
+    product: Product, masked: torch.Tensor, kept: Kept, forward: Expected, tier: Tier,
+) -> None:
+    """The quantized product's launch (the element-wise kernel at V=1, else the vector-wise one, with the scales)
+    into a poisoned out, and where a gradient was taken the activations' gradient kernel over the dequantized
+    values in the activations' dtype (as the backward runs it)."""
+    dtype, tolerance, transposed = product.dtype, QUANTIZED_TOLERANCE[product.dtype], product.out_transposed
+    values, offsets, scales = weight.values.contiguous(), weight.kept_offsets(), weight.scales.contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    (rows, cols), tokens, kept_count = weight.shape, x_rows.shape[0], weight.values.shape[1]
+    n, m, vector, precision = weight.n, weight.m, weight.vector, input_precision(dtype)
+    xt = x_rows.t().to(dtype).to(tier.device).contiguous()
+    out, storage, outside = poisoned_out((tokens, rows), dtype, tier.device, transposed)
+    if vector == 1:
+        config = choose_element_config(tokens, rows, cols, m, dtype, values.device)
+        launch = ElementProduct(tuple(xt.shape), xt.stride(), out.stride(), values, offsets, n, m, config, bias,
+                                precision, scales, dtype)
+    else:
+        config = choose_vector_config(tokens, rows, kept_count, vector, dtype, values.device, eight_bit=True)
+        launch = VectorProduct(tuple(xt.shape), xt.stride(), out.stride(), values, offsets, n, m, vector, config,
+                               bias, precision, scales, dtype)
+    launch(xt, out)
+    assert_out("nm8 launcher y", out, storage, outside, forward, tolerance)
+    if grad_rows is None:
+        return
+    grad_y = grad_rows.to(dtype).to(tier.device)
+    out, storage, outside = poisoned_out((tokens, cols), dtype, tier.device, transposed)
+    nm_grad_input(grad_y, weight.dequantized_values().contiguous(), offsets, n, m, vector, cols, out,
+                  input_precision=precision)
+    assert_out("nm8 launcher grad x", out, storage, outside, oracle(torch.matmul, grad_rows, masked), tolerance)
+
+
+LAUNCHERS: dict[type, Callable[..., None]] = {
+    NMSpec: launch_nm, CSRSpec: launch_csr, BlockSpec: launch_block, QuantizedSpec: launch_nm8,
+}
 
 
 def check_sddmm(case: SddmmCase, tier: Tier) -> None:
@@ -741,7 +889,7 @@ def check_sddmm(case: SddmmCase, tier: Tier) -> None:
 
 
 STRATEGIES: dict[str, Callable[[Tier, torch.dtype], st.SearchStrategy]] = {
-    "nm": nm_cases, "csr": csr_cases, "block": block_cases, "sddmm": sddmm_cases,
+    "nm": nm_cases, "csr": csr_cases, "block": block_cases, "sddmm": sddmm_cases, "nm8": nm8_cases,
 }
 
 
@@ -827,10 +975,23 @@ def _plant_block_permutation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nmspmm.ops.block_shuffled, "inverse_permutation", lambda permutation: permutation.long())
 
 
+def _plant_nm8_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One scale off by a factor: the quantized reference dequantizes its last output feature at twice its scale."""
+    original = nmspmm.ops.nm._reference
+
+    def rescaled(rows_in: torch.Tensor, values: torch.Tensor, *structure: object) -> torch.Tensor:
+        if values.dtype == torch.float32:  # the dequantized values (``values * scales[:, None]``) of an nm8 case
+            values = torch.cat([values[:-1], 2 * values[-1:]])
+        return original(rows_in, values, *structure)
+
+    monkeypatch.setattr(nmspmm.ops.nm, "_reference", rescaled)
+
+
 @pytest.mark.parametrize(
     ("kind", "plant"),
-    [("nm", _plant_nm_offset), ("csr", _plant_csr_column), ("block", _plant_block_permutation)],
-    ids=["nm-offset-off-by-one", "csr-column-corrupted", "block-permutation-not-inverted"],
+    [("nm", _plant_nm_offset), ("csr", _plant_csr_column), ("block", _plant_block_permutation),
+     ("nm8", _plant_nm8_scale)],
+    ids=["nm-offset-off-by-one", "csr-column-corrupted", "block-permutation-not-inverted", "nm8-scale-doubled"],
 )
 def test_the_fuzzing_finds_a_planted_bug(kind: str, plant: Callable[[pytest.MonkeyPatch], None],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -853,3 +1014,15 @@ def test_a_feature_major_csr_product_without_work_fills_the_bias_per_output(toke
     bias = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
     y_t = nmspmm.linear_feature_major(torch.randn(4, tokens, device=DEVICE), weight, bias, backend=KERNELS.backend)
     assert torch.equal(y_t, bias[:, None].expand(3, tokens))
+
+
+def test_strided_scales_reach_the_quantized_kernels() -> None:
+    """Strided scales reach the kernels as the values they view (found by test_kernels[nm8-*]: the products read
+    them as contiguous)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = nmspmm.prune(torch.randn(32, 64, generator=generator), "2:4", 16).quantize(torch.int8).to(DEVICE)
+    scales = laid_out(weight.scales, Layout((0,), (2,), 1))  # every other element of NaN-filled storage
+    strided = QuantizedNMWeight(weight.values, weight.offsets, scales, "2:4", 16, weight.shape, weight.dtype)
+    x = torch.randn(5, 64, generator=generator).to(DEVICE)
+    expected = x.double() @ weight.to_dense().double().t()
+    assert relative_error(nmspmm.linear(x, strided, backend=KERNELS.backend), expected) < TOLERANCE[torch.float32]

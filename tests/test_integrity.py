@@ -24,6 +24,13 @@ import nmspmm
 from conftest import DEVICE
 
 
+# The formats whose values may hold NaN or Inf when allowed, and the quantized N:M weights (8-bit values, one
+# scale per output feature), which never hold them: allow_nonfinite is ignored, a non-finite value or scale is
+# always refused (test_a_quantized_weight_refuses_nonfinite_values_and_scales_even_if_allowed).
+KINDS = ["nm", "csr", "block"]
+QUANTIZED_KINDS = ["nm8-float8", "nm8-int8"]
+
+
 def _weights() -> dict[str, object]:
     torch.manual_seed(0)
     dense = torch.randn(64, 64, device=DEVICE)
@@ -31,6 +38,8 @@ def _weights() -> dict[str, object]:
         "nm": nmspmm.prune(dense, "2:4", 16),
         "csr": nmspmm.prune.prune_csr(dense, 0.75),
         "block": nmspmm.prune.prune_block_shuffled(dense, 0.5, (16, 16), search=False),
+        "nm8-float8": nmspmm.prune(dense, "2:4", 16).quantize(torch.float8_e4m3fn),
+        "nm8-int8": nmspmm.prune(dense, "6:8", 1).quantize(torch.int8),
     }
 
 
@@ -39,7 +48,7 @@ def _rebuilt(weight, **changes):
     return type(weight).from_state(tensors, weight.state_fields())
 
 
-@pytest.mark.parametrize("kind", ["nm", "csr", "block"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_nonfinite_values_are_refused_unless_allowed(kind):
     weight = _weights()[kind]
     values = weight.values.clone()
@@ -51,13 +60,42 @@ def test_nonfinite_values_are_refused_unless_allowed(kind):
     assert torch.isnan(allowed.values).any()
 
 
-@pytest.mark.parametrize("kind", ["nm", "csr", "block"])
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_a_quantized_weight_refuses_nonfinite_values_and_scales_even_if_allowed(kind):
+    """What test_nonfinite_values_are_refused_unless_allowed accepts with allow_nonfinite=True for the other formats
+    is refused for a QuantizedNMWeight either way: NaN values (float8_e4m3fn's; it has no Inf, and int8 holds no
+    non-finite value at all) and NaN or infinite scales."""
+    weight = _weights()[kind]
+    changes = []
+    if weight.values_dtype == torch.float8_e4m3fn:
+        values = weight.values.clone()
+        values.view(torch.uint8).view(-1)[[0, 3]] = 0x7F  # float8_e4m3fn's NaN
+        changes.append(({"values": values}, r"values: expected finite values, found NaN or infinite"))
+    for bad in (float("nan"), float("inf")):
+        scales = weight.scales.clone()
+        scales[[0, 3]] = bad
+        changes.append(({"scales": scales}, r"scales: expected finite, positive scales"))
+    for change, message in changes:
+        for allow in (False, True):
+            with pytest.raises(ValueError, match=message):
+                type(weight).from_state({**weight.state_tensors(), **change}, weight.state_fields(),
+                                        allow_nonfinite=allow)
+
+
+@pytest.mark.parametrize("kind", KINDS + QUANTIZED_KINDS)
 def test_overlapping_values_are_refused(kind):
     weight = _weights()[kind]
     first = weight.values.reshape(-1)[:1] if kind == "csr" else weight.values[:1]
     aliased = first.expand_as(weight.values)  # every row reads row 0
     with pytest.raises(ValueError, match=r"values: its elements overlap in memory"):
         _rebuilt(weight, values=aliased)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_overlapping_scales_are_refused(kind):
+    weight = _weights()[kind]
+    with pytest.raises(ValueError, match=r"scales: its elements overlap in memory"):
+        _rebuilt(weight, scales=weight.scales[:1].expand_as(weight.scales))  # every row takes row 0's scale
 
 
 def test_files_and_state_dicts_refuse_nonfinite_values(tmp_path):
@@ -84,6 +122,38 @@ def test_files_and_state_dicts_refuse_nonfinite_values(tmp_path):
     assert isinstance(layer, nn.Module)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", QUANTIZED_KINDS)
+def test_files_and_state_dicts_refuse_nonfinite_scales_even_if_allowed(kind, tmp_path):
+    """test_files_and_state_dicts_refuse_nonfinite_values for a QuantizedNMWeight, which cannot be built holding a
+    NaN (so the files are forged): a NaN scale is refused by load_safetensors (allow_nonfinite=True too),
+    torch.load and load_state_dict, and so are overlapping scales in a state dict."""
+    weight = _weights()[kind]
+    scales = weight.scales.clone()
+    scales[5] = float("nan")
+    path = tmp_path / "w.safetensors"
+    nmspmm.save_safetensors({"w": weight}, path)
+    tensors = safetensors.torch.load_file(path)
+    metadata = _safetensors_parts(path.read_bytes())[0]["__metadata__"]
+    safetensors.torch.save_file({**tensors, "w.scales": scales.cpu()}, path, metadata=metadata)
+    for allow in (False, True):
+        with pytest.raises(ValueError, match=r"scales: expected finite, positive scales"):
+            nmspmm.load_safetensors(path, allow_nonfinite=allow)
+    function, args = weight.__reduce__()  # (values, offsets, scales, ...): the pickle rebuilt with the NaN scale
+    forged = io.BytesIO()
+    torch.save(_Forged(function, (*args[:2], scales, *args[3:])), forged)
+    with pytest.raises(ValueError, match=r"scales: expected finite, positive scales"):
+        torch.load(io.BytesIO(forged.getvalue()))
+    layer = nmspmm.QuantizedSparseLinear(weight)
+    state = layer.state_dict()
+    state["scales"] = scales
+    with pytest.raises(ValueError, match=r"state_dict: values, offsets and scales are not a .*scales: expected finite"):
+        layer.load_state_dict(state)
+    state["scales"] = weight.scales[:1].expand_as(weight.scales)
+    with pytest.raises(ValueError, match=r"overlap in memory"):
+        layer.load_state_dict(state)
+
+
 def test_a_cast_that_overflows_is_refused_but_held_nonfinite_values_move():
     weight = _weights()["nm"]
     big = nmspmm.NMSparseWeight(weight.values * 1e6, weight.offsets, "2:4", 16, weight.shape)
@@ -108,15 +178,18 @@ def test_a_cast_that_overflows_is_refused_but_held_nonfinite_values_move():
 FIELDS_ONLY = "fields only: "
 
 # Two weights of one shape per file (so that tensors can be swapped between them), for each format: both N:M
-# storage forms (kept and dropped positions), CSR and block-shuffled (after a searched permutation).
+# storage forms (kept and dropped positions), CSR, block-shuffled (after a searched permutation), and quantized
+# N:M weights (QuantizedSparseLinear layers) of each 8-bit dtype, one in each storage form.
 CORRUPTIBLE = {
     "nm-kept": (nmspmm.NMConfig("2:8", vector=16), torch.float32),
     "nm-dropped": (nmspmm.NMConfig("6:8", vector=1), torch.float16),
     "csr": (nmspmm.CSRConfig(sparsity=0.75), torch.bfloat16),
     "block": (nmspmm.BlockConfig(sparsity=0.5, block=(16, 16)), torch.float32),
+    "nm8-float8": (nmspmm.NMConfig("2:8", vector=16, weight_dtype=torch.float8_e4m3fn), torch.bfloat16),
+    "nm8-int8": (nmspmm.NMConfig("6:8", vector=1, weight_dtype=torch.int8), torch.float16),
 }
 FILE_KINDS = ("safetensors", "pretrained", "pickle")
-SAFETENSORS_ITEM_SIZES = {"F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
+SAFETENSORS_ITEM_SIZES = {"F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 Loaded = tuple[dict[str, type], dict[str, dict], dict[str, torch.Tensor]]
@@ -139,7 +212,7 @@ class Saved:
         """What loading ``path`` gives: each layer's type (module or weight), its weight's fields and the state
         (the weights' stored tensors, and the dense ones where the file holds them)."""
         if self.kind == "pretrained":
-            dtype = self.model["a"].values.dtype
+            dtype = self.model["a"].weight.dtype  # the products' (a quantized layer's values are 8-bit)
             fresh = nn.ModuleDict({name: nn.Linear(64, 32, dtype=dtype) for name in ("a", "b")})
             return self._described(nmspmm.load_pretrained(fresh, path))
         weights = nmspmm.load_safetensors(path) if self.kind == "safetensors" else torch.load(path)
@@ -279,8 +352,9 @@ def _flips(saved: Saved, region: str) -> Iterator[tuple[str, bytes]]:
 def _alternatives(value: object) -> list[object]:
     """Other plausible values of a saved field (pattern, vector, shape, block, dtype, format name)."""
     if isinstance(value, str):
-        others = ["2:4", "2:8", "6:8", "8:32", "float16", "bfloat16", "float32", "CSRWeight", "NMSparseWeight",
-                  "BlockShuffledWeight", "SparseLinear", "CSRLinear", "BlockShuffledLinear"]
+        others = ["2:4", "2:8", "6:8", "8:32", "float16", "bfloat16", "float32", "float8_e4m3fn", "int8",
+                  "CSRWeight", "NMSparseWeight", "QuantizedNMWeight", "BlockShuffledWeight", "QuantizedSparseLinear",
+                  "SparseLinear", "CSRLinear", "BlockShuffledLinear"]
         return [other for other in others if other != value]
     if isinstance(value, bool):
         return []
@@ -379,7 +453,8 @@ def _pickle_edits(saved: Saved) -> Iterator[tuple[str, bytes]]:
             edits: list[tuple[str, object]] = []
             if isinstance(value, torch.Tensor):
                 reinterpret = {torch.float32: torch.int32, torch.int32: torch.float32, torch.float16: torch.bfloat16,
-                               torch.bfloat16: torch.float16, torch.uint8: torch.int8}[value.dtype]
+                               torch.bfloat16: torch.float16, torch.uint8: torch.int8, torch.int8: torch.float8_e4m3fn,
+                               torch.float8_e4m3fn: torch.int8}[value.dtype]
                 edits.append((f"{value.dtype} -> {reinterpret}", value.view(reinterpret)))
             elif isinstance(value, dict):
                 edits += [(f"checksum of {key} changed", {**value, key: value[key] + 1}) for key in value]
@@ -438,14 +513,15 @@ def test_a_corrupted_file_is_refused_or_loads_what_was_saved(fmt: str, kind: str
 
 def _with_fields_changed(saved: Saved, change: str) -> bytes:
     """Weight ``a`` with only a field changed: its K (64 -> 80) in the metadata or the pickle's arguments, or, in a
-    pickle, its half-precision values read as the other half-precision dtype."""
+    pickle, its half-precision values read as the other half-precision dtype (8-bit ones: float8_e4m3fn as int8)."""
     if saved.kind == "pickle":
         args = list(saved.model["a"].weight.__reduce__()[1])
         if change == "K":
             position = args.index((32, 64))
             args[position] = (32, 80)
         else:
-            other = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16}[args[0].dtype]
+            other = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16,
+                     torch.float8_e4m3fn: torch.int8}[args[0].dtype]
             args[0] = args[0].view(other)
         return _forged_pickle(saved, "a", tuple(args))
     tensors = safetensors.torch.load(saved.data)
@@ -459,7 +535,7 @@ def _with_fields_changed(saved: Saved, change: str) -> bytes:
 @pytest.mark.parametrize(
     ("fmt", "kind", "change"),
     [("csr", "safetensors", "K"), ("block", "safetensors", "K"), ("csr", "pickle", "K"), ("block", "pickle", "K"),
-     ("csr", "pickle", "dtype"), ("nm-dropped", "pickle", "dtype")],
+     ("csr", "pickle", "dtype"), ("nm-dropped", "pickle", "dtype"), ("nm8-float8", "pickle", "dtype")],
 )
 def test_a_change_of_fields_alone_is_refused(fmt: str, kind: str, change: str, tmp_path: Path) -> None:
     saved = _save(kind, fmt, tmp_path / "saved")

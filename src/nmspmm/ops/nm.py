@@ -369,6 +369,7 @@ def _plan(
     # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
     values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
     bias = None if bias is None else bias.contiguous()
+    scales = None if scales is None else scales.contiguous()
     rows = values.shape[0]
     compute = values.dtype if dtype is None else dtype
 
@@ -401,6 +402,8 @@ def _kept_plan(
     """The weight's kept plan for this layout of ``x`` (:func:`backend.kept_plan`; with its scales for a
     :class:`QuantizedNMWeight`), or None where the call takes the full path."""
     scales = weight.scales if isinstance(weight, QuantizedNMWeight) else None
+    if scales is not None and not scales.is_contiguous():
+        return None  # a plan would hold a contiguous copy, which later in-place updates would not reach
 
     def make() -> ProductPlan:
         return _plan(
