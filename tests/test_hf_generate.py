@@ -1,4 +1,5 @@
-"""A Hugging Face Llama sparsified with nmspmm generates exactly like the dense model holding the same pruned weights.
+"""A Hugging Face Llama sparsified with nmspmm generates exactly like the dense model holding the same pruned weights
+(with 8-bit values too: the dense model then holds the dequantized weights).
 
 The model is tiny (2 layers, hidden 64) so that, on the CPU, every product of the 14 projections runs through the
 Triton kernels under the interpreter (``backend="triton"``) in a few seconds; on CUDA the kernels always run.
@@ -23,6 +24,7 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LAYERS = 2
 BATCH, PROMPT, NEW_TOKENS = 2, 5, 5
+SPARSE_MODULES = (nmspmm.SparseLinear, nmspmm.QuantizedSparseLinear)
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
@@ -50,14 +52,14 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
 
 
 def count_sparse_calls(model: torch.nn.Module) -> list[int]:
-    """A one-element counter of SparseLinear forward calls in ``model``, kept up by forward hooks."""
+    """A one-element counter of N:M module forward calls in ``model``, kept up by forward hooks."""
     calls = [0]
 
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         calls[0] += 1
 
     for module in model.modules():
-        if isinstance(module, nmspmm.SparseLinear):
+        if isinstance(module, SPARSE_MODULES):
             module.register_forward_hook(hook)
     return calls
 
@@ -66,18 +68,24 @@ def no_reference(*args: object, **kwargs: object) -> torch.Tensor:
     raise AssertionError("the dense reference path ran instead of the Triton kernels")
 
 
-@pytest.mark.parametrize(("pattern", "vector", "kept"), [("8:32", 16, 0.25), ("2:4", 1, 0.5)])
-def test_sparsified_llama_generates_like_dense_with_pruned_weights(pattern: str, vector: int, kept: float) -> None:
+@pytest.mark.parametrize(("pattern", "vector", "kept", "weight_dtype"), [
+    ("8:32", 16, 0.25, None), ("2:4", 1, 0.5, None), ("8:32", 16, 0.25, torch.int8),
+    ("2:4", 1, 0.5, torch.float8_e4m3fn),
+])
+def test_sparsified_llama_generates_like_dense_with_pruned_weights(
+    pattern: str, vector: int, kept: float, weight_dtype: torch.dtype | None
+) -> None:
     dense = tiny_llama()
     sparse = copy.deepcopy(dense)
     reference = copy.deepcopy(dense)
-    report = nmspmm.sparsify(sparse.model, pattern, vector=vector)
+    report = nmspmm.sparsify(sparse.model, pattern, vector=vector, weight_dtype=weight_dtype)
 
     expected = {f"layers.{layer}.{projection}" for layer in range(LAYERS) for projection in PROJECTIONS}
     assert set(report.swapped) == expected and len(report.swapped) == 14
     assert report.skipped == {}
-    sparse_modules = [module for module in sparse.modules() if isinstance(module, nmspmm.SparseLinear)]
-    assert len(sparse_modules) == 14
+    module_type = nmspmm.SparseLinear if weight_dtype is None else nmspmm.QuantizedSparseLinear
+    sparse_modules = [module for module in sparse.modules() if isinstance(module, SPARSE_MODULES)]
+    assert len(sparse_modules) == 14 and all(type(module) is module_type for module in sparse_modules)
     assert all(module.pattern == pattern and module.vector == vector for module in sparse_modules)
     assert isinstance(sparse.lm_head, torch.nn.Linear)  # sparsify saw sparse.model only
     if DEVICE == "cpu":
@@ -86,11 +94,14 @@ def test_sparsified_llama_generates_like_dense_with_pruned_weights(pattern: str,
 
     with torch.no_grad():
         for name in report.swapped:
-            pruned = sparse.model.get_submodule(name).to_dense()
+            module = sparse.model.get_submodule(name)
+            pruned = module.to_dense()
             linear = reference.model.get_submodule(name)
             assert type(linear) is torch.nn.Linear and linear.weight.shape == pruned.shape
             linear.weight.data.copy_(pruned)
-            assert (pruned != 0).float().mean().item() == pytest.approx(kept)
+            # Kept positions (an int8 value may round to zero, so count the structure, not the nonzeros).
+            assert module.weight.mask().float().mean().item() == pytest.approx(kept)
+            assert not bool(pruned[~module.weight.mask()].any())
 
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, 97, (BATCH, PROMPT), generator=generator).to(DEVICE)
