@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import nmspmm
 from nmspmm.bench import host, models
 from nmspmm import cli
 from nmspmm.cli import main
@@ -49,25 +50,27 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
 def test_cli_passes_a_selection_to_run_models(monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "_require_gpu", lambda parser, command: None)
-    monkeypatch.setattr(models, "run_models", lambda *args: seen.setdefault("args", args))
+    monkeypatch.setattr(models, "run_models", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
     main([
         "models", "--modes", "eager", "compiled", "--batches", "1", "16", "--patterns", "2:4", "8:32",
-        "--intermediate", "11008", "--new-tokens", "32", "--out-dir", "out",
+        "--intermediate", "11008", "--new-tokens", "32", "--out-dir", "out", "--weight-dtype", "int8",
     ])
     assert seen["args"] == (
         ("2:4", "8:32"), 64, (11008,), 4, (1, 16), 32, 128, 2048, ("eager", "compiled"), ("prefill", "decode"), "out"
     )
+    assert seen["kwargs"] == {"weight_dtype": torch.int8}
 
 
 def test_cli_defaults_are_the_full_plan(monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "_require_gpu", lambda parser, command: None)
-    monkeypatch.setattr(models, "run_models", lambda *args: seen.setdefault("args", args))
+    monkeypatch.setattr(models, "run_models", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
     main(["models"])
     assert seen["args"] == (
         models.PATTERNS, models.VECTOR, models.INTERMEDIATES, models.LAYERS, models.BATCHES, models.NEW_TOKENS,
         models.PROMPT, models.PREFILL_TOKENS, models.MODES, models.PHASES, "benchmarks/results",
     )
+    assert seen["kwargs"] == {"weight_dtype": None}
     assert models.INTERMEDIATES == (11008, 14336) and models.BATCHES == (1, 16, 64)
 
 
@@ -105,6 +108,7 @@ def _selection(**changes) -> dict:
         ({"phases": ()}, ValueError, "phases: expected names from"),
         ({"intermediates": (11000,)}, ValueError, "pattern 8:32: m=32 must divide"),
         ({"intermediates": (11072,), "vector": 128}, ValueError, "vector: V=128 must divide"),
+        ({"weight_dtype": torch.float16}, TypeError, "weight_dtype: expected torch.float8_e4m3fn or torch.int8"),
     ],
 )
 def test_run_models_checks_arguments_before_anything_else(changes, error, message):
@@ -184,6 +188,18 @@ def test_models_csv_merges_by_case(tmp_path):
     assert prefill["dense_forward_ms"] == "" and prefill["prompt"] == ""
 
 
+def test_rows_with_8_bit_values_are_cases_of_their_own(tmp_path):
+    stamp = {**STAMP, "transformers": "5.24"}
+    quantized = models.model_rows(
+        stamp, _times(1.0), _times(0.4), "8:32", 64, 11008, 4, 4096, 2048, 128, 128, None, "int8"
+    )
+    assert {row["values"] for row in quantized} == {"int8"} and {row["values"] for row in _model_rows()} == {""}
+    out = models.write_models_csv(_model_rows("8:32", 0.5) + quantized, tmp_path, STAMP["device"])
+    with out.open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    assert models.format_models_rows(quantized).splitlines()[1].split()[4:6] == ["8:32", "int8"]
+
+
 def test_merge_keeps_old_rows_without_a_new_key_column(tmp_path):
     from nmspmm.bench.report import merge_csv
 
@@ -206,12 +222,19 @@ def test_measurement_count():
     assert models.measurement_count(("eager",), ("decode",), (1, 16)) == 2
 
 
-def _tiny(pattern: str | None = None) -> torch.nn.Module:
+def _tiny(pattern: str | None = None, weight_dtype: torch.dtype | None = None) -> torch.nn.Module:
     model = models.build_llama(128, 1, hidden=64, heads=4, vocab=256, device="cpu", dtype=torch.float32)
     if pattern is not None:
-        counts = models.sparsified(model, pattern, 16)
+        counts = models.sparsified(model, pattern, 16, weight_dtype)
         assert counts["layers_swapped"] == 7 and counts["weight_bytes_sparse"] < counts["weight_bytes_dense"]
     return model
+
+
+def test_sparsified_with_8_bit_values():
+    model = _tiny("8:32", torch.int8)
+    layers = [module for module in model.modules() if isinstance(module, nmspmm.QuantizedSparseLinear)]
+    assert len(layers) == 7 and all(layer.values.dtype == torch.int8 for layer in layers)
+    assert models.sparsified(_tiny(), "8:32", 16)["weight_bytes_sparse"] > sum(layer.weight.nbytes for layer in layers)
 
 
 def test_build_is_reproducible_and_fresh():

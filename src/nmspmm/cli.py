@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--phases", nargs="+", choices=["prefill", "decode"], default=["prefill", "decode"], help="what is timed"
     )
+    models.add_argument(
+        "--weight-dtype", choices=["float8_e4m3fn", "int8"], help="8-bit kept values for the sparse models"
+    )
     models.add_argument("--out-dir", default="benchmarks/results", help="where <device>-models.csv goes")
     quantized = commands.add_parser(
         "bench-quantized", help="N:M weights with 8-bit values vs bf16 N:M, dense bf16 and dense fp8 (GPU)",
@@ -183,16 +186,19 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "models":
         from .bench.models import check_models_arguments, run_models
 
+        import torch
+
         selection = (
             tuple(args.patterns), args.vector, tuple(args.intermediate), args.layers, tuple(args.batches),
             args.new_tokens, args.prompt, args.prefill_tokens, tuple(args.modes), tuple(args.phases),
         )
+        weight_dtype = None if args.weight_dtype is None else getattr(torch, args.weight_dtype)
         try:
-            check_models_arguments(*selection)
+            check_models_arguments(*selection, weight_dtype=weight_dtype)
         except (TypeError, ValueError) as error:
             parser.error(f"models: {error}")
         _require_gpu(parser, args.command)
-        run_models(*selection, args.out_dir)
+        run_models(*selection, args.out_dir, weight_dtype=weight_dtype)
     elif args.command == "bench-quantized":
         from .bench.quantized import run_quantized
 

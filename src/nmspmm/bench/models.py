@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..formats.pattern import check_vector, parse_pattern
+from ..formats.pattern import check_vector, dtype_name, parse_pattern
+from ..formats.quantized import check_quantized_dtype
 from ..progress import progress
 from .report import device_slug, merge_csv
 from .runner import relative_error
@@ -69,7 +70,7 @@ LAYER_TOLERANCE = 2e-2  # sparse projection against F.linear with its densified 
 # Compiled prefill logits against eager ones, same model: a broken compile gives errors near 1; on the H200
 # (4 layers, bf16) the fused kernels' rounding gave 0.012 (8:32) to 0.024 (dense).
 COMPILED_TOLERANCE = 1e-1
-KEY = ("mode", "phase", "batch", "tokens", "prompt", "pattern", "vector", "intermediate", "layers", "hidden")
+KEY = ("mode", "phase", "batch", "tokens", "prompt", "pattern", "vector", "values", "intermediate", "layers", "hidden")
 # What a measurement reports ("" in the CSV where it has none: prefill has no steps, and only compiled prefill
 # a logits_error, the relative error of its logits against the eager ones).
 MEASURES = ("ms", "tokens_per_s", "step_ms", "forward_ms", "loop_ms", "first_ms", "logits_error")
@@ -92,9 +93,12 @@ def check_models_arguments(
     phases: tuple[str, ...] | list[str],
     hidden: int = HIDDEN,
     heads: int = HEADS,
+    weight_dtype: torch.dtype | None = None,
 ) -> None:
     """Raise ValueError (TypeError for a wrong type) naming the first argument that does not fit; so a bad
     selection fails before any model is built."""
+    if weight_dtype is not None:
+        check_quantized_dtype(weight_dtype, "weight_dtype")
     if not patterns:
         raise ValueError("patterns: expected at least one n:m pattern, like '8:32'")
     for pattern in patterns:
@@ -164,12 +168,15 @@ def build_llama(
     return model.to(dtype=dtype).eval()
 
 
-def sparsified(model: torch.nn.Module, pattern: str, vector: int) -> dict:
-    """Sparsify ``model.model`` (every projection of the decoder; the LM head stays dense) in place; return the
-    report's counts. Raises RuntimeError if any projection was skipped (the comparison would be unfair)."""
+def sparsified(
+    model: torch.nn.Module, pattern: str, vector: int, weight_dtype: torch.dtype | None = None
+) -> dict:
+    """Sparsify ``model.model`` (every projection of the decoder; the LM head stays dense) in place, with
+    ``weight_dtype``'s 8-bit values if given; return the report's counts. Raises RuntimeError if any projection
+    was skipped (the comparison would be unfair)."""
     from ..nn import sparsify
 
-    report = sparsify(model.model, pattern, vector=vector)
+    report = sparsify(model.model, pattern, vector=vector, weight_dtype=weight_dtype)
     if report.skipped:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.skipped.items())
         raise RuntimeError(f"sparsify {pattern} V={vector} skipped layers: {reasons}")
@@ -437,8 +444,10 @@ def model_rows(
     new_tokens: int,
     prompt: int,
     counts: dict | None = None,
+    values: str = "",
 ) -> list[dict]:
-    """One result row per sparse measurement, beside the dense measurement of the same key: ``dense_ms``,
+    """One result row per sparse measurement, beside the dense measurement of the same key (``values``: the 8-bit
+    dtype of the sparse model's kept values, "" for the model's own dtype): ``dense_ms``,
     ``sparse_ms``, ``speedup = dense_ms / sparse_ms`` and each MEASURES pair (None, an empty CSV cell, where
     a phase has none), and ``dense_error``/``sparse_error``: why a measurement failed ("" if it did not)."""
     rows = []
@@ -448,7 +457,7 @@ def model_rows(
         row = {
             **stamp, "mode": mode, "phase": phase, "batch": batch,
             "tokens": prefill_tokens if phase == "prefill" else new_tokens,
-            "prompt": "" if phase == "prefill" else prompt, "pattern": pattern, "vector": vector,
+            "prompt": "" if phase == "prefill" else prompt, "pattern": pattern, "vector": vector, "values": values,
             "intermediate": intermediate, "layers": layers, "hidden": hidden,
             "dense_ms": dense_ms, "sparse_ms": sparse_ms,
             "speedup": None if dense_ms is None or sparse_ms is None else dense_ms / sparse_ms,
@@ -489,12 +498,18 @@ def format_models_rows(rows: list[dict]) -> str:
         forward = f"{_cell(r.get('dense_forward_ms'))}/{_cell(r.get('sparse_forward_ms'))}"
         loop = f"{_cell(r.get('dense_loop_ms'))}/{_cell(r.get('sparse_loop_ms'))}"
         lines.append(
-            f"{r['mode']:>8} {r['phase']:>7} {r['batch']:>5} {r['tokens']:>6} {r['pattern']:>7} {r['intermediate']:>6} "
+            f"{r['mode']:>8} {r['phase']:>7} {r['batch']:>5} {r['tokens']:>6} {_label(r):>7} {r['intermediate']:>6} "
             f"{_cell(r['dense_ms'], 3):>9} {_cell(r['sparse_ms'], 3):>9} {_cell(r['speedup']):>7} "
             f"{_cell(r.get('dense_tokens_per_s'), 0):>11} {_cell(r.get('sparse_tokens_per_s'), 0):>12} "
             f"{forward:>13} {loop:>13}" + _failure(r)
         )
     return "\n".join(lines)
+
+
+def _label(row: dict) -> str:
+    """The pattern, with the 8-bit dtype of the values where the sparse model has one ('8:32 int8')."""
+    values = row.get("values") or ""
+    return f"{row['pattern']} {values}" if values else str(row["pattern"])
 
 
 def _failure(row: dict) -> str:
@@ -532,6 +547,7 @@ def run_models(
     heads: int = HEADS,
     prefill_runs: int = PREFILL_RUNS,
     decode_runs: int = DECODE_RUNS,
+    weight_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """Time the dense LLaMA-layout model and its sparse versions (module docstring) for every intermediate
     size, merge the rows into ``<out_dir>/<device>-models.csv`` as each sparse model is measured, print the
@@ -541,13 +557,14 @@ def run_models(
     before anything is compiled; the dense one is measured first, and each is freed (and the compiler reset)
     once measured. Raises ValueError for a bad argument, RuntimeError without CUDA or transformers, and
     CheckError where a model computes a wrong result (nothing is written then); a measurement that fails
-    otherwise is reported in its rows (``dense_error``/``sparse_error``) and the run goes on."""
+    otherwise is reported in its rows (``dense_error``/``sparse_error``) and the run goes on. ``weight_dtype``
+    (``torch.float8_e4m3fn`` or ``torch.int8``) gives the sparse models 8-bit values."""
     # Repeats dropped, order kept: each model, size and batch is measured once.
     patterns, intermediates, batches = (tuple(dict.fromkeys(v)) for v in (patterns, intermediates, batches))
     modes, phases = tuple(dict.fromkeys(modes)), tuple(dict.fromkeys(phases))
     check_models_arguments(
         patterns, vector, intermediates, layers, batches, new_tokens, prompt, prefill_tokens, modes, phases,
-        hidden, heads,
+        hidden, heads, weight_dtype,
     )
     for name, value in (("prefill_runs", prefill_runs), ("decode_runs", decode_runs)):
         _check_positive(name, value)
@@ -581,7 +598,7 @@ def run_models(
         counts: dict[str, dict] = {}
         for pattern in patterns:
             models[pattern] = build_llama(intermediate, layers, **build)
-            counts[pattern] = sparsified(models[pattern], pattern, vector)
+            counts[pattern] = sparsified(models[pattern], pattern, vector, weight_dtype)
         measured: dict[str, dict] = {}
         for name in ["dense", *patterns]:
             label = f"i{intermediate} {name if name == 'dense' else f'{name} V={vector}'}"
@@ -602,6 +619,7 @@ def run_models(
                 rows += model_rows(
                     stamp, measured["dense"], measured[name], name, vector, intermediate, layers, hidden,
                     prefill_tokens, new_tokens, prompt, counts[name],
+                    "" if weight_dtype is None else dtype_name(weight_dtype),
                 )
                 out = write_models_csv(rows, out_dir, stamp["device"])  # after each model: a cut run keeps them
         torch.cuda.empty_cache()
