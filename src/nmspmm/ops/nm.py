@@ -39,11 +39,14 @@ def nm_linear(
     """
     if isinstance(weight, QuantizedNMWeight):
         return nm_quantized_linear(x, weight, bias, backend=backend)
+    plan = _kept_plan(x, weight, bias, backend, False)
+    if plan is not None and not needs_grad(x, weight.values, bias):
+        return plan(x)
 
     def args(rows: torch.Tensor) -> tuple:
         return (rows, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
 
-    return _row_major_call(x, weight, NMSparseWeight, bias, backend, _NM_LINEAR, args)
+    return _row_major_call(x, weight, NMSparseWeight, bias, backend, _NM_LINEAR, args, plan)
 
 
 def nm_linear_feature_major(
@@ -87,6 +90,9 @@ def nm_quantized_linear(
             "weight: its values or scales require grad, but a QuantizedNMWeight has no gradient; train the "
             "unquantized NMSparseWeight, then quantize it"
         )
+    plan = _kept_plan(x, weight, bias, backend, False)
+    if plan is not None and not needs_grad(x, weight.values, bias):
+        return plan(x)
 
     def args(rows: torch.Tensor) -> tuple:
         return (
@@ -94,7 +100,7 @@ def nm_quantized_linear(
             backend,
         )
 
-    return _row_major_call(x, weight, QuantizedNMWeight, bias, backend, _NM_QUANTIZED_LINEAR, args)
+    return _row_major_call(x, weight, QuantizedNMWeight, bias, backend, _NM_QUANTIZED_LINEAR, args, plan)
 
 
 def _row_major_call(
@@ -105,14 +111,13 @@ def _row_major_call(
     backend: str,
     defined: Op,
     args: Callable[[torch.Tensor], tuple],
+    plan: ProductPlan | None,
 ) -> torch.Tensor:
-    """The eager path of the row-major N:M products (``defined``, with the op's arguments ``args(rows)`` for
-    activations ``rows``): the weight's kept plan where it has one for this layout of ``x`` (inside the op's
-    autograd function where a gradient is needed), else the checks, then the op on ``x`` as ``[M, K]`` rows."""
-    plan = _kept_plan(x, weight, bias, backend, False)
+    """The row-major N:M products (``defined``, with the op's arguments ``args(rows)`` for activations ``rows``)
+    past their fast path (a kept ``plan`` without gradient, which the callers run themselves): the kept plan
+    inside the op's autograd function where a gradient is needed, else the checks, then the op on ``x`` as
+    ``[M, K]`` rows."""
     if plan is not None:
-        if not needs_grad(x, weight.values, bias):
-            return plan(x)
         return planned_with_gradient(
             defined, plan, args(x),
             lambda: check_gradient_extent(as_rows(x), weight.shape[0], "the N:M backward kernels"),
