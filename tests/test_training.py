@@ -308,5 +308,10 @@ def test_recover_needs_sparse_modules_and_a_tensor_to_match():
     nmspmm.sparsify(model, "2:4")
     with pytest.raises(TypeError, match=r"output: the model returned dict, .*pass output="):
         recover(model, Pairs(), [torch.randn(4, 32)], 1)
+
+    quantized = copy.deepcopy(teacher)
+    nmspmm.sparsify(quantized, "2:4", weight_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"model: its sparse modules hold quantized values .*then quantize it"):
+        recover(quantized, teacher, [torch.randn(4, 32)], 1)
     report = recover(model, Pairs(), [torch.randn(4, 32)], 2, output=lambda out: out["hidden"], progress=False)
     assert len(report.losses) == 2

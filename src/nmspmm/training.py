@@ -298,8 +298,9 @@ def recover(
     progress: bool | None = None,
 ) -> RecoveryReport:
     """Fine-tune the kept values of every sparse module of ``model`` (:class:`~nmspmm.SparseLinear`,
-    :class:`~nmspmm.CSRLinear`, :class:`~nmspmm.BlockShuffledLinear`; their structure stays fixed), and their
-    biases when ``train_biases``, so that ``model``'s outputs match the dense ``teacher``'s on ``batches``
+    :class:`~nmspmm.CSRLinear`, :class:`~nmspmm.BlockShuffledLinear`; their structure stays fixed; the 8-bit
+    values of a :class:`~nmspmm.QuantizedSparseLinear` are not trained, and a model with no others is refused), and
+    their biases when ``train_biases``, so that ``model``'s outputs match the dense ``teacher``'s on ``batches``
     (cycled, one per step, for ``steps`` steps; each a tensor, a mapping of keyword arguments or a tuple, as
     :func:`~nmspmm.prune.collect_input_norms` takes them). Every other parameter stays as it is.
 
@@ -330,7 +331,12 @@ def recover(
     sparse = [module for module in model.modules() if isinstance(module, SPARSE_MODULES)]
     if not sparse:
         raise ValueError("model: has no sparse modules to recover (sparsify it first)")
-    trained = [module.values for module in sparse]
+    trained = [module.values for module in sparse if isinstance(module.values, nn.Parameter)]
+    if not trained:
+        raise ValueError(
+            "model: its sparse modules hold quantized values (QuantizedSparseLinear), which have no gradient; "
+            "recover the unquantized model, then quantize it"
+        )
     if train_biases:
         trained += [module.bias for module in sparse if module.bias is not None]
     report = RecoveryReport(parameters=sum(parameter.numel() for parameter in trained))
