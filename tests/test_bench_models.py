@@ -306,11 +306,11 @@ def test_check_model_catches_a_wrong_sparse_layer():
 
 def test_host_cases_cover_every_format():
     cases = host.host_cases()
-    assert len(cases) == 3 * 6
+    assert len(cases) == 3 * 7
     labels = {(c.label, c.grad) for c in cases}
     assert labels == {
         ("8:32 V=64", False), ("2:4 V=1", False), ("8:32 V=64", True), ("2:4 V=1", True),
-        ("csr 90%", False), ("block 32x32 75%", False),
+        ("8:32 V=64 int8", False), ("csr 90%", False), ("block 32x32 75%", False),
     }
     assert {c.shape for c in cases} == {"1x256x256", "16x4096x4096", "256x4096x4096"}
 

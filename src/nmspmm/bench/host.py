@@ -8,8 +8,8 @@ cost per call; where the GPU work is longer than it, the figure is the GPU's tim
 
 Cases: N:M weights ("8:32 V=64", "2:4 V=1") without gradients (``nmspmm.linear`` under ``torch.no_grad()``
 against ``F.linear`` with the dense weight) and with them (``nmspmm.SparseLinear``, its values requiring grad,
-forward only, against ``nn.Linear``), and CSR (90% pruned) and block-shuffled weights (32x32 blocks, 75%
-pruned, identity row permutation) without gradients.
+forward only, against ``nn.Linear``), 8:32 V=64 with int8 values ("8:32 V=64 int8"), and CSR (90% pruned) and
+block-shuffled weights (32x32 blocks, 75% pruned, identity row permutation) without gradients.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ KEY = ("cpu", "case", "grad", "shape")
 
 @dataclass(frozen=True)
 class HostCase:
-    """One eager call ``y = x[M, K] @ W[N, K].T``: ``kind`` "nm" (``pattern`` at vector length ``vector``),
-    "csr" or "block" (``sparsity`` pruned, ``block`` tiles); ``grad``: autograd records the call (N:M only)."""
+    """One eager call ``y = x[M, K] @ W[N, K].T``: ``kind`` "nm" (``pattern`` at vector length ``vector``, its kept
+    values in the 8-bit dtype named by ``values`` if given), "csr" or "block" (``sparsity`` pruned, ``block``
+    tiles); ``grad``: autograd records the call (N:M with unquantized values only)."""
 
     kind: str
     tokens: int
@@ -55,12 +56,13 @@ class HostCase:
     vector: int = 1
     sparsity: float = 0.0
     block: tuple[int, int] = (0, 0)
+    values: str = ""
 
     @property
     def label(self) -> str:
-        """The case column: '8:32 V=64', 'csr 90%', 'block 32x32 75%'."""
+        """The case column: '8:32 V=64', '8:32 V=64 int8', 'csr 90%', 'block 32x32 75%'."""
         if self.kind == "nm":
-            return f"{self.pattern} V={self.vector}"
+            return f"{self.pattern} V={self.vector}" + (f" {self.values}" if self.values else "")
         if self.kind == "csr":
             return f"csr {self.sparsity:.0%}"
         return f"block {self.block[0]}x{self.block[1]} {self.sparsity:.0%}"
@@ -84,12 +86,14 @@ def check_shapes(shapes: tuple[tuple[int, int, int], ...] | list[tuple[int, int,
 
 
 def host_cases(shapes: tuple[tuple[int, int, int], ...] | list[tuple[int, int, int]] = SHAPES) -> list[HostCase]:
-    """Every case at every shape: the N:M formats without and with gradients, then CSR and block without."""
+    """Every case at every shape: the N:M formats without and with gradients, 8:32 V=64 with int8 values without,
+    then CSR and block without."""
     check_shapes(shapes)
     cases = []
     for tokens, rows, cols in shapes:
         for grad in (False, True):
             cases += [HostCase("nm", tokens, rows, cols, grad, pattern, vector) for pattern, vector in NM_FORMATS]
+        cases.append(HostCase("nm", tokens, rows, cols, pattern="8:32", vector=64, values="int8"))
         cases.append(HostCase("csr", tokens, rows, cols, sparsity=CSR_SPARSITY))
         cases.append(HostCase("block", tokens, rows, cols, sparsity=BLOCK_SPARSITY, block=BLOCK))
     return cases
@@ -147,6 +151,8 @@ def case_functions(
     ]
     if case.kind == "nm":
         sparse = prune(weight, case.pattern, case.vector)
+        if case.values:
+            sparse = sparse.quantize(getattr(torch, case.values))
     elif case.kind == "csr":
         sparse = prune_csr(weight, sparsity=case.sparsity)
     elif case.kind == "block":
@@ -154,8 +160,8 @@ def case_functions(
     else:
         raise ValueError(f"kind: expected 'nm', 'csr' or 'block', got {case.kind!r}")
     if case.grad:
-        if case.kind != "nm":
-            raise ValueError(f"grad: timed for N:M weights only, got kind {case.kind!r}")
+        if case.kind != "nm" or case.values:
+            raise ValueError(f"grad: timed for unquantized N:M weights only, got {case.label!r}")
         module = SparseLinear(sparse)
         baseline = torch.nn.Linear(case.cols, case.rows, bias=False, device=device, dtype=dtype)
         with torch.no_grad():
