@@ -51,6 +51,28 @@ def test_compile_fullgraph_matches_eager(backend):
             assert relative_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("weight_dtype", [None, torch.int8])
+def test_compiled_forward_does_not_guard_the_derived_kept_offsets(weight_dtype):
+    """The compiled forward derives the kept offsets in the graph, so the module's derived buffer is not guarded
+    (each guard is checked on every call of a compiled model: host time)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32)).to(DEVICE)
+    nmspmm.sparsify(model, "8:32", vector=16, weight_dtype=weight_dtype)
+    x = torch.randn(3, 64, device=DEVICE)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    with torch.no_grad():
+        expected = model(x)
+        assert relative_error(torch.compile(run, fullgraph=True, backend="eager")(x), expected) < 1e-5
+    entries = _debug_get_cache_entry_list(run.__code__)
+    assert len(entries) == 1
+    guards = str(entries[0].guard_manager)
+    assert "_buffers['offsets']" in guards and "_buffers['kept_offsets']" not in guards
+
+
 def test_compile_inductor_matches_eager():
     # Only sparse layers: inductor then has no elementwise kernel to generate, and skips its slow C++ compile.
     model = _model(activation=False)

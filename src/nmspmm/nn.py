@@ -230,7 +230,9 @@ class SparseLinear(_SparseLinearBase):
         """The sparse weight as an :class:`NMSparseWeight` over this module's tensors (validated when they
         were built or loaded, not again)."""
         shape = (self.out_features, self.in_features)
-        return NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape, self.kept_offsets)
+        return NMSparseWeight._trusted(
+            self.values, self.offsets, self.pattern, self.vector, shape, _kept_offsets_held(self)
+        )
 
     def _describe_weight(self) -> str:
         return f"{self.pattern} weight with vector={self.vector} and shape {(self.out_features, self.in_features)}"
@@ -296,7 +298,8 @@ class QuantizedSparseLinear(_SparseLinearBase):
         loaded, not again)."""
         shape = (self.out_features, self.in_features)
         return QuantizedNMWeight._trusted_quantized(
-            self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype, self.kept_offsets
+            self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype,
+            _kept_offsets_held(self),
         )
 
     def _move_held(self, fn: Callable[..., Any]) -> None:
@@ -428,6 +431,13 @@ class BlockShuffledLinear(_SparseLinearBase):
 
 SPARSE_MODULES = (SparseLinear, QuantizedSparseLinear, CSRLinear, BlockShuffledLinear)
 """The modules that hold a sparse weight, one per format."""
+
+
+def _kept_offsets_held(module: SparseLinear | QuantizedSparseLinear) -> torch.Tensor | None:
+    """An N:M module's kept offsets for its weight view; None while torch.compile traces, which derives them in
+    the graph anyway (:meth:`NMSparseWeight.kept_offsets`), so that the compiled forward neither guards the buffer
+    nor takes it as an input."""
+    return None if torch.compiler.is_compiling() else module.kept_offsets
 
 
 def _check_linear(linear: Any) -> None:
