@@ -414,6 +414,9 @@ def test_kept_launch_weight_follows_every_change(backend, pattern):
     assert torch.equal(layer(x), other(x))
     layer.values = nn.Parameter(torch.randn_like(layer.values))  # a new values tensor
     check(layer, x)
+    layer.offsets = other.offsets.clone()  # a new offsets tensor: the kept offsets are derived again
+    check(layer, x)
+    assert torch.equal(layer.weight.mask(), other.weight.mask())
     with torch.no_grad():
         layer.values.data = torch.randn_like(layer.values)  # new storage under the same Parameter
     check(layer, x)

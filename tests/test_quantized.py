@@ -531,6 +531,27 @@ def test_module_float_cast_sets_the_products_dtype(cast, dtype):
     assert module.dtype == torch.float32 and module.values.dtype == torch.float8_e4m3fn
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_given_new_scales_or_offsets_computes_with_them(backend):
+    """A stored tensor given anew (not copied into) reaches the next product: no kept view or plan of the old one."""
+    torch.manual_seed(0)
+    module = QuantizedSparseLinear.from_dense(nn.Linear(64, 32).to(DEVICE), "2:4", 16, torch.int8, backend=backend)
+    x = torch.randn(5, 64, device=DEVICE)
+
+    def check() -> None:
+        with torch.no_grad():
+            expected = x.double() @ _dequantized(module.weight).t() + module.bias.double()
+            assert relative_error(module(x), expected) < PRODUCT_TOLERANCE[torch.float32]
+
+    check()
+    module.scales = module.scales * 2
+    check()
+    other = _quantized(32, 64, "2:4", 16, torch.int8)
+    module.offsets = other.offsets.clone()
+    check()
+    assert torch.equal(module.weight.mask(), other.mask())
+
+
 def test_module_state_dict_round_trip():
     source = QuantizedSparseLinear.from_dense(_linear(32, 96), "8:32", 16, torch.int8)
     target = QuantizedSparseLinear.from_dense(_linear(32, 96), "8:32", 16, torch.int8)

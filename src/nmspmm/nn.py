@@ -104,6 +104,14 @@ class _SparseLinearBase(nn.Module):
             self.__dict__["_weight_view"] = view
         return view
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """As ``nn.Module``'s; a stored tensor given anew (``module.offsets = ...``) also drops the weight view and
+        what derives from the stored tensors (derived again), which would describe the tensor it replaced."""
+        super().__setattr__(name, value)
+        if name in type(self).FORMAT.STATE_TENSORS and "_weight_view" in self.__dict__:
+            del self.__dict__["_weight_view"]
+            self._derive()
+
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _SparseLinearBase:
         self.__dict__.pop("_weight_view", None)
         shape_only = not holds_values(self.values)
