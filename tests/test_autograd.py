@@ -50,10 +50,10 @@ def test_gradcheck_eager_autograd_function_float64():
 
     eager = nm_ops._NM_LINEAR._replace(eager_autograd=type("Counted", (), {"apply": staticmethod(counting)}))
     assert torch.autograd.gradcheck(
-        lambda x, v, b: call_op(eager, (x, v, offsets, b, weight.n, weight.m, weight.vector, "reference")),
+        lambda x, v, b: call_op(eager, (x, v, offsets, b, weight.n, weight.m, weight.vector, "reference", None)),
         (x, values, bias),
     )
-    assert seen and set(seen) == {9}  # the op's 8 arguments and what runs the forward
+    assert seen and set(seen) == {10}  # the op's 9 arguments and what runs the forward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -73,6 +73,27 @@ def test_compiled_forward_does_not_guard_the_derived_kept_offsets(weight_dtype):
     assert "_buffers['offsets']" in guards and "_buffers['kept_offsets']" not in guards
 
 
+@pytest.mark.parametrize("weight_dtype", [None, torch.int8])
+def test_compiled_element_wise_product_takes_the_module_bitmap(monkeypatch, weight_dtype):
+    """A compiled V = 1 module passes its bitmap buffer to the kernel: nothing derives it again per call (the
+    kept offsets a traced graph derives are new tensors each call, which no cache recognises)."""
+    from nmspmm.kernels import nm_element
+
+    model = nn.Sequential(nn.Linear(64, 32)).to(DEVICE)
+    nmspmm.sparsify(model, "2:4", vector=1, weight_dtype=weight_dtype)
+    model[0].backend = "triton"
+    assert model[0].kept_bits is not None and model[0].kept_bits.dtype == torch.int32
+    derived = []
+    original = nm_element.kept_bits
+    monkeypatch.setattr(nm_element, "kept_bits", lambda *args: derived.append(1) or original(*args))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for tokens in (3, 3, 5):
+            x = torch.randn(tokens, 64, device=DEVICE)
+            assert relative_error(compiled(x), model(x)) < 1e-5
+    assert derived == []
+
+
 def test_compile_inductor_matches_eager():
     # Only sparse layers: inductor then has no elementwise kernel to generate, and skips its slow C++ compile.
     model = _model(activation=False)
@@ -129,7 +150,7 @@ def test_op_schema():
     schema = str(torch.ops.nmspmm.nm_linear.default._schema)
     assert schema == (
         "nmspmm::nm_linear(Tensor x, Tensor values, Tensor kept_offsets, Tensor? bias, "
-        "int n, int m, int vector, str backend) -> Tensor"
+        "int n, int m, int vector, str backend, Tensor? kept_bits=None) -> Tensor"
     )
 
 

@@ -680,7 +680,7 @@ def test_op_schema():
     schema = str(torch.ops.nmspmm.nm_quantized_linear.default._schema)
     assert schema == (
         "nmspmm::nm_quantized_linear(Tensor x, Tensor values, Tensor kept_offsets, Tensor scales, Tensor? bias, "
-        "int n, int m, int vector, str backend) -> Tensor"
+        "int n, int m, int vector, str backend, Tensor? kept_bits=None) -> Tensor"
     )
 
 

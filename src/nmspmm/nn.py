@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .kernels.nm_element import kept_bits
 from .progress import progress as draw_progress
 from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
 from .formats.base import SparseWeightBase
@@ -196,12 +197,14 @@ class SparseLinear(_SparseLinearBase):
     """``y = x @ W.T + b`` with ``W`` stored in vector-wise N:M form, for ``x`` of shape ``[..., in_features]``.
 
     The kept weights are the Parameter ``values``, their positions the uint8 buffer ``offsets`` (saved in the
-    state dict) and the derived ``kept_offsets`` (not saved).
+    state dict) and the derived ``kept_offsets`` and, for V = 1, ``kept_bits`` (the element-wise kernel's bitmap;
+    not saved).
     """
 
     FORMAT = NMSparseWeight
     offsets: torch.Tensor
     kept_offsets: torch.Tensor
+    kept_bits: torch.Tensor | None
 
     def __init__(self, weight: NMSparseWeight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
         """Wrap ``weight`` (sharing its tensors) and an optional ``[out_features]`` ``bias``; ``backend`` is
@@ -212,6 +215,7 @@ class SparseLinear(_SparseLinearBase):
         self.pattern = weight.pattern
         self.vector = weight.vector
         self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
+        self.register_buffer("kept_bits", _element_bitmap(weight), persistent=False)
 
     @classmethod
     def from_dense(
@@ -239,7 +243,7 @@ class SparseLinear(_SparseLinearBase):
         were built or loaded, not again)."""
         shape = (self.out_features, self.in_features)
         return NMSparseWeight._trusted(
-            self.values, self.offsets, self.pattern, self.vector, shape, _kept_offsets_held(self)
+            self.values, self.offsets, self.pattern, self.vector, shape, _kept_offsets_held(self), self.kept_bits
         )
 
     def _describe_weight(self) -> str:
@@ -249,6 +253,7 @@ class SparseLinear(_SparseLinearBase):
         shape = (self.out_features, self.in_features)
         weight = NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape)
         self.kept_offsets = weight.kept_offsets()
+        self.kept_bits = _element_bitmap(weight)
 
     def extra_repr(self) -> str:
         backend = f", backend='{self.backend}'" if self.backend != "auto" else ""
@@ -263,9 +268,9 @@ class QuantizedSparseLinear(_SparseLinearBase):
     (float8_e4m3fn or int8) and one fp32 scale per output feature, for inference: gradients reach the activations
     and the bias, not the quantized values.
 
-    ``values`` (8-bit), ``offsets`` and ``scales`` are buffers (saved in the state dict); ``kept_offsets`` is
-    derived (not saved). ``dtype`` is the products' dtype: a float cast of the module (``.half()``,
-    ``.to(torch.bfloat16)``) sets it, while the stored values and scales keep theirs.
+    ``values`` (8-bit), ``offsets`` and ``scales`` are buffers (saved in the state dict); ``kept_offsets`` (and for
+    V = 1 ``kept_bits``) are derived (not saved). ``dtype`` is the products' dtype: a float cast of the module
+    (``.half()``, ``.to(torch.bfloat16)``) sets it, while the stored values and scales keep theirs.
     """
 
     FORMAT = QuantizedNMWeight
@@ -273,6 +278,7 @@ class QuantizedSparseLinear(_SparseLinearBase):
     offsets: torch.Tensor
     scales: torch.Tensor
     kept_offsets: torch.Tensor
+    kept_bits: torch.Tensor | None
 
     def __init__(
         self, weight: QuantizedNMWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
@@ -283,6 +289,7 @@ class QuantizedSparseLinear(_SparseLinearBase):
         self.vector = weight.vector
         self.dtype = weight.dtype
         self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
+        self.register_buffer("kept_bits", _element_bitmap(weight), persistent=False)
 
     @classmethod
     def from_dense(
@@ -307,7 +314,7 @@ class QuantizedSparseLinear(_SparseLinearBase):
         shape = (self.out_features, self.in_features)
         return QuantizedNMWeight._trusted_quantized(
             self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype,
-            _kept_offsets_held(self),
+            _kept_offsets_held(self), self.kept_bits,
         )
 
     def _move_held(self, fn: Callable[..., Any]) -> None:
@@ -335,6 +342,7 @@ class QuantizedSparseLinear(_SparseLinearBase):
             self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype
         )
         self.kept_offsets = weight.kept_offsets()
+        self.kept_bits = _element_bitmap(weight)
 
     def extra_repr(self) -> str:
         backend = f", backend='{self.backend}'" if self.backend != "auto" else ""
@@ -439,6 +447,14 @@ class BlockShuffledLinear(_SparseLinearBase):
 
 SPARSE_MODULES = (SparseLinear, QuantizedSparseLinear, CSRLinear, BlockShuffledLinear)
 """The modules that hold a sparse weight, one per format."""
+
+
+def _element_bitmap(weight: NMSparseWeight) -> torch.Tensor | None:
+    """For V = 1, the element-wise kernel's bitmap of ``weight``'s kept inputs (a module keeps it as a derived
+    buffer, so that a compiled forward takes it as an input instead of deriving it on every call); None else."""
+    if weight.vector != 1:
+        return None
+    return kept_bits(weight.kept_offsets(), weight.n, weight.m, weight.shape[1])
 
 
 def _kept_offsets_held(module: SparseLinear | QuantizedSparseLinear) -> torch.Tensor | None:

@@ -62,11 +62,13 @@ class NMSparseWeight(SparseWeightBase):
         vector: int,
         shape: tuple[int, int] | torch.Size,
         kept_offsets: torch.Tensor | None = None,
+        kept_bits: torch.Tensor | None = None,
     ) -> "NMSparseWeight":
         """Wrap tensors that were already validated together, skipping :meth:`validate` (which synchronizes a
-        GPU); ``kept_offsets``, if given, must be what :meth:`kept_offsets` would derive. For modules only."""
+        GPU); ``kept_offsets``, if given, must be what :meth:`kept_offsets` would derive, and ``kept_bits`` what
+        the element-wise kernel derives from them (:meth:`kept_bitmap`). For modules only."""
         weight = cls.__new__(cls)
-        weight._assign(values, offsets, pattern, vector, shape, kept_offsets)
+        weight._assign(values, offsets, pattern, vector, shape, kept_offsets, kept_bits)
         return weight
 
     def _assign(
@@ -77,6 +79,7 @@ class NMSparseWeight(SparseWeightBase):
         vector: int,
         shape: tuple[int, int] | torch.Size,
         kept_offsets: torch.Tensor | None = None,
+        kept_bits: torch.Tensor | None = None,
     ) -> None:
         """Set the fields; pattern and vector are parsed, the tensors are not checked."""
         self.n, self.m = parse_pattern(pattern)
@@ -87,6 +90,13 @@ class NMSparseWeight(SparseWeightBase):
         # (the offsets tensor it was derived from, the kept offsets): derived again for a new offsets tensor.
         cached = kept_offsets is not None and holds_values(offsets)  # offsets without values have no address
         self._kept_offsets_cache = (offsets, offsets.data_ptr(), kept_offsets) if cached else None
+        self._kept_bits = kept_bits
+
+    def kept_bitmap(self) -> torch.Tensor | None:
+        """The element-wise kernel's bitmap of the kept inputs where the weight's holder keeps one (a module's
+        derived buffer: a compiled forward then takes it as an input rather than deriving it on every call); None
+        otherwise, and the kernel derives it (once per kept-offsets tensor)."""
+        return self._kept_bits
 
     @property
     def pattern(self) -> str:

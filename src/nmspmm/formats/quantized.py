@@ -81,11 +81,12 @@ class QuantizedNMWeight(NMSparseWeight):
         shape: tuple[int, int] | torch.Size,
         dtype: torch.dtype,
         kept_offsets: torch.Tensor | None = None,
+        kept_bits: torch.Tensor | None = None,
     ) -> QuantizedNMWeight:
         """Wrap tensors already validated together, skipping :meth:`validate` (which synchronizes a GPU). For
         modules only."""
         weight = cls.__new__(cls)
-        weight._assign(values, offsets, pattern, vector, shape, kept_offsets)
+        weight._assign(values, offsets, pattern, vector, shape, kept_offsets, kept_bits)
         weight.scales = scales
         weight._dtype = dtype
         return weight

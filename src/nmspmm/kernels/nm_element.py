@@ -239,7 +239,8 @@ class ElementProduct:
     """The element-wise kernel's launch for one weight and one layout of ``xt`` [K, M] and ``out`` [M, N],
     prepared once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides;
     only their data pointers are read). See :func:`nm_element_matmul` for the arguments, and :class:`VectorProduct`
-    for ``scales`` and ``dtype`` (8-bit values)."""
+    for ``scales`` and ``dtype`` (8-bit values); ``bits``, the bitmap :func:`kept_bits` gives for ``kept_offsets``
+    (derived and cached here when not given)."""
 
     __slots__ = ("_launch", "bits")
 
@@ -257,6 +258,7 @@ class ElementProduct:
         input_precision: str = "ieee",
         scales: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        bits: torch.Tensor | None = None,
     ) -> None:
         cols, tokens = xt_shape
         rows, kept = values.shape
@@ -265,7 +267,7 @@ class ElementProduct:
             raise ValueError(f"config: block_k={block_k} must be a multiple of {WORD_BITS} and of m={m}")
         if not config.weight_first:
             raise ValueError("config: the element-wise kernel computes weight-first tiles only (weight_first=True)")
-        self.bits = cached_kept_bits(kept_offsets, n, m, cols)
+        self.bits = cached_kept_bits(kept_offsets, n, m, cols) if bits is None else bits.contiguous()
         upcast = upcasts_bf16(values.dtype if dtype is None else dtype)
         split_k = max(1, min(config.split_k, cdiv(cols, block_k)))
         tiles = cdiv(tokens, config.block_m) * cdiv(rows, config.block_n)

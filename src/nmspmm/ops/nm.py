@@ -23,8 +23,10 @@ ROW_MAJOR_TOKENS = 4
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
+# ``kept_bits``: the element-wise kernel's bitmap where the weight's holder keeps one (NMSparseWeight.kept_bitmap).
 _OP_SCHEMA = (
-    "(Tensor x, Tensor values, Tensor kept_offsets, Tensor? bias, int n, int m, int vector, str backend) -> Tensor"
+    "(Tensor x, Tensor values, Tensor kept_offsets, Tensor? bias, int n, int m, int vector, str backend, "
+    "Tensor? kept_bits=None) -> Tensor"
 )
 
 
@@ -44,7 +46,10 @@ def nm_linear(
         return plan(x)
 
     def args(rows: torch.Tensor) -> tuple:
-        return (rows, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+        return (
+            rows, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend,
+            weight.kept_bitmap(),
+        )
 
     return _row_major_call(x, weight, NMSparseWeight, bias, backend, _NM_LINEAR, args, plan)
 
@@ -71,7 +76,10 @@ def nm_linear_feature_major(
     check_backend(backend)
     if needs_grad(x_t, weight.values, bias) and use_triton(backend, x_t.device):
         check_gradient_extent(x_t.t(), weight.shape[0], "the N:M backward kernels")
-    args = (x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend)
+    args = (
+        x_t, weight.values, weight.kept_offsets(), bias, weight.n, weight.m, weight.vector, backend,
+        weight.kept_bitmap(),
+    )
     return call_op(_NM_LINEAR_FEATURE_MAJOR, args, plan)
 
 
@@ -97,7 +105,7 @@ def nm_quantized_linear(
     def args(rows: torch.Tensor) -> tuple:
         return (
             rows, weight.values, weight.kept_offsets(), weight.scales, bias, weight.n, weight.m, weight.vector,
-            backend,
+            backend, weight.kept_bitmap(),
         )
 
     return _row_major_call(x, weight, QuantizedNMWeight, bias, backend, _NM_QUANTIZED_LINEAR, args, plan)
@@ -142,13 +150,16 @@ def _quantized_product(
     m: int,
     vector: int,
     backend: str,
+    kept_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` = ``x`` ``[M, K]`` times the weight ``values * scales[:, None]`` (8-bit ``values``) at the kept
     positions, plus ``bias``, in x's dtype; operands are trusted (:func:`nm_quantized_linear` checks them)."""
     if not use_triton(backend, x.device):
         dequantized = values.to(scales.dtype) * scales[:, None]
         return _reference(x, dequantized, kept_offsets, bias, n, m, vector)
-    return _plan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector, scales, x.dtype)(x)
+    return _plan(
+        tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector, scales, x.dtype, kept_bits
+    )(x)
 
 
 def _quantized_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
@@ -156,7 +167,7 @@ def _quantized_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.
 
 
 def _setup_quantized_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-    x, values, kept_offsets, scales, bias, n, m, vector, backend = inputs
+    x, values, kept_offsets, scales, bias, n, m, vector, backend, _ = inputs
     ctx.save_for_backward(values, kept_offsets, scales)
     ctx.pattern = (n, m, vector, backend)
     ctx.has_bias = bias is not None
@@ -175,7 +186,7 @@ def _quantized_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.
         rows = grad_input(grad_rows, dequantized, kept_offsets, n, m, vector, cols, backend)
         grad_x = rows.view(*grad_y.shape[:-1], cols)
     grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return grad_x, None, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None, None, None
 
 
 def _row_major_product(
@@ -187,12 +198,13 @@ def _row_major_product(
     m: int,
     vector: int,
     backend: str,
+    kept_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[M, N]`` = ``x`` ``[M, K]`` times the N:M weight given by ``values`` and ``kept_offsets`` (as
     :meth:`NMSparseWeight.kept_offsets`), plus ``bias``; operands are trusted (:func:`linear` checks them)."""
     if not use_triton(backend, x.device):
         return _reference(x, values, kept_offsets, bias, n, m, vector)
-    return _plan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector)(x)
+    return _plan(tuple(x.shape), x.stride(), False, values, kept_offsets, bias, n, m, vector, kept_bits=kept_bits)(x)
 
 
 def _reads_rows(tokens: int, vector: int) -> bool:
@@ -218,6 +230,7 @@ def _feature_major_product(
     m: int,
     vector: int,
     backend: str,
+    kept_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`_row_major_product` on feature-major activations: ``x`` is ``[K, M]``, the result ``[N, M]``,
     contiguous."""
@@ -225,7 +238,7 @@ def _feature_major_product(
         return _reference(x.t(), values, kept_offsets, bias, n, m, vector).t().contiguous()
     if x.stride(1) != 1:
         x = x.contiguous()
-    return _plan(tuple(x.shape), x.stride(), True, values, kept_offsets, bias, n, m, vector)(x)
+    return _plan(tuple(x.shape), x.stride(), True, values, kept_offsets, bias, n, m, vector, kept_bits=kept_bits)(x)
 
 
 def _feature_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> torch.Tensor:
@@ -233,7 +246,7 @@ def _feature_major_fake(x: torch.Tensor, values: torch.Tensor, *_: object) -> to
 
 
 def _setup_backward(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-    x, values, kept_offsets, bias, n, m, vector, backend = inputs
+    x, values, kept_offsets, bias, n, m, vector, backend, _ = inputs
     ctx.save_for_backward(x, values, kept_offsets)
     ctx.pattern = (n, m, vector, backend)
     ctx.has_bias = bias is not None
@@ -313,14 +326,14 @@ def _nm_linear_backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.
     grad_rows = as_rows(grad_y)
     grad_x, grad_values = _backward(ctx, as_rows(x), grad_rows)
     grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return None if grad_x is None else grad_x.view(x.shape), grad_values, None, grad_bias, None, None, None, None
+    return None if grad_x is None else grad_x.view(x.shape), grad_values, None, grad_bias, None, None, None, None, None
 
 
 def _nm_linear_feature_major_backward(ctx: torch.autograd.function.FunctionCtx, grad_y_t: torch.Tensor) -> tuple:
     x_t = ctx.saved_tensors[0]
     grad_x, grad_values = _backward(ctx, x_t.t(), grad_y_t.t())
     grad_bias = grad_y_t.sum(1) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return None if grad_x is None else grad_x.t(), grad_values, None, grad_bias, None, None, None, None
+    return None if grad_x is None else grad_x.t(), grad_values, None, grad_bias, None, None, None, None, None
 
 
 _NM_LINEAR = define_op(
@@ -343,7 +356,7 @@ _NM_LINEAR_GRAD_VALUES = define_op(
 _NM_QUANTIZED_LINEAR = define_op(
     "nmspmm::nm_quantized_linear",
     "(Tensor x, Tensor values, Tensor kept_offsets, Tensor scales, Tensor? bias, int n, int m, int vector, "
-    "str backend) -> Tensor",
+    "str backend, Tensor? kept_bits=None) -> Tensor",
     _quantized_product, _quantized_fake, _setup_quantized_backward, _quantized_backward,
 )
 # The custom ops themselves (torch.ops.nmspmm.*): what torch.compile traces and opcheck checks.
@@ -366,11 +379,13 @@ def _plan(
     vector: int,
     scales: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    kept_bits: torch.Tensor | None = None,
 ) -> ProductPlan:
     """The N:M product's plan (:class:`backend.ProductPlan`): x read row-major in one launch up to
     :data:`ROW_MAJOR_TOKENS` (:func:`_reads_rows`) or at V=1, transposed first from there; the element-wise kernel
     at V=1, else the vector-wise one, each with the config of its token count. With ``scales``, ``values`` are
-    8-bit and ``dtype`` is the activations' (the configs and precision are those of that dtype)."""
+    8-bit and ``dtype`` is the activations' (the configs and precision are those of that dtype). ``kept_bits``: the
+    element-wise kernel's bitmap, where the caller holds one."""
     # The kernels index values, offsets and bias as contiguous rows; contiguous() returns them as they are.
     values, kept_offsets = values.contiguous(), kept_offsets.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -388,7 +403,7 @@ def _plan(
             config = choose_element_config(xt_shape[1], rows, xt_shape[0], m, compute, values.device)
             return ElementProduct(
                 xt_shape, xt_strides, out_strides, values, kept_offsets, n, m, config, bias,
-                input_precision(compute), scales, compute,
+                input_precision(compute), scales, compute, kept_bits,
             )
         config = choose_vector_config(
             xt_shape[1], rows, values.shape[1], vector, compute, values.device, eight_bit=scales is not None
@@ -413,7 +428,7 @@ def _kept_plan(
     def make() -> ProductPlan:
         return _plan(
             tuple(x.shape), x.stride(), feature_major, weight.values, weight.kept_offsets(), bias, weight.n,
-            weight.m, weight.vector, scales, None if scales is None else weight.dtype,
+            weight.m, weight.vector, scales, None if scales is None else weight.dtype, weight.kept_bitmap(),
         )
 
     return kept_plan(x, weight, type(weight), bias, backend, feature_major, make)
