@@ -16,16 +16,23 @@ BACKENDS = ["auto", "triton"] if DEVICE == "cpu" else ["auto"]
 def _weights() -> dict[str, object]:
     torch.manual_seed(0)
     dense = torch.randn(64, 128, device=DEVICE)
-    return {
+    weights = {
         "nm-V16": nmspmm.prune(dense, "2:8", 16),
         "nm-V1": nmspmm.prune(dense, "2:4", 1),
         "csr": nmspmm.prune.prune_csr(dense, 0.8),
         "block": nmspmm.prune.prune_block_shuffled(dense, 0.5, (16, 16), search=False),
     }
+    for name in ("nm-V16", "nm-V1"):  # 8-bit values: to_dense() is the dequantized weight
+        weights[f"{name}-int8"] = weights[name].quantize(torch.int8)
+        weights[f"{name}-fp8"] = weights[name].quantize(torch.float8_e4m3fn)
+    return weights
+
+
+KINDS = ["nm-V16", "nm-V1", "csr", "block", "nm-V16-int8", "nm-V16-fp8", "nm-V1-int8", "nm-V1-fp8"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["nm-V16", "nm-V1", "csr", "block"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_a_non_finite_input_reaches_only_the_outputs_that_keep_its_feature(kind, backend, poison):
     weight = _weights()[kind]

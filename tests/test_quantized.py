@@ -1,15 +1,15 @@
 """QuantizedNMWeight (vector-wise N:M with 8-bit kept values, float8_e4m3fn or int8, and one fp32 scale per output
 feature): quantization, validation, persistence (torch.save and safetensors, tampered files included), products
 (the Triton kernels' SCALED path, under the interpreter on the CPU, and the dense reference) against a float64
-product with the dequantized weight, non-finite activations, gradients, QuantizedSparseLinear and
-sparsify(weight_dtype=...), torch.compile, opcheck, and the GPU-only cases."""
+product with the dequantized weight, gradients, QuantizedSparseLinear and sparsify(weight_dtype=...),
+torch.compile, opcheck, and the GPU-only cases (non-finite activations: tests/test_nonfinite.py, with every
+format)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import struct
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import nmspmm
-from conftest import DEVICE, TOLERANCE, relative_error
+from conftest import DEVICE, TOLERANCE, relative_error, rewrite_zip_entry
 from nmspmm import NMSparseWeight, QuantizedNMWeight, QuantizedSparseLinear
 from nmspmm.formats.quantized import QUANTIZED_MAX
 from nmspmm.ops import nm_quantized_linear_op
@@ -274,23 +274,13 @@ def test_torch_save_load_round_trip(tmp_path: Path, qdtype):
     assert_same(torch.load(tmp_path / "w.pt")["w"], weight)  # weights_only, the default
 
 
-def _rewrite_zip_entry(path: Path, old: bytes, new: bytes) -> None:
-    """Replace the one entry of a torch.save archive whose content is ``old``."""
-    with zipfile.ZipFile(path) as archive:
-        entries = [(info, archive.read(info)) for info in archive.infolist()]
-    assert sum(data == old for _, data in entries) == 1
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for info, data in entries:
-            archive.writestr(info, new if data == old else data)
-
-
 def test_torch_load_refuses_changed_scales(tmp_path: Path):
     weight = _quantized(32, 96, "8:32", 16, torch.int8)
     path = tmp_path / "w.pt"
     torch.save(weight, path)
     changed = weight.scales.clone()
     changed[5] *= 2  # still a valid scale: only the checksum can tell
-    _rewrite_zip_entry(path, weight.scales.cpu().numpy().tobytes(), changed.cpu().numpy().tobytes())
+    rewrite_zip_entry(path, weight.scales.cpu().numpy().tobytes(), changed.cpu().numpy().tobytes())
     with pytest.raises(ValueError, match=r"scales: its bytes do not match the checksum"):
         torch.load(path)
 
@@ -407,30 +397,6 @@ def test_linear_refuses_operands_of_another_dtype():
         nmspmm.ops.nm_quantized_linear(torch.randn(3, 96, device=DEVICE), weight.dequantize())
     with pytest.raises(TypeError, match=r"^weight: linear_feature_major takes unquantized weights"):
         nmspmm.linear_feature_major(torch.randn(96, 3, device=DEVICE), weight)
-
-
-# ---- non-finite activations ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("qdtype", QDTYPES)
-@pytest.mark.parametrize("pattern,vector", [("2:4", 1), ("2:8", 16)])
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_a_non_finite_input_reaches_only_the_outputs_that_keep_its_feature(pattern, vector, qdtype, backend, poison):
-    weight = _quantized(64, 64, pattern, vector, qdtype)
-    mask = weight.mask()
-    feature = int(((mask.sum(0) > 0) & (mask.sum(0) < mask.shape[0])).nonzero()[0])  # kept by some rows only
-    x = torch.randn(5, 64, device=DEVICE)
-    x[2, feature] = poison
-    y = nmspmm.linear(x, weight, backend=backend)
-    reaches = mask[:, feature]
-    assert not bool(torch.isfinite(y[2, reaches]).any())
-    assert bool(torch.isfinite(y[2, ~reaches]).all()) and bool(torch.isfinite(y[[0, 1, 3, 4]]).all())
-    clean = x.clone()
-    clean[2, feature] = 0.0
-    expected = _reference(clean, weight, None)
-    assert relative_error(y[2, ~reaches], expected[2, ~reaches]) < TOLERANCE[torch.float32]
-    assert relative_error(y[[0, 1, 3, 4]], expected[[0, 1, 3, 4]]) < TOLERANCE[torch.float32]
 
 
 # ---- gradients ----------------------------------------------------------------------------------------------

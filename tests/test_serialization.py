@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import nmspmm
-from conftest import block_weight, csr_weight
+from conftest import block_weight, csr_weight, rewrite_zip_entry
 from nmspmm import NMSparseWeight, load_safetensors, prune, save_safetensors
 from nmspmm.formats.block_shuffled import BlockShuffledWeight
 from nmspmm.formats.csr import CSRWeight
@@ -83,16 +83,6 @@ def test_pickle_and_deepcopy_rebuild_through_the_constructor() -> None:
     assert duplicate.values.data_ptr() != weight.values.data_ptr()
 
 
-def _rewrite_zip_entry(path: Path, old: bytes, new: bytes) -> None:
-    """Replace the one entry of a torch.save archive whose content is ``old`` (CRCs recomputed by zipfile)."""
-    with zipfile.ZipFile(path) as archive:
-        entries = [(info, archive.read(info)) for info in archive.infolist()]
-    assert sum(data == old for _, data in entries) == 1
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for info, data in entries:
-            archive.writestr(info, new if data == old else data)
-
-
 @pytest.mark.parametrize(
     ("pattern", "tamper", "message"),
     [
@@ -107,7 +97,7 @@ def test_torch_load_refuses_tampered_offsets(tmp_path: Path, pattern: str, tampe
     path = tmp_path / "w.pt"
     torch.save(weight, path)
     tampered = tamper(weight.offsets.clone()).contiguous()
-    _rewrite_zip_entry(path, weight.offsets.numpy().tobytes(), tampered.numpy().tobytes())
+    rewrite_zip_entry(path, weight.offsets.numpy().tobytes(), tampered.numpy().tobytes())
     with pytest.raises(ValueError, match=message):
         torch.load(path)
 
@@ -120,7 +110,7 @@ def test_torch_load_refuses_an_instance_built_without_the_constructor(tmp_path: 
     with zipfile.ZipFile(path) as archive:
         pickled = next(archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
     crafted = b"\x80\x02cnmspmm.formats.nm\nNMSparseWeight\n)\x81."
-    _rewrite_zip_entry(path, pickled, crafted)
+    rewrite_zip_entry(path, pickled, crafted)
     with pytest.raises(pickle.UnpicklingError, match="NMSparseWeight"):
         torch.load(path)
 
@@ -349,7 +339,7 @@ def test_checksums_catch_a_change_that_still_validates(tmp_path: Path) -> None:
     torch.save(weight, pt)
     flipped = weight.values.clone()
     flipped.view(torch.int32)[0, 0] ^= 1 << 20
-    _rewrite_zip_entry(pt, weight.values.numpy().tobytes(), flipped.numpy().tobytes())
+    rewrite_zip_entry(pt, weight.values.numpy().tobytes(), flipped.numpy().tobytes())
     with pytest.raises(ValueError, match=r"values: its bytes do not match .*the pickled NMSparseWeight is corrupted"):
         torch.load(pt)
 
@@ -461,7 +451,7 @@ def test_block_shuffled_torch_load_refuses_tampered_indices(tmp_path: Path, fiel
     path = tmp_path / "w.pt"
     torch.save(sparse, path)
     original = getattr(sparse, field)
-    _rewrite_zip_entry(path, original.numpy().tobytes(), tamper(original.clone()).contiguous().numpy().tobytes())
+    rewrite_zip_entry(path, original.numpy().tobytes(), tamper(original.clone()).contiguous().numpy().tobytes())
     with pytest.raises(ValueError, match=match):
         torch.load(path, weights_only=True)
 
@@ -471,6 +461,6 @@ def test_block_shuffled_torch_load_refuses_an_instance_built_without_the_constru
     torch.save(block_weight(32, 32, (16, 16))[0], path)
     with zipfile.ZipFile(path) as archive:
         pickled = next(archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
-    _rewrite_zip_entry(path, pickled, b"\x80\x02cnmspmm.formats.block_shuffled\nBlockShuffledWeight\n)\x81.")
+    rewrite_zip_entry(path, pickled, b"\x80\x02cnmspmm.formats.block_shuffled\nBlockShuffledWeight\n)\x81.")
     with pytest.raises(pickle.UnpicklingError, match="BlockShuffledWeight"):
         torch.load(path)
