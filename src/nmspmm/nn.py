@@ -214,8 +214,7 @@ class SparseLinear(_SparseLinearBase):
         super().__init__(weight, bias, backend=backend)
         self.pattern = weight.pattern
         self.vector = weight.vector
-        self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
-        self.register_buffer("kept_bits", _element_bitmap(weight), persistent=False)
+        _hold_derived(self, weight)
 
     @classmethod
     def from_dense(
@@ -251,9 +250,7 @@ class SparseLinear(_SparseLinearBase):
 
     def _derive(self) -> None:
         shape = (self.out_features, self.in_features)
-        weight = NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape)
-        self.kept_offsets = weight.kept_offsets()
-        self.kept_bits = _element_bitmap(weight)
+        _hold_derived(self, NMSparseWeight._trusted(self.values, self.offsets, self.pattern, self.vector, shape))
 
     def extra_repr(self) -> str:
         backend = f", backend='{self.backend}'" if self.backend != "auto" else ""
@@ -288,8 +285,7 @@ class QuantizedSparseLinear(_SparseLinearBase):
         self.pattern = weight.pattern
         self.vector = weight.vector
         self.dtype = weight.dtype
-        self.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
-        self.register_buffer("kept_bits", _element_bitmap(weight), persistent=False)
+        _hold_derived(self, weight)
 
     @classmethod
     def from_dense(
@@ -338,11 +334,9 @@ class QuantizedSparseLinear(_SparseLinearBase):
 
     def _derive(self) -> None:
         shape = (self.out_features, self.in_features)
-        weight = QuantizedNMWeight._trusted_quantized(
+        _hold_derived(self, QuantizedNMWeight._trusted_quantized(
             self.values, self.offsets, self.scales, self.pattern, self.vector, shape, self.dtype
-        )
-        self.kept_offsets = weight.kept_offsets()
-        self.kept_bits = _element_bitmap(weight)
+        ))
 
     def extra_repr(self) -> str:
         backend = f", backend='{self.backend}'" if self.backend != "auto" else ""
@@ -449,12 +443,13 @@ SPARSE_MODULES = (SparseLinear, QuantizedSparseLinear, CSRLinear, BlockShuffledL
 """The modules that hold a sparse weight, one per format."""
 
 
-def _element_bitmap(weight: NMSparseWeight) -> torch.Tensor | None:
-    """For V = 1, the element-wise kernel's bitmap of ``weight``'s kept inputs (a module keeps it as a derived
-    buffer, so that a compiled forward takes it as an input instead of deriving it on every call); None else."""
-    if weight.vector != 1:
-        return None
-    return kept_bits(weight.kept_offsets(), weight.n, weight.m, weight.shape[1])
+def _hold_derived(module: SparseLinear | QuantizedSparseLinear, weight: NMSparseWeight) -> None:
+    """Keep (or refresh) on an N:M module what its weight derives, as buffers that are not saved: the kept
+    offsets, and for V = 1 the element-wise kernel's bitmap (kept so that a compiled forward takes it as an input
+    instead of deriving it on every call; None otherwise)."""
+    bitmap = None if weight.vector != 1 else kept_bits(weight.kept_offsets(), weight.n, weight.m, weight.shape[1])
+    module.register_buffer("kept_offsets", weight.kept_offsets(), persistent=False)
+    module.register_buffer("kept_bits", bitmap, persistent=False)
 
 
 def _kept_offsets_held(module: SparseLinear | QuantizedSparseLinear) -> torch.Tensor | None:

@@ -64,9 +64,7 @@ class QuantizedNMWeight(NMSparseWeight):
         shape: tuple[int, int] | torch.Size,
         dtype: torch.dtype,
     ) -> None:
-        self._assign(values, offsets, pattern, vector, shape)
-        self.scales = scales
-        self._dtype = dtype
+        self._assign_quantized(values, offsets, scales, pattern, vector, shape, dtype)
         self.validate()
         self.check_storage()
 
@@ -86,10 +84,25 @@ class QuantizedNMWeight(NMSparseWeight):
         """Wrap tensors already validated together, skipping :meth:`validate` (which synchronizes a GPU). For
         modules only."""
         weight = cls.__new__(cls)
-        weight._assign(values, offsets, pattern, vector, shape, kept_offsets, kept_bits)
-        weight.scales = scales
-        weight._dtype = dtype
+        weight._assign_quantized(values, offsets, scales, pattern, vector, shape, dtype, kept_offsets, kept_bits)
         return weight
+
+    def _assign_quantized(
+        self,
+        values: torch.Tensor,
+        offsets: torch.Tensor,
+        scales: torch.Tensor,
+        pattern: str,
+        vector: int,
+        shape: tuple[int, int] | torch.Size,
+        dtype: torch.dtype,
+        kept_offsets: torch.Tensor | None = None,
+        kept_bits: torch.Tensor | None = None,
+    ) -> None:
+        """:meth:`NMSparseWeight._assign`, and the scales and the products' dtype; nothing is checked."""
+        self._assign(values, offsets, pattern, vector, shape, kept_offsets, kept_bits)
+        self.scales = scales
+        self._dtype = dtype
 
     @classmethod
     def from_dense(
