@@ -16,6 +16,7 @@ from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, tr
 from nmspmm.kernels import choose_vector_config
 from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
 from nmspmm.kernels.nm_element import cached_kept_bits, kept_bits
+from nmspmm.kernels.nm_vector import gathers_ahead
 from nmspmm.kernels.csr_spmm import csr_spmm
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
 from nmspmm.kernels.sddmm import CELL, SddmmTile, sddmm_tiled
@@ -54,18 +55,29 @@ def _poisoned(tokens: int, rows: int, dtype: torch.dtype, feature_major: bool) -
 )
 @pytest.mark.parametrize("feature_major", [False, True])
 @pytest.mark.parametrize("variant", ["chosen", "weight_first", "split_k"])
-def test_vector_kernel(tokens, rows, cols, pattern, vector, dtype, feature_major, variant):
+@pytest.mark.parametrize("x_layout", ["feature_major", "rows"])
+def test_vector_kernel(tokens, rows, cols, pattern, vector, dtype, feature_major, variant, x_layout):
+    # x feature-major (as transposed for many tokens) or as the op passes few tokens (x.t() of row-major rows):
+    # the kernel issues the gathers one K step ahead itself where Triton cannot pipeline them.
     weight, x, bias, expected = _case(tokens, rows, cols, pattern, vector, dtype)
     out = _poisoned(tokens, rows, dtype, feature_major)
+    xt = x.t().contiguous() if x_layout == "feature_major" else x.t()
     config = choose_vector_config(tokens, rows, weight.kept_per_row, vector, dtype, x.device)
     if variant == "weight_first":
         config = VectorConfig(32, min(vector, 32), 16, 4, 2, weight_first=True)
     elif variant == "split_k":
         config = VectorConfig(16, 16, 16, 4, 2, split_k=3, weight_first=tokens % 2 == 0)
-    nm_vector_matmul(
-        x.t().contiguous(), weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config, bias
-    )
+    nm_vector_matmul(xt, weight.values, weight.kept_offsets(), weight.n, weight.m, vector, out, config, bias)
     assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+def test_gathers_ahead_where_triton_cannot_pipeline_the_gathers():
+    # Tokens contiguous and 4-byte aligned: Triton's pipeline; token rows or 2-byte runs: the kernel's own.
+    assert not gathers_ahead((16, 1), 16, 2)
+    assert not gathers_ahead((7, 1), 1, 4)
+    assert gathers_ahead((7, 1), 1, 2)
+    assert gathers_ahead((1, 4096), 16, 2)
+    assert gathers_ahead((1, 4096), 16, 4)
 
 
 def test_vector_kernel_tf32():

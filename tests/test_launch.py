@@ -107,8 +107,8 @@ def launched(monkeypatch) -> list:
     "tokens,pattern,vector,expected",
     [
         (1, "8:32", 16, 1),  # one token is already feature-major
-        (4, "8:32", 16, 1),  # up to ROW_MAJOR_TOKENS: row-major x, no transpose
-        (5, "8:32", 16, 2),  # transpose + product
+        (16, "8:32", 16, 1),  # up to ROW_MAJOR_TOKENS: row-major x, no transpose
+        (17, "8:32", 16, 2),  # transpose + product
         (33, "6:8", 16, 2),
         (1, "2:4", 1, 1),
         (3, "2:4", 1, 1),  # the element-wise kernel reads row-major x at any token count
@@ -119,7 +119,7 @@ def test_launches_per_product(launched, tokens, pattern, vector, expected):
     # Split-K is reduced inside the product's launch, so a call costs one launch, or two with a transpose.
     from nmspmm.ops.nm import ROW_MAJOR_TOKENS
 
-    assert ROW_MAJOR_TOKENS == 4
+    assert ROW_MAJOR_TOKENS == 16
     weight = nmspmm.prune(torch.randn(64, 512, device=DEVICE), pattern, vector)
     x = torch.randn(tokens, 512, device=DEVICE)
     y = nmspmm.linear(x, weight, backend="triton")

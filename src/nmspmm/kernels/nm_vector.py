@@ -1,7 +1,7 @@
 """Vector-wise N:M product on tensor cores (or exact fp32 FMA): ``Y = X @ W.T`` where each tile of
 BLOCK_N output features shares one choice of kept inputs, so the tile is a dense product over the
-gathered input features. ``X`` is read feature-major (``xt = X.T``), so every gathered feature is one
-contiguous row of tokens."""
+gathered input features. ``X`` is read as ``xt = X.T``: feature-major (contiguous), every gathered feature is one
+contiguous row of tokens; a view of row-major ``X`` (few tokens) is gathered element by element."""
 
 from __future__ import annotations
 
@@ -19,6 +19,48 @@ from .split_k import SplitKLaunch, split_k_total
 
 
 @triton.jit
+def _kept_columns(offsets_row, kk, k_end, N_KEEP: tl.constexpr, GROUP: tl.constexpr, WIDE: tl.constexpr):
+    """The input feature of each kept slot ``kk`` of a V-group (slots from ``k_end`` on read nothing)."""
+    return _columns(tl.load(offsets_row + kk, mask=kk < k_end, other=0), kk, N_KEEP, GROUP, WIDE)
+
+
+@triton.jit
+def _columns(offset, kk, N_KEEP: tl.constexpr, GROUP: tl.constexpr, WIDE: tl.constexpr):
+    """The input features of kept slots ``kk`` from their stored ``offset`` s within their groups."""
+    column = (kk // N_KEEP) * GROUP + offset.to(tl.int32)
+    if WIDE:
+        column = column.to(tl.int64)
+    return column
+
+
+@triton.jit
+def _gathered_x(xt_ptr, column, k_valid, offs_m, m_valid, stride_xk, stride_xm, WEIGHT_FIRST: tl.constexpr):
+    """The activations of the kept ``column`` s where ``k_valid`` (both shaped [kept, 1] for the weight-first
+    product, out [kept, tokens]; else [1, kept] and [tokens, kept])."""
+    if WEIGHT_FIRST:
+        x = tl.load(
+            xt_ptr + column * stride_xk + offs_m[None, :] * stride_xm, mask=k_valid & m_valid[None, :], other=0.0
+        )
+    else:
+        x = tl.load(
+            xt_ptr + column * stride_xk + offs_m[:, None] * stride_xm, mask=m_valid[:, None] & k_valid, other=0.0
+        )
+    return x
+
+
+@triton.jit
+def _kept_values(values_ptrs, k_valid, xt_ptr, SCALED: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of stored values (zeros past the last kept slot). 8-bit values are exact in the activations' dtype
+    and converted to it here; their scales apply to the sums."""
+    if SCALED:
+        w = tl.load(values_ptrs, mask=k_valid)
+        w = tl.where(k_valid, w.to(tl.float32 if UPCAST else xt_ptr.dtype.element_ty), 0.0)
+    else:
+        w = tl.load(values_ptrs, mask=k_valid, other=0.0)
+    return w
+
+
+@triton.jit
 def _nm_vector_kernel(
     xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, offsets_ptr, bias_ptr, scales_ptr,
     M, N, KEPT,
@@ -27,7 +69,7 @@ def _nm_vector_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     WEIGHT_FIRST: tl.constexpr, SCALED: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TOKEN_ALIGN: tl.constexpr, Y_ROW_ALIGN: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, GATHER_AHEAD: tl.constexpr,
 ):
     # Triton assumes alignment only of arguments divisible by 16. Rounding down to multiples of these
     # constants, which divide them (the values are unchanged), tells it that rows of tokens start aligned,
@@ -64,37 +106,52 @@ def _nm_vector_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The kept slots of a step, shaped as the gathered x tile's K side.
+    if WEIGHT_FIRST:
+        steps = tl.arange(0, BLOCK_K)[:, None]
+    else:
+        steps = tl.arange(0, BLOCK_K)[None, :]
+    if GATHER_AHEAD:
+        # Triton pipelines only loads of 4 contiguous bytes or more, so gathers from token rows would wait in
+        # series every step (the offsets, then x): here each step issues the next step's gathers and the offsets
+        # of the step after, before its own product.
+        column = _kept_columns(offsets_row, k_begin + steps, k_end, N_KEEP, GROUP, WIDE)
+        x_next = _gathered_x(
+            xt_ptr, column, k_begin + steps < k_end, offs_m, m_valid, stride_xk, stride_xm, WEIGHT_FIRST
+        )
+        slots_next = k_begin + BLOCK_K + steps
+        offset_next = tl.load(offsets_row + slots_next, mask=slots_next < k_end, other=0)
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_valid = kk < k_end
-        offset = tl.load(offsets_row + kk, mask=k_valid, other=0).to(tl.int32)
-        column = (kk // N_KEEP) * GROUP + offset
-        if WIDE:
-            column = column.to(tl.int64)
-        if WEIGHT_FIRST:
-            if SCALED:  # 8-bit values are exact in the activations' dtype; their scales apply to the sum
-                w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :])
-                w = tl.where(k_valid[None, :], w.to(tl.float32 if UPCAST else xt_ptr.dtype.element_ty), 0.0)
-            else:
-                w = tl.load(values_ptr + offs_n[:, None] * KEPT + kk[None, :], mask=k_valid[None, :], other=0.0)
-            x = tl.load(
-                xt_ptr + column[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-                mask=k_valid[:, None] & m_valid[None, :], other=0.0,
+        if GATHER_AHEAD:
+            x = x_next
+            slots_next = k0 + BLOCK_K + steps
+            x_next = _gathered_x(
+                xt_ptr, _columns(offset_next, slots_next, N_KEEP, GROUP, WIDE), slots_next < k_end, offs_m,
+                m_valid, stride_xk, stride_xm, WEIGHT_FIRST,
             )
+            slots_after = slots_next + BLOCK_K
+            offset_next = tl.load(offsets_row + slots_after, mask=slots_after < k_end, other=0)
+        else:
+            # Offsets loaded as one row of slots (Triton pipelines this load), laid along the tile's K side below.
+            column = _kept_columns(offsets_row, kk, k_end, N_KEEP, GROUP, WIDE)
+        if WEIGHT_FIRST:
+            w_ptrs = values_ptr + offs_n[:, None] * KEPT + kk[None, :]
+            w = _kept_values(w_ptrs, k_valid[None, :], xt_ptr, SCALED, UPCAST)
+        if not GATHER_AHEAD:
+            if WEIGHT_FIRST:
+                x = _gathered_x(xt_ptr, column[:, None], k_valid[:, None], offs_m, m_valid, stride_xk, stride_xm, 1)
+            else:
+                x = _gathered_x(xt_ptr, column[None, :], k_valid[None, :], offs_m, m_valid, stride_xk, stride_xm, 0)
+        if WEIGHT_FIRST:
             if UPCAST:
                 w = w.to(tl.float32)
                 x = x.to(tl.float32)
             acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
         else:
-            x = tl.load(
-                xt_ptr + column[None, :] * stride_xk + offs_m[:, None] * stride_xm,
-                mask=m_valid[:, None] & k_valid[None, :], other=0.0,
-            )
-            if SCALED:
-                w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None])
-                w = tl.where(k_valid[:, None], w.to(tl.float32 if UPCAST else xt_ptr.dtype.element_ty), 0.0)
-            else:
-                w = tl.load(values_ptr + offs_n[None, :] * KEPT + kk[:, None], mask=k_valid[:, None], other=0.0)
+            w_ptrs = values_ptr + offs_n[None, :] * KEPT + kk[:, None]
+            w = _kept_values(w_ptrs, k_valid[:, None], xt_ptr, SCALED, UPCAST)
             if UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
@@ -256,6 +313,14 @@ def _eight_bit_config(tokens: int, rows: int, kept: int, vector: int, sms: int) 
     return VectorConfig(max(16, next_power_of_2(tokens)), block_n, block_k, 4, 3, 8, split_k, True)
 
 
+def gathers_ahead(xt_strides: tuple[int, int], token_align: int, itemsize: int) -> bool:
+    """Whether the kernel issues each K step's x gathers one step ahead itself (its ``GATHER_AHEAD``): Triton
+    pipelines only loads of at least 4 contiguous bytes, which gathered features give only where the tokens are
+    contiguous (``xt`` feature-major) and aligned to 4 bytes. Row-major x (the decode path's few tokens) and odd
+    token counts in 16 bits gather element by element."""
+    return xt_strides[1] != 1 or token_align * itemsize < 4
+
+
 def _alignment(*values: int) -> int:
     """The largest power of two up to 16 that divides every value (a token count, strides between token rows)."""
     combined = 16
@@ -294,6 +359,7 @@ class VectorProduct:
         if vector % config.block_n or rows % config.block_n:
             raise ValueError(f"config: block_n={config.block_n} must divide vector={vector} and N={rows}")
         upcast = upcasts_bf16(values.dtype if dtype is None else dtype)
+        token_align = _alignment(tokens, xt_strides[0])
         split_k = max(1, min(config.split_k, cdiv(kept, config.block_k)))
         tiles = cdiv(tokens, config.block_m) * (rows // config.block_n)
         weight = (
@@ -305,11 +371,12 @@ class VectorProduct:
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             GROUP_SIZE_M=config.group_size_m, WEIGHT_FIRST=config.weight_first, SCALED=scales is not None,
             INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-            TOKEN_ALIGN=_alignment(tokens, xt_strides[0]),
+            TOKEN_ALIGN=token_align,
             Y_ROW_ALIGN=_alignment(out_strides[1]) if out_strides[0] == 1 else 1,
             WIDE=wide_offsets(
                 (xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept, split_k * tokens * rows)
             ),
+            GATHER_AHEAD=gathers_ahead(xt_strides, token_align, (values.dtype if dtype is None else dtype).itemsize),
         )
         self._launch = SplitKLaunch(
             _nm_vector_kernel, (tiles, split_k, 1), weight, constexprs, config.num_warps, config.num_stages, split_k,

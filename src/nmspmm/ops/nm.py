@@ -19,7 +19,7 @@ from .backend import (
 
 # Up to this many tokens the vector-wise product reads x row-major in one launch (see _reads_rows); more tokens
 # are transposed first, so that every gathered feature is one contiguous row.
-ROW_MAJOR_TOKENS = 4
+ROW_MAJOR_TOKENS = 16
 
 # The products are torch.library custom ops, opaque to torch.compile (traced through their fake
 # implementations) and holding only tensors and scalars, so an autograd formula can be registered on them.
@@ -210,10 +210,11 @@ def _row_major_product(
 def _reads_rows(tokens: int, vector: int) -> bool:
     """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
     transpose launch first). The element-wise kernel (V=1) reads whole tiles of x, contiguous either way, so it
-    always reads rows. One token is already feature-major. At 2 tokens the vector-wise kernel's scattered
-    2-byte gathers from token rows cost about what the transpose does; from 8 tokens they took up to 2.2x the
-    GPU time of the transposed path (H200, ``docs/perf-notes.md``), more than the transpose's launch saves on the
-    host. :data:`ROW_MAJOR_TOKENS` lies between the two."""
+    always reads rows. From row-major x the vector-wise kernel gathers element by element, one K step ahead of its
+    product (``kernels.nm_vector.gathers_ahead``): up to 16 tokens that took 0.8-1.2x the GPU time of the
+    transposed path with its transpose (geomean 1.04x at 8 tokens, 0.99x at 16), at 32 and 64 up to 1.5x (H200,
+    ``docs/perf-notes.md``, session 12), while the transpose's launch and allocation cost more host time than
+    most decode products take on the GPU. :data:`ROW_MAJOR_TOKENS` is where that balance turns."""
     return vector == 1 or tokens <= ROW_MAJOR_TOKENS
 
 
