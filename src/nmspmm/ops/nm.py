@@ -211,10 +211,10 @@ def _reads_rows(tokens: int, vector: int) -> bool:
     """Whether the product reads row-major ``x`` [M, K] directly (one launch) rather than a feature-major copy (a
     transpose launch first). The element-wise kernel (V=1) reads whole tiles of x, contiguous either way, so it
     always reads rows. From row-major x the vector-wise kernel gathers element by element, one K step ahead of its
-    product (``kernels.nm_vector.gathers_ahead``): up to 16 tokens that took 0.8-1.2x the GPU time of the
-    transposed path with its transpose (geomean 1.04x at 8 tokens, 0.99x at 16), at 32 and 64 up to 1.5x (H200,
-    ``docs/perf-notes.md``, session 12), while the transpose's launch and allocation cost more host time than
-    most decode products take on the GPU. :data:`ROW_MAJOR_TOKENS` is where that balance turns."""
+    product (``kernels.nm_vector.gathers_ahead``): up to 16 tokens that ran at 0.78-1.20x the speed of the
+    transposed path with its transpose (geomean 1.04x at 8 tokens, 0.99x at 16), 0.87-1.07x at 32 and 0.66-0.89x
+    at 64 (H200, ``docs/perf-notes.md``, session 12), while the transpose's launch and allocation cost more host
+    time than most decode products take on the GPU. :data:`ROW_MAJOR_TOKENS` is where that balance turns."""
     return vector == 1 or tokens <= ROW_MAJOR_TOKENS
 
 
