@@ -390,9 +390,10 @@ class BitmapProduct:
     ) -> None:
         rows = bitmap.shape[0]
         gather = 2 * values.numel() >= rows * xt_shape[0]
+        # The kernel indexes every weight tensor and the bias as contiguous.
         self._launch = _element_launch(
-            xt_shape, xt_strides, out_strides, values, bitmap, block_offsets, rows, 0, 1, 1, config, bias,
-            input_precision, None, None, gather,
+            xt_shape, xt_strides, out_strides, values.contiguous(), bitmap.contiguous(), block_offsets.contiguous(),
+            rows, 0, 1, 1, config, None if bias is None else bias.contiguous(), input_precision, None, None, gather,
         )
 
     def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
