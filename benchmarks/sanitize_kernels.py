@@ -18,7 +18,8 @@ from collections.abc import Callable
 import torch
 
 import nmspmm
-from nmspmm.kernels import L2_PROBE_BLOCK, l2_read, touch
+from nmspmm.kernels import L2_PROBE_BLOCK, VectorConfig, l2_read, touch
+from nmspmm.kernels.nm_element import bitmap_matmul
 
 # The GPU runs the kernels; elsewhere the same cases check the dense reference path (so that CI runs the script).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +83,48 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
             return _product_and_gradients(weight, tokens, dtype)
         return run
 
+    def bitmap(sparsity: float, rows: int, cols: int, tokens: int, dtype: torch.dtype) -> Callable:
+        def run() -> list[tuple[str, float]]:
+            dense = torch.randn(rows, cols, device=DEVICE, dtype=dtype)
+            return _product_and_gradients(nmspmm.prune.prune_bitmap(dense, sparsity), tokens, dtype)
+        return run
+
+    def bitmap_split(split_k: int, block_k: int, rows: int, cols: int, tokens: int, dtype: torch.dtype) -> Callable:
+        # The kernel's launcher with a config of its own: split_k shares of the blocks of 128 inputs, block_k a step.
+        def run() -> list[tuple[str, float]]:
+            weight = nmspmm.prune.prune_bitmap(torch.randn(rows, cols, device=DEVICE, dtype=dtype), sparsity=0.6)
+            x = torch.randn(tokens, cols, device=DEVICE, dtype=dtype)
+            bias = torch.randn(rows, device=DEVICE, dtype=dtype)
+            if DEVICE == "cuda":
+                config = VectorConfig(block_m=16, block_n=64, block_k=block_k, num_warps=4, num_stages=3,
+                                      split_k=split_k, weight_first=True)
+                y = torch.empty(tokens, rows, device=DEVICE, dtype=dtype)
+                bitmap_matmul(x.t(), weight.values, weight.bitmap, weight.block_offsets, y, bias, config)
+            else:
+                y = nmspmm.linear(x, weight, bias)
+            expected = x.double() @ weight.to_dense().double().t() + bias.double()
+            return [("forward", relative_error(y, expected))]
+        return run
+
+    def bitmap_nonfinite(sparsity: float, dtype: torch.dtype) -> Callable:
+        # NaN and Inf inputs at features some outputs prune: the tiles they reach are recomputed over kept inputs.
+        def run() -> list[tuple[str, float]]:
+            weight = nmspmm.prune.prune_bitmap(torch.randn(45, 333, device=DEVICE, dtype=dtype), sparsity)
+            mask = weight.mask()
+            kept_by = mask.sum(0)
+            features = ((kept_by > 0) & (kept_by < mask.shape[0])).nonzero()[:2, 0]
+            x = torch.randn(5, 333, device=DEVICE, dtype=dtype)
+            x[1, features[0]], x[3, features[1]] = float("nan"), float("inf")
+            y = nmspmm.linear(x, weight)
+            clean = x.clone()
+            clean[1, features[0]] = clean[3, features[1]] = 0.0
+            expected = clean.double() @ weight.to_dense().double().t()
+            reached = torch.zeros(5, 45, dtype=torch.bool, device=DEVICE)  # the outputs each poisoned input reaches
+            reached[1], reached[3] = mask[:, features[0]], mask[:, features[1]]
+            return [("outputs that prune the feature", relative_error(y[~reached], expected[~reached])),
+                    ("outputs that keep it non-finite", float(bool(torch.isfinite(y[reached]).any())))]
+        return run
+
     def block(tokens: int, dtype: torch.dtype) -> Callable:
         def run() -> list[tuple[str, float]]:
             dense = torch.randn(128, 192, device=DEVICE, dtype=dtype)
@@ -121,6 +164,16 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
          quantized("2:4", 1, 40, 200, 37, torch.int8), BF16_TOLERANCE),
         ("CSR 80%, 7 tokens, bf16", csr(7, bf16), BF16_TOLERANCE),
         ("CSR 80%, 600 tokens (transposed write), fp32", csr(600, fp32), FP32_TOLERANCE),
+        ("bitmap 60% kept (gathered tile expansion), 45x333, 7 tokens, bf16", bitmap(0.4, 45, 333, 7, bf16),
+         BF16_TOLERANCE),
+        ("bitmap 20% kept (masked tile expansion), 45x333, 333 tokens, fp32", bitmap(0.8, 45, 333, 333, fp32),
+         FP32_TOLERANCE),
+        ("bitmap 30% kept, 40x1100, 3 tokens, long rows (split-K in the launch), bf16",
+         bitmap(0.7, 40, 1100, 3, bf16), BF16_TOLERANCE),
+        ("bitmap split-K config (split_k=3, block_k=64), 45x333, 5 tokens, fp32",
+         bitmap_split(3, 64, 45, 333, 5, fp32), FP32_TOLERANCE),
+        ("bitmap 25% kept, NaN and Inf inputs (kept-only recompute), 5 tokens, bf16",
+         bitmap_nonfinite(0.75, bf16), BF16_TOLERANCE),
         ("block 32x32 50%, 5 tokens (split-K), bf16", block(5, bf16), BF16_TOLERANCE),
         ("block 32x32 50%, 333 tokens, fp32", block(333, fp32), FP32_TOLERANCE),
         ("SDDMM depth 13 (per nonzero), fp32", sddmm(13, fp32), FP32_TOLERANCE),

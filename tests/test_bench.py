@@ -168,7 +168,7 @@ def test_format_cases_cover_the_issue_grid():
     assert {c.dtype for c in cases} == {"bfloat16", "float32"}
     blocks = format_cases(["block"], layers=[(4096, 4096), (4010, 4096)], blocks=[(32, 32)])
     assert {(c.rows, c.sparsity) for c in blocks} == {(4096, 0.5), (4096, 0.75), (4096, 0.875)}
-    assert {c.kind for c in quick_format_cases()} == {"csr", "sddmm", "block"}
+    assert {c.kind for c in quick_format_cases()} == {"csr", "sddmm", "block", "bitmap"}
     with pytest.raises(ValueError, match=r"kinds: expected names from"):
         format_cases(["coo"])
     with pytest.raises(ValueError, match=r"sparsities: expected fractions in \[0, 1\), got 1.5"):
@@ -211,6 +211,8 @@ def test_format_cases_run_end_to_end_on_cpu(monkeypatch):
     for case in [
         formats.FormatCase("csr", 7, 64, 96, 0.9, "float32"),
         formats.FormatCase("sddmm", 9, 64, 96, 0.7, "float32"),
+        formats.FormatCase("bitmap", 7, 64, 96, 0.9, "float32"),
+        formats.FormatCase("bitmap", 3, 64, 96, 0.9, "float32"),  # its weight again, from the cache
         formats.FormatCase("block", 5, 64, 96, 0.75, "float32", (16, 32)),
     ]:
         row = formats.run_format_case(case, ceilings, stamp, cache)

@@ -1,5 +1,5 @@
 """The custom ops of every format (N:M, CSR and its SDDMM, block-shuffled) under torch.compile (no graph breaks),
-torch.library.opcheck, and CUDA-graph capture."""
+torch.library.opcheck, and CUDA-graph capture (N:M and bitmap layers)."""
 
 from __future__ import annotations
 
@@ -154,11 +154,9 @@ def test_op_schema():
     )
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 48, 300])
-def test_cuda_graph_capture_and_replay(tokens):
-    model = _model(torch.float16)
-    x_static = torch.randn(tokens, 64, device="cuda", dtype=torch.float16)
+def _capture_and_replay(model: nn.Module, x_static: torch.Tensor) -> None:
+    """``model(x_static)`` captured in a CUDA graph after a warm-up, then replayed on fresh inputs copied into
+    ``x_static``, each result against an eager call."""
     with torch.no_grad():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -175,6 +173,25 @@ def test_cuda_graph_capture_and_replay(tokens):
             graph.replay()
             torch.cuda.synchronize()
             assert relative_error(y_static, model(x_new)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 48, 300])
+def test_cuda_graph_capture_and_replay(tokens):
+    _capture_and_replay(_model(torch.float16), torch.randn(tokens, 64, device="cuda", dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 48, 300])
+@pytest.mark.parametrize("sparsity", [0.3, 0.8], ids=["gathered", "masked"])
+def test_bitmap_cuda_graph_capture_and_replay(tokens, sparsity):
+    """BitmapLinear layers, their tiles expanded by a register gather (density >= 0.5) or by masked loads; at up to
+    64 tokens the first layer's 1024 inputs split over K, so the capture holds the shares' buffers too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 256), nn.GELU(), nn.Linear(256, 32)).to(device="cuda", dtype=torch.float16)
+    report = nmspmm.sparsify(model, nmspmm.BitmapConfig(sparsity=sparsity))
+    assert len(report.swapped) == 2 and isinstance(model[0], nmspmm.BitmapLinear)
+    _capture_and_replay(model.eval(), torch.randn(tokens, 1024, device="cuda", dtype=torch.float16))
 
 
 # ---- CSR: csr_linear, csr_linear_feature_major and the SDDMM op ---------------------------------------------

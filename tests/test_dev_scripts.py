@@ -25,7 +25,7 @@ def _run(*args: str) -> str:
 def test_sanitize_workload_checks_every_family():
     out = _run("benchmarks/sanitize_kernels.py")
     assert out.strip().endswith("0 wrong results (cpu)")
-    for family in ("N:M 8:32 V=64", "V=1", "split-K", "CSR", "block", "SDDMM depth 13", "SDDMM depth 96"):
+    for family in ("N:M 8:32 V=64", "V=1", "split-K", "CSR", "bitmap", "block", "SDDMM depth 13", "SDDMM depth 96"):
         assert family in out
 
 

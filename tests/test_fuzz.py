@@ -22,7 +22,7 @@ import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -31,25 +31,28 @@ from hypothesis import strategies as st
 
 import nmspmm
 from conftest import DEVICE, TOLERANCE, block_mask, relative_error
-from nmspmm import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
+from nmspmm import BitmapWeight, BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
 from nmspmm.formats import SUPPORTED_BLOCK_SIDES, SUPPORTED_M, SUPPORTED_VECTORS
+from nmspmm.formats.bitmap import BLOCK_INPUTS, WORD_BITS
 from nmspmm.formats.quantized import QUANTIZED_DTYPES, QUANTIZED_MAX
 from nmspmm.kernels import (
     block_sparse_matmul, choose_vector_config, csr_spmm, nm_element_matmul, nm_grad_input, nm_grad_values,
     nm_vector_matmul, transpose,
 )
-from nmspmm.kernels.nm_element import ElementProduct, choose_element_config
-from nmspmm.kernels.nm_vector import VectorProduct
+from nmspmm.kernels.nm_element import ElementProduct, bitmap_matmul, choose_element_config
+from nmspmm.kernels.nm_vector import VectorConfig, VectorProduct
 from nmspmm.kernels.sddmm import CELL, sddmm_tiled
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
 from nmspmm.ops.backend import input_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Cases per tier and format in a default run (CI), split evenly over the three dtypes: 10,000 on the reference
-# path, 1,000 for the kernels; and a few for the quantized N:M weights (nm8, about 6 s on two idle CPU cores).
+# path, 1,000 for the kernels; and a few for the quantized N:M weights (nm8, about 6 s on two idle CPU cores). Bitmap
+# weights take CSR's share of reference cases and fewer kernel cases: the interpreter runs their cases (K up to
+# 301) about 2.5 times slower than CSR's, so that each dtype takes about as long as CSR's (13 s on two CPU cores).
 CI_CASES = {
-    "reference": {"nm": 4500, "csr": 2500, "block": 1800, "sddmm": 1200, "nm8": 300},
-    "kernels": {"nm": 400, "csr": 250, "block": 200, "sddmm": 150, "nm8": 60},
+    "reference": {"nm": 4500, "csr": 2500, "bitmap": 2500, "block": 1800, "sddmm": 1200, "nm8": 300},
+    "kernels": {"nm": 400, "csr": 250, "bitmap": 100, "block": 200, "sddmm": 150, "nm8": 60},
 }
 # A quantized weight's product against the float64 one with its dequantized weight (as tests/test_quantized.py
 # bounds it): the 8-bit values are exact in every activation dtype.
@@ -160,6 +163,17 @@ class CSRSpec:
 
 
 @dataclass(frozen=True)
+class BitmapSpec:
+    """A bitmap weight pruned to ``sparsity`` (``prune_bitmap``), or from a mask keeping each entry with
+    ``1 - sparsity`` (none at sparsity 1, which pruning refuses: never ``pruned``)."""
+
+    rows: int
+    cols: int
+    sparsity: float
+    pruned: bool
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """A block-shuffled weight of ``block_rows`` x ``block_cols`` blocks, pruned (``prune_block_shuffled``, with
     ``iterations`` of search or none) or from a drawn block mask and row permutation."""
@@ -181,14 +195,15 @@ class QuantizedSpec:
     values_dtype: torch.dtype
 
 
-Spec = NMSpec | CSRSpec | BlockSpec | QuantizedSpec
+Spec = NMSpec | CSRSpec | BitmapSpec | BlockSpec | QuantizedSpec
 
 
 @dataclass(frozen=True)
 class Product:
     """One product and its gradients: x of ``leading`` dimensions (``[K, M]`` when ``feature_major``), the laid
     out operands (``scales_layout`` for a quantized weight's scales), which gradients are taken, and whether a
-    second call follows after the values (and scales) change in place."""
+    second call follows after the values (and scales) change in place. ``split`` is a bitmap weight's launch
+    (``bitmap_matmul``) in the launchers: its split-K and K step."""
 
     dtype: torch.dtype
     leading: tuple[int, ...]
@@ -204,6 +219,7 @@ class Product:
     out_transposed: bool
     seed: int
     scales_layout: Layout | None = None
+    split: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -244,10 +260,11 @@ def sizes(low: int, high: int) -> st.SearchStrategy[int]:
 
 @st.composite
 def products(draw: st.DrawFn, tier: Tier, dtype: torch.dtype, values_dims: int, feature_major: bool,
-             quantized: bool = False) -> Product:
+             quantized: bool = False, split: bool = False) -> Product:
     """The activations' side of a case: shapes (no leading dimension, empty and single-token batches), strides,
     bias, gradients and the weight's value distribution. A ``quantized`` weight takes no gradient of its own (x's
-    and bias's only) and has its scales laid out too."""
+    and bias's only) and has its scales laid out too; with ``split``, the launchers' split-K (1 to 4 shares of the
+    blocks of 128 inputs) and K step (each that divides a block) are drawn."""
     feature_major = feature_major and draw(st.booleans())
     if feature_major:
         leading: tuple[int, ...] = (draw(sizes(0, tier.tokens)),)
@@ -280,6 +297,7 @@ def products(draw: st.DrawFn, tier: Tier, dtype: torch.dtype, values_dims: int, 
         out_transposed=draw(st.booleans()),
         seed=draw(st.integers(0, 2**32 - 1)),
         scales_layout=draw(layouts(1)) if quantized else None,
+        split=(draw(st.integers(1, 4)), draw(st.sampled_from((32, 64, 128)))) if split else None,
     )
 
 
@@ -327,6 +345,22 @@ def csr_cases(draw: st.DrawFn, tier: Tier, dtype: torch.dtype) -> LinearCase:
     """A CSR weight and a product with it (row-major or feature-major x)."""
     spec = draw(csr_specs(tier))
     return LinearCase(spec, draw(products(tier, dtype, values_dims=1, feature_major=True)))
+
+
+# A CPU tier's bitmap weights reach K = 301, past two blocks of block_offsets (128 inputs each): the other kinds'
+# K stays within one. On a GPU the tier's own K (1088) spans more.
+BITMAP_COLS = 2 * BLOCK_INPUTS + 45
+
+
+@st.composite
+def bitmap_cases(draw: st.DrawFn, tier: Tier, dtype: torch.dtype) -> LinearCase:
+    """Any N and K (odd, one, several blocks of 128 inputs), densities from all kept to none (both of the kernel's
+    tile expansions: gathered at density >= 0.5, masked below), and a product with it (row-major or
+    feature-major x) whose launchers take a drawn split-K and K step."""
+    sparsity = draw(st.one_of(st.sampled_from((0.0, 0.5, 0.9, 1.0)), st.floats(0.0, 1.0)))
+    pruned = sparsity < 1 and draw(st.booleans())
+    spec = BitmapSpec(draw(sizes(1, tier.rows)), draw(sizes(1, max(tier.cols, BITMAP_COLS))), sparsity, pruned)
+    return LinearCase(spec, draw(products(tier, dtype, values_dims=1, feature_major=True, split=True)))
 
 
 @st.composite
@@ -500,6 +534,26 @@ def csr_kept(weight: CSRWeight) -> Kept:
     return Kept(mask.view(rows, cols), positions)
 
 
+def bitmap_kept(weight: BitmapWeight) -> Kept:
+    """Bit j (least significant first) of int32 word w of row r is set where row r keeps input ``32 * w + j``, and
+    none at inputs >= K; values are the kept weights in row-major order; ``block_offsets[r, b]`` is how many values
+    lie before row r's first kept input at or after ``128 * b``. Read here with divisions of the words as unsigned
+    integers (the format decodes them with shifts)."""
+    rows, cols = weight.shape
+    words = weight.bitmap.cpu().long() % 2**32
+    assert words.shape == (rows, -(-cols // WORD_BITS)), "bitmap: not [N, ceil(K / 32)]"
+    bits = (words[:, :, None] // 2 ** torch.arange(WORD_BITS)) % 2
+    bits = bits.reshape(rows, -1).bool()
+    assert not bool(bits[:, cols:].any()), "bitmap: a bit set at an input >= K"
+    mask = bits[:, :cols]
+    flat = mask.reshape(-1)
+    assert weight.values.shape == (int(flat.sum()),), "values: not one per bit set"
+    before = flat.long().cumsum(0) - flat.long()  # the values before each entry, row-major
+    starts = (torch.arange(rows) * cols)[:, None] + torch.arange(0, cols, BLOCK_INPUTS)
+    assert torch.equal(weight.block_offsets.cpu().long(), before[starts]), "block_offsets: not where blocks start"
+    return Kept(mask, flat.nonzero().view(-1))
+
+
 def block_kept(weight: BlockShuffledWeight) -> Kept:
     """Block-row r of ``W[row_permutation]`` keeps the blocks ``block_columns[offsets[r]:offsets[r + 1]]``; values
     are those blocks in storage order."""
@@ -550,17 +604,33 @@ def build_nm(spec: NMSpec, dense: torch.Tensor, generator: torch.Generator) -> t
 def build_csr(spec: CSRSpec, dense: torch.Tensor, generator: torch.Generator) -> tuple[CSRWeight, Kept]:
     """The weight and its decoded structure, after checking it against the drawn mask or the pruning rule (the
     ``round((1 - sparsity) * N * K)`` largest |w|)."""
+    return _build_unstructured(spec, dense, generator, CSRWeight, nmspmm.prune.prune_csr, csr_kept)
+
+
+def build_bitmap(spec: BitmapSpec, dense: torch.Tensor, generator: torch.Generator) -> tuple[BitmapWeight, Kept]:
+    """:func:`build_csr` for a bitmap weight (``prune_bitmap`` keeps the entries ``prune_csr`` keeps)."""
+    return _build_unstructured(spec, dense, generator, BitmapWeight, nmspmm.prune.prune_bitmap, bitmap_kept)
+
+
+def _build_unstructured(
+    spec: CSRSpec | BitmapSpec, dense: torch.Tensor, generator: torch.Generator, weight_type: type,
+    prune: Callable[[torch.Tensor, float], object], decode: Callable[[object], Kept],
+) -> tuple[object, Kept]:
+    """An unstructured weight of ``weight_type`` (pruned by ``prune``, or from the drawn mask) and its structure
+    as ``decode`` reads it, checked against the mask or the pruning rule."""
     if spec.pruned:
-        weight = nmspmm.prune.prune_csr(dense, spec.sparsity)
+        weight = prune(dense, spec.sparsity)
     else:
         drawn = torch.rand(spec.rows, spec.cols, generator=generator) >= spec.sparsity
-        weight = CSRWeight.from_dense(dense, drawn.to(dense.device))
-    kept = csr_kept(weight)
+        weight = weight_type.from_dense(dense, drawn.to(dense.device))
+    assert type(weight) is weight_type, f"{weight_type.__name__}: built a {type(weight).__name__}"
+    kept = decode(weight)
     if spec.pruned:
-        assert weight.nnz == round((1 - spec.sparsity) * spec.rows * spec.cols), "prune_csr: kept count"
+        name = prune.__name__
+        assert weight.nnz == round((1 - spec.sparsity) * spec.rows * spec.cols), f"{name}: kept count"
         magnitudes = dense.cpu().double().abs()
         if 0 < weight.nnz < magnitudes.numel():
-            assert _at_least(magnitudes[kept.mask].min(), magnitudes[~kept.mask].max()), "prune_csr: not the largest"
+            assert _at_least(magnitudes[kept.mask].min(), magnitudes[~kept.mask].max()), f"{name}: not the largest"
     else:
         assert torch.equal(kept.mask, drawn), "from_dense: the stored structure is not the mask"
     return weight, kept
@@ -637,7 +707,7 @@ def spec_shape(spec: Spec) -> tuple[int, int]:
 
 
 BUILDERS: dict[type, Callable[..., tuple[object, Kept]]] = {
-    NMSpec: build_nm, CSRSpec: build_csr, BlockSpec: build_block, QuantizedSpec: build_nm8,
+    NMSpec: build_nm, CSRSpec: build_csr, BitmapSpec: build_bitmap, BlockSpec: build_block, QuantizedSpec: build_nm8,
 }
 
 
@@ -806,6 +876,40 @@ def launch_csr(
     assert_out("csr launcher y", out, storage, outside, forward, TOLERANCE[dtype])
 
 
+def launch_bitmap(
+    weight: BitmapWeight, x_rows: torch.Tensor, bias: torch.Tensor | None, grad_rows: torch.Tensor | None,
+    product: Product, masked: torch.Tensor, kept: Kept, forward: Expected, tier: Tier,
+) -> None:
+    """``bitmap_matmul`` (the element-wise kernel's unstructured path) with the drawn split-K and K step into a
+    poisoned out, x read as contiguous ``[K, M]`` (feature-major cases) or as the transposed view of row-major x;
+    and where a gradient was taken the same kernel over the transposed structure (the input gradient, as the
+    backward runs it) into another. On a GPU the K step stays within the default config's (shared memory)."""
+    dtype, tolerance, transposed = product.dtype, TOLERANCE[product.dtype], product.out_transposed
+    split_k, block_k = product.split
+    values = weight.values.detach().contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    (rows, cols), tokens, precision = weight.shape, x_rows.shape[0], input_precision(dtype)
+
+    def config(tokens: int, rows: int, cols: int) -> VectorConfig:
+        base = choose_element_config(tokens, rows, cols, WORD_BITS, dtype, values.device)
+        step = block_k if tier.device == "cpu" else min(block_k, base.block_k)
+        return replace(base, block_k=step, split_k=split_k)
+
+    x = x_rows.to(dtype).to(tier.device)
+    xt = x.t().contiguous() if product.feature_major else x.t()
+    out, storage, outside = poisoned_out((tokens, rows), dtype, tier.device, transposed)
+    bitmap_matmul(xt, values, weight.bitmap, weight.block_offsets, out, bias, config(tokens, rows, cols), precision)
+    assert_out("bitmap launcher y", out, storage, outside, forward, tolerance)
+    if grad_rows is None:
+        return
+    bitmap_t, offsets_t, permutation = weight.transposed_structure()
+    grad_y = grad_rows.to(dtype).to(tier.device)
+    out, storage, outside = poisoned_out((tokens, cols), dtype, tier.device, transposed)
+    bitmap_matmul(grad_y.t(), values[permutation], bitmap_t, offsets_t, out, None, config(tokens, cols, rows),
+                  precision)
+    assert_out("bitmap launcher grad x", out, storage, outside, oracle(torch.matmul, grad_rows, masked), tolerance)
+
+
 def launch_block(
     weight: BlockShuffledWeight, x_rows: torch.Tensor, bias: torch.Tensor | None, grad_rows: torch.Tensor | None,
     product: Product, masked: torch.Tensor, kept: Kept, forward: Expected, tier: Tier,
@@ -856,7 +960,8 @@ def launch_nm8(
 
 
 LAUNCHERS: dict[type, Callable[..., None]] = {
-    NMSpec: launch_nm, CSRSpec: launch_csr, BlockSpec: launch_block, QuantizedSpec: launch_nm8,
+    NMSpec: launch_nm, CSRSpec: launch_csr, BitmapSpec: launch_bitmap, BlockSpec: launch_block,
+    QuantizedSpec: launch_nm8,
 }
 
 
@@ -889,7 +994,8 @@ def check_sddmm(case: SddmmCase, tier: Tier) -> None:
 
 
 STRATEGIES: dict[str, Callable[[Tier, torch.dtype], st.SearchStrategy]] = {
-    "nm": nm_cases, "csr": csr_cases, "block": block_cases, "sddmm": sddmm_cases, "nm8": nm8_cases,
+    "nm": nm_cases, "csr": csr_cases, "bitmap": bitmap_cases, "block": block_cases, "sddmm": sddmm_cases,
+    "nm8": nm8_cases,
 }
 
 
@@ -970,6 +1076,17 @@ def _plant_csr_column(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nmspmm.ops.csr, "dense_from_csr", corrupted)
 
 
+def _plant_bitmap_sign_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sign slip: the reference decodes bit 31 of every bitmap word (int32's sign bit) as clear, so that it drops
+    each kept input at 31 mod 32 and places the values after it one kept entry early."""
+    original = nmspmm.ops.bitmap.dense_from_bitmap
+
+    def cleared(values: torch.Tensor, bitmap: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        return original(values, bitmap & 0x7FFFFFFF, shape)
+
+    monkeypatch.setattr(nmspmm.ops.bitmap, "dense_from_bitmap", cleared)
+
+
 def _plant_block_permutation(monkeypatch: pytest.MonkeyPatch) -> None:
     """The permutation for its inverse: right for the identity (and any involution), wrong after a real search."""
     monkeypatch.setattr(nmspmm.ops.block_shuffled, "inverse_permutation", lambda permutation: permutation.long())
@@ -989,9 +1106,10 @@ def _plant_nm8_scale(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "plant"),
-    [("nm", _plant_nm_offset), ("csr", _plant_csr_column), ("block", _plant_block_permutation),
-     ("nm8", _plant_nm8_scale)],
-    ids=["nm-offset-off-by-one", "csr-column-corrupted", "block-permutation-not-inverted", "nm8-scale-doubled"],
+    [("nm", _plant_nm_offset), ("csr", _plant_csr_column), ("bitmap", _plant_bitmap_sign_bit),
+     ("block", _plant_block_permutation), ("nm8", _plant_nm8_scale)],
+    ids=["nm-offset-off-by-one", "csr-column-corrupted", "bitmap-bit-31-dropped", "block-permutation-not-inverted",
+         "nm8-scale-doubled"],
 )
 def test_the_fuzzing_finds_a_planted_bug(kind: str, plant: Callable[[pytest.MonkeyPatch], None],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1014,6 +1132,23 @@ def test_a_feature_major_csr_product_without_work_fills_the_bias_per_output(toke
     bias = torch.tensor([1.0, 2.0, 3.0], device=DEVICE)
     y_t = nmspmm.linear_feature_major(torch.randn(4, tokens, device=DEVICE), weight, bias, backend=KERNELS.backend)
     assert torch.equal(y_t, bias[:, None].expand(3, tokens))
+
+
+def test_strided_values_and_bias_reach_the_bitmap_kernel() -> None:
+    """Strided values and bias reach the bitmap kernel as the elements they view (found by test_kernels[bitmap-*]:
+    the product read them as contiguous, so that it took the NaN-filled storage between them)."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(5, 150, generator=generator) < 0.6
+    weight = BitmapWeight.from_dense(torch.randn(5, 150, generator=generator), mask).to(DEVICE)
+    values = laid_out(weight.values, Layout((0,), (2,), 1))  # every other element of NaN-filled storage
+    strided = BitmapWeight(values, weight.bitmap, weight.block_offsets, weight.shape)
+    bias = torch.randn(5, generator=generator).to(DEVICE)
+    x = torch.randn(7, 150, generator=generator).to(DEVICE)
+    expected = x.double() @ weight.to_dense().double().t()
+    y = nmspmm.linear(x, strided, backend=KERNELS.backend)
+    assert relative_error(y, expected) < TOLERANCE[torch.float32]
+    y = nmspmm.linear(x, weight, laid_out(bias, Layout((0,), (2,), 1)), backend=KERNELS.backend)
+    assert relative_error(y, expected + bias.double()) < TOLERANCE[torch.float32]
 
 
 def test_strided_scales_reach_the_quantized_kernels() -> None:

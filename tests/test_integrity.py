@@ -27,7 +27,7 @@ from conftest import DEVICE
 # The formats whose values may hold NaN or Inf when allowed, and the quantized N:M weights (8-bit values, one
 # scale per output feature), which never hold them: allow_nonfinite is ignored, a non-finite value or scale is
 # always refused (test_a_quantized_weight_refuses_nonfinite_values_and_scales_even_if_allowed).
-KINDS = ["nm", "csr", "block"]
+KINDS = ["nm", "csr", "bitmap", "block"]
 QUANTIZED_KINDS = ["nm8-float8", "nm8-int8"]
 
 
@@ -37,6 +37,7 @@ def _weights() -> dict[str, object]:
     return {
         "nm": nmspmm.prune(dense, "2:4", 16),
         "csr": nmspmm.prune.prune_csr(dense, 0.75),
+        "bitmap": nmspmm.prune.prune_bitmap(dense, 0.75),
         "block": nmspmm.prune.prune_block_shuffled(dense, 0.5, (16, 16), search=False),
         "nm8-float8": nmspmm.prune(dense, "2:4", 16).quantize(torch.float8_e4m3fn),
         "nm8-int8": nmspmm.prune(dense, "6:8", 1).quantize(torch.int8),
@@ -178,17 +179,20 @@ def test_a_cast_that_overflows_is_refused_but_held_nonfinite_values_move():
 FIELDS_ONLY = "fields only: "
 
 # Two weights of one shape per file (so that tensors can be swapped between them), for each format: both N:M
-# storage forms (kept and dropped positions), CSR, block-shuffled (after a searched permutation), and quantized
-# N:M weights (QuantizedSparseLinear layers) of each 8-bit dtype, one in each storage form.
+# storage forms (kept and dropped positions), CSR, bitmap, block-shuffled (after a searched permutation), and
+# quantized N:M weights (QuantizedSparseLinear layers) of each 8-bit dtype, one in each storage form.
 CORRUPTIBLE = {
     "nm-kept": (nmspmm.NMConfig("2:8", vector=16), torch.float32),
     "nm-dropped": (nmspmm.NMConfig("6:8", vector=1), torch.float16),
     "csr": (nmspmm.CSRConfig(sparsity=0.75), torch.bfloat16),
+    "bitmap": (nmspmm.BitmapConfig(sparsity=0.75), torch.float16),
     "block": (nmspmm.BlockConfig(sparsity=0.5, block=(16, 16)), torch.float32),
     "nm8-float8": (nmspmm.NMConfig("2:8", vector=16, weight_dtype=torch.float8_e4m3fn), torch.bfloat16),
     "nm8-int8": (nmspmm.NMConfig("6:8", vector=1, weight_dtype=torch.int8), torch.float16),
 }
 FILE_KINDS = ("safetensors", "pretrained", "pickle")
+# The sparse module classes a save_pretrained file names (each module edited to every other one).
+MODULE_CLASSES = ("QuantizedSparseLinear", "SparseLinear", "CSRLinear", "BlockShuffledLinear", "BitmapLinear")
 SAFETENSORS_ITEM_SIZES = {"F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
@@ -353,8 +357,8 @@ def _alternatives(value: object) -> list[object]:
     """Other plausible values of a saved field (pattern, vector, shape, block, dtype, format name)."""
     if isinstance(value, str):
         others = ["2:4", "2:8", "6:8", "8:32", "float16", "bfloat16", "float32", "float8_e4m3fn", "int8",
-                  "CSRWeight", "NMSparseWeight", "QuantizedNMWeight", "BlockShuffledWeight", "QuantizedSparseLinear",
-                  "SparseLinear", "CSRLinear", "BlockShuffledLinear"]
+                  "CSRWeight", "NMSparseWeight", "QuantizedNMWeight", "BlockShuffledWeight", "BitmapWeight",
+                  *MODULE_CLASSES]
         return [other for other in others if other != value]
     if isinstance(value, bool):
         return []
@@ -390,7 +394,7 @@ def _edited_metadata(metadata: dict[str, str]) -> Iterator[tuple[str, dict[str, 
     if "nmspmm_model" in metadata:
         model = json.loads(metadata["nmspmm_model"])
         for name, class_name in model["modules"].items():
-            for other in _alternatives(class_name)[-3:]:
+            for other in _alternatives(class_name)[-(len(MODULE_CLASSES) - 1):]:
                 edited = {**model, "modules": {**model["modules"], name: other}}
                 yield f"module {name!r} {class_name} -> {other}", {**metadata, "nmspmm_model": json.dumps(edited)}
         for key in model["checksums"]:
@@ -534,8 +538,10 @@ def _with_fields_changed(saved: Saved, change: str) -> bytes:
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize(
     ("fmt", "kind", "change"),
-    [("csr", "safetensors", "K"), ("block", "safetensors", "K"), ("csr", "pickle", "K"), ("block", "pickle", "K"),
-     ("csr", "pickle", "dtype"), ("nm-dropped", "pickle", "dtype"), ("nm8-float8", "pickle", "dtype")],
+    [("csr", "safetensors", "K"), ("bitmap", "safetensors", "K"), ("block", "safetensors", "K"),
+     ("csr", "pickle", "K"), ("bitmap", "pickle", "K"), ("block", "pickle", "K"),
+     ("csr", "pickle", "dtype"), ("bitmap", "pickle", "dtype"), ("nm-dropped", "pickle", "dtype"),
+     ("nm8-float8", "pickle", "dtype")],
 )
 def test_a_change_of_fields_alone_is_refused(fmt: str, kind: str, change: str, tmp_path: Path) -> None:
     saved = _save(kind, fmt, tmp_path / "saved")

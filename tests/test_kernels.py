@@ -15,7 +15,8 @@ from nmspmm.formats.csr import CSRWeight
 from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, transpose
 from nmspmm.kernels import choose_vector_config
 from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
-from nmspmm.kernels.nm_element import cached_kept_bits, kept_bits
+from nmspmm.formats.bitmap import BitmapWeight
+from nmspmm.kernels.nm_element import bitmap_matmul, cached_kept_bits, kept_bits
 from nmspmm.kernels.nm_vector import gathers_ahead
 from nmspmm.kernels.csr_spmm import csr_spmm
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
@@ -136,6 +137,71 @@ def test_element_kernel_sums_only_the_kept_inputs_of_a_non_finite_row(poison, sp
     assert relative_error(out[3, ~reaches], expected[3, ~reaches]) < TOLERANCE[torch.float32]
     others = [0, 1, 2, 4, 5]
     assert relative_error(out[others], expected[others]) < TOLERANCE[torch.float32]
+
+
+def _bitmap_case(tokens: int, rows: int, cols: int, density: float, dtype: torch.dtype):
+    dense = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    weight = BitmapWeight.from_dense(dense, torch.rand(rows, cols, device=DEVICE) < density)
+    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
+    bias = torch.randn(rows, device=DEVICE).to(dtype)
+    expected = x.double() @ weight.to_dense().double().t() + bias.double()
+    return weight, x, bias, expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,rows,cols,density",
+    [(1, 7, 45, 0.3), (5, 33, 200, 0.6), (17, 40, 300, 0.1), (3, 16, 128, 0.0), (2, 16, 64, 1.0), (9, 70, 257, 0.5)],
+)
+@pytest.mark.parametrize("layout", ["rows", "feature_major", "out_transposed"])
+@pytest.mark.parametrize("config", [None, (64, 3), (128, 2)])
+def test_bitmap_kernel(tokens, rows, cols, density, dtype, layout, config):
+    # Unstructured weights through the element-wise kernel: odd K (not a multiple of a word or of a block of
+    # inputs), empty and full weights, both expansions (gathered from half density on, masked loads below), K
+    # steps of 32 (the interpreter's), 64 and 128 with K split into shares that start at blocks of inputs.
+    weight, x, bias, expected = _bitmap_case(tokens, rows, cols, density, dtype)
+    out = _poisoned(tokens, rows, dtype, layout == "out_transposed")
+    xt = x.t().contiguous() if layout == "feature_major" else x.t()
+    if config is not None:
+        config = VectorConfig(16, 16, config[0], 4, 2, split_k=config[1], weight_first=True)
+    bitmap_matmul(
+        xt, weight.values, weight.bitmap, weight.block_offsets, out, bias, config,
+        input_precision="tf32x3" if dtype == torch.float32 else "ieee",
+    )
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("density", [0.3, 0.7])
+def test_bitmap_kernel_sums_only_the_kept_inputs_of_a_non_finite_row(poison, density):
+    # As for element-wise N:M: a non-finite input reaches exactly the outputs whose rows keep that input.
+    weight, x, bias, _ = _bitmap_case(6, 40, 200, density, torch.float32)
+    mask = weight.mask()
+    feature = int(((mask.sum(0) > 0) & (mask.sum(0) < mask.shape[0])).nonzero()[0])
+    x[3, feature] = poison
+    out = _poisoned(6, 40, torch.float32, False)
+    config = VectorConfig(16, 16, 64, 4, 2, split_k=3, weight_first=True)
+    bitmap_matmul(x.t(), weight.values, weight.bitmap, weight.block_offsets, out, bias, config, "tf32x3")
+    clean = x.clone()
+    clean[3, feature] = 0.0
+    expected = clean.double() @ weight.to_dense().double().t() + bias.double()
+    keeps = mask[:, feature]
+    assert relative_error(out[3, ~keeps], expected[3, ~keeps]) < TOLERANCE[torch.float32]
+    signs = torch.sign(weight.to_dense()[keeps, feature]) * (1 if poison > 0 else -1)
+    if poison != poison:
+        assert torch.isnan(out[3, keeps]).all()
+    else:
+        assert torch.equal(out[3, keeps], signs * float("inf"))
+    others = [0, 1, 2, 4, 5]
+    assert relative_error(out[others], expected[others]) < TOLERANCE[torch.float32]
+
+
+def test_bitmap_kernel_refuses_steps_across_blocks():
+    weight, x, bias, _ = _bitmap_case(2, 16, 256, 0.5, torch.float32)
+    out = torch.empty(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_k=256 must divide 128"):
+        bitmap_matmul(x.t(), weight.values, weight.bitmap, weight.block_offsets, out, bias,
+                      VectorConfig(16, 16, 256, 4, 2, weight_first=True))
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "3:8", "7:16", "20:32", "33:64"])

@@ -55,7 +55,7 @@ def test_sparsify_names_what_its_pattern_should_be():
     model = nn.Sequential(nn.Linear(64, 64))
     with pytest.raises(ValueError, match=r"pattern: expected 'csr' \(lower case\), got 'CSR'"):
         nmspmm.sparsify(model, "CSR", sparsity=0.5)
-    with pytest.raises(ValueError, match=r"got '8-32'; or 'csr' or 'block' for the other formats"):
+    with pytest.raises(ValueError, match=r"got '8-32'; or 'csr', 'bitmap' or 'block' for the other formats"):
         nmspmm.sparsify(model, "8-32")
     with pytest.raises(TypeError, match=r"calibration: expected an iterable of input batches, got int"):
         nmspmm.sparsify(model, "2:4", 16, method="wanda", calibration=5)

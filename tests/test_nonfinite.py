@@ -20,6 +20,9 @@ def _weights() -> dict[str, object]:
         "nm-V16": nmspmm.prune(dense, "2:8", 16),
         "nm-V1": nmspmm.prune(dense, "2:4", 1),
         "csr": nmspmm.prune.prune_csr(dense, 0.8),
+        # The kernel expands a bitmap tile by masked loads below density 0.5, by a register gather from it.
+        "bitmap": nmspmm.prune.prune_bitmap(dense, 0.8),
+        "bitmap-gathered": nmspmm.prune.prune_bitmap(dense, 0.25),
         "block": nmspmm.prune.prune_block_shuffled(dense, 0.5, (16, 16), search=False),
     }
     for name in ("nm-V16", "nm-V1"):  # 8-bit values: to_dense() is the dequantized weight
@@ -28,7 +31,8 @@ def _weights() -> dict[str, object]:
     return weights
 
 
-KINDS = ["nm-V16", "nm-V1", "csr", "block", "nm-V16-int8", "nm-V16-fp8", "nm-V1-int8", "nm-V1-fp8"]
+KINDS = ["nm-V16", "nm-V1", "csr", "bitmap", "bitmap-gathered", "block", "nm-V16-int8", "nm-V16-fp8", "nm-V1-int8",
+         "nm-V1-fp8"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nmspmm.perf import (
-    DeviceCeilings, _columns_per_sm, model_block_case, model_case, model_csr_case, model_sddmm_case,
+    DeviceCeilings, _columns_per_sm, model_bitmap_case, model_block_case, model_case, model_csr_case,
+    model_sddmm_case,
 )
 
 # L2 far faster than anything else, so that each test sees the floor it is about; test_l2_* set a real one.
@@ -232,3 +233,15 @@ def test_element_wise_nm_multiplies_the_expanded_tile_and_reads_the_stored_bytes
     assert model.kernel_bytes - model.dense_bytes + 4096 * 4096 * 2 == groups * (2 * n + stored)
     decode = model_case(1, 4096, 4096, n, m, 1, torch.bfloat16, "bfloat16", CEILINGS)
     assert decode.ideal_speedup == pytest.approx(decode.dense_bytes / decode.kernel_bytes, rel=0.02)
+
+
+def test_bitmap_counts_its_bytes_and_the_dense_flops():
+    # Values, one bit per weight and an int32 block offset per 128 inputs; tiles are expanded and multiplied whole.
+    nnz = 4096 * 4096 * 3 // 10
+    decode = model_bitmap_case(1, 4096, 4096, nnz, torch.bfloat16, "bfloat16", CEILINGS)
+    weight = nnz * 2 + 4096 * 128 * 4 + 4096 * 32 * 4
+    assert decode.kernel_bytes == (4096 + 4096) * 2 + weight
+    assert decode.op_bytes == decode.kernel_bytes  # x read as stored
+    assert decode.ideal_speedup == pytest.approx(decode.dense_ms / decode.kernel_ms)
+    prefill = model_bitmap_case(4096, 4096, 4096, nnz, torch.bfloat16, "bfloat16", CEILINGS)
+    assert prefill.sparse_flops == prefill.dense_flops == 2 * 4096**3

@@ -219,8 +219,8 @@ def _edit_weight(field: str, value: object):
         (_edit_header("format", "other"), r"expected format 'nmspmm', got 'other'"),
         (
             _edit_weight("format", "Dense"),
-            r"metadata of weight 'b': expected a format in \['BlockShuffledWeight', 'CSRWeight', 'NMSparseWeight', "
-            r"'QuantizedNMWeight'\], got 'Dense'",
+            r"metadata of weight 'b': expected a format in \['BitmapWeight', 'BlockShuffledWeight', 'CSRWeight', "
+            r"'NMSparseWeight', 'QuantizedNMWeight'\], got 'Dense'",
         ),
         (_edit_header("weights", []), r"expected a 'weights' object, got \[\]"),
         (_edit_weight("pattern", "2:8"), r"weight 'b' is inconsistent: values: expected shape \(128, 16\)"),
@@ -310,6 +310,7 @@ def test_safetensors_holds_every_format(tmp_path: Path) -> None:
         "nm": nmspmm.prune(dense, "2:4", 16),
         "csr": nmspmm.prune.prune_csr(dense.half(), 0.9),
         "blocks": nmspmm.prune.prune_block_shuffled(dense.bfloat16(), 0.75, (16, 32)),
+        "bitmap": nmspmm.prune.prune_bitmap(dense, 0.8),
     }
     save_safetensors(weights, tmp_path / "w.safetensors")
     loaded = load_safetensors(tmp_path / "w.safetensors")

@@ -2,11 +2,11 @@
 
 from ._version import __version__
 from .formats import (
-    BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight, load_safetensors, save_safetensors,
+    BitmapWeight, BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight, load_safetensors, save_safetensors,
 )
 from .nn import (
-    BlockConfig, BlockShuffledLinear, CSRConfig, CSRLinear, NMConfig, QuantizedSparseLinear, SparseLinear,
-    SparsifyConfig, SparsifyReport, sparsify,
+    BitmapConfig, BitmapLinear, BlockConfig, BlockShuffledLinear, CSRConfig, CSRLinear, NMConfig, QuantizedSparseLinear,
+    SparseLinear, SparsifyConfig, SparsifyReport, sparsify,
 )
 from .ops import linear, linear_feature_major, sddmm
 from .pretrained import densify, load_pretrained, save_pretrained
@@ -17,6 +17,9 @@ from .prune import magnitude_mask, unstructured_mask
 from . import prune
 
 __all__ = [
+    "BitmapConfig",
+    "BitmapLinear",
+    "BitmapWeight",
     "BlockConfig",
     "BlockShuffledLinear",
     "BlockShuffledWeight",

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         **defaults,
     )
     formats.add_argument("--quick", action="store_true", help="the quick set (a few minutes on an H100)")
-    formats.add_argument("--kinds", nargs="+", help="csr sddmm block (default: all)")
+    formats.add_argument("--kinds", nargs="+", help="csr sddmm block bitmap (default: all)")
     formats.add_argument("--tokens", type=int, nargs="+", help="token counts M (SDDMM: the depth)")
     formats.add_argument("--layers", type=_layer, nargs="+", help="layers as NxK (default: the suite's 20)")
     formats.add_argument("--sparsities", type=float, nargs="+", help="fractions pruned, like 0.9")

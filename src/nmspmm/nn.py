@@ -1,6 +1,6 @@
 """Modules: drop-ins for ``nn.Linear`` with a sparse weight (:class:`SparseLinear` for vector-wise N:M,
-:class:`CSRLinear` for unstructured, :class:`BlockShuffledLinear` for block-sparse after a row permutation),
-and :func:`sparsify`, which swaps a model's ``nn.Linear`` layers for them in place."""
+:class:`CSRLinear` and :class:`BitmapLinear` for unstructured, :class:`BlockShuffledLinear` for block-sparse after a
+row permutation), and :func:`sparsify`, which swaps a model's ``nn.Linear`` layers for them in place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from . import ops
 from .kernels.nm_element import kept_bits
 from .progress import progress as draw_progress
-from .formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
+from .formats import BitmapWeight, BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight
 from .formats.base import SparseWeightBase
 from .formats.pattern import (
     SUPPORTED_DTYPES, check_vector, check_weight_matrix, dtype_name, holds_values, parse_pattern,
@@ -26,6 +26,7 @@ from .formats.block_shuffled import check_block, check_block_weight, descending_
 from .prune import (
     collect_input_norms,
     prune,
+    prune_bitmap,
     prune_block_shuffled,
     prune_csr,
     prune_sequentially,
@@ -347,38 +348,40 @@ class QuantizedSparseLinear(_SparseLinearBase):
         )
 
 
-class CSRLinear(_SparseLinearBase):
-    """``y = x @ W.T + b`` with ``W`` unstructured sparse in CSR form (:class:`CSRWeight`): kept values as the
-    Parameter ``values``, int32 buffers ``col_indices`` and ``row_offsets``. The structures the kernels derive
-    (launch order, transposed structure for gradients) are cached on the module until it moves or loads."""
+class _UnstructuredLinear(_SparseLinearBase):
+    """What the unstructured modules share (:class:`CSRLinear`, :class:`BitmapLinear`): any mask, pruned by
+    magnitude with the format's pruning function :attr:`PRUNE` (or the mask given), and the structures the products
+    derive from the stored tensors cached on the module until it moves or loads."""
 
-    FORMAT = CSRWeight
-    col_indices: torch.Tensor
-    row_offsets: torch.Tensor
+    FORMAT: type[CSRWeight] | type[BitmapWeight]
+    PRUNE: ClassVar[Callable[[torch.Tensor, float], CSRWeight | BitmapWeight]]
 
-    def __init__(self, weight: CSRWeight, bias: torch.Tensor | None = None, *, backend: str = "auto") -> None:
+    def __init__(
+        self, weight: CSRWeight | BitmapWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+    ) -> None:
         super().__init__(weight, bias, backend=backend)
         self._derived: dict[str, Any] = {}
 
     @classmethod
     def from_dense(
         cls, linear: nn.Linear, sparsity: float, mask: torch.Tensor | None = None, *, backend: str = "auto"
-    ) -> CSRLinear:
+    ) -> _UnstructuredLinear:
         """Prune ``linear``'s weight by magnitude to ``sparsity`` (or keep the ``mask`` given) into a new module."""
         _check_linear(linear)
         dense = linear.weight.detach()
-        weight = prune_csr(dense, sparsity) if mask is None else CSRWeight.from_dense(dense, mask)
+        weight = cls.PRUNE(dense, sparsity) if mask is None else cls.FORMAT.from_dense(dense, mask)
         return cls.of(weight, linear, backend=backend)
 
     @property
-    def weight(self) -> CSRWeight:
-        shape = (self.out_features, self.in_features)
-        return CSRWeight._trusted(self.values, self.col_indices, self.row_offsets, shape, self._derived)
+    def weight(self) -> CSRWeight | BitmapWeight:
+        # Both formats' _trusted take the stored tensors in STATE_TENSORS order, then the shape and the cache.
+        stored = (getattr(self, name) for name in self.FORMAT.STATE_TENSORS)
+        return self.FORMAT._trusted(*stored, (self.out_features, self.in_features), self._derived)
 
     def _derive(self) -> None:
         self._derived = {}
 
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> CSRLinear:
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> _UnstructuredLinear:
         self._derived = {}
         return super()._apply(fn, recurse)
 
@@ -387,6 +390,29 @@ class CSRLinear(_SparseLinearBase):
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.values.numel()}, "
             f"bias={self.bias is not None}"
         )
+
+
+class CSRLinear(_UnstructuredLinear):
+    """``y = x @ W.T + b`` with ``W`` unstructured sparse in CSR form (:class:`CSRWeight`): kept values as the
+    Parameter ``values``, int32 buffers ``col_indices`` and ``row_offsets``. The structures the kernels derive
+    (launch order, transposed structure for gradients) are cached on the module until it moves or loads."""
+
+    FORMAT = CSRWeight
+    PRUNE = staticmethod(prune_csr)
+    col_indices: torch.Tensor
+    row_offsets: torch.Tensor
+
+
+class BitmapLinear(_UnstructuredLinear):
+    """``y = x @ W.T + b`` with ``W`` unstructured sparse as a bitmap (:class:`BitmapWeight`, the layout the
+    tensor-core kernel reads): kept values as the Parameter ``values``, int32 buffers ``bitmap`` and
+    ``block_offsets``. The structures the products derive (coordinates and transposed bitmap for gradients) are
+    cached on the module until it moves or loads."""
+
+    FORMAT = BitmapWeight
+    PRUNE = staticmethod(prune_bitmap)
+    bitmap: torch.Tensor
+    block_offsets: torch.Tensor
 
 
 class BlockShuffledLinear(_SparseLinearBase):
@@ -439,7 +465,7 @@ class BlockShuffledLinear(_SparseLinearBase):
         )
 
 
-SPARSE_MODULES = (SparseLinear, QuantizedSparseLinear, CSRLinear, BlockShuffledLinear)
+SPARSE_MODULES = (SparseLinear, QuantizedSparseLinear, CSRLinear, BitmapLinear, BlockShuffledLinear)
 """The modules that hold a sparse weight, one per format."""
 
 
@@ -511,7 +537,9 @@ class SparsifyReport:
         return f"sparsity={self.sparsity:.1%}, {self.method}"
 
 
-FORMATS = ("csr", "block")
+FORMATS = ("csr", "bitmap", "block")
+"""The short forms of :func:`sparsify` besides ``"n:m"`` patterns."""
+_FORMAT_NAMES = ", ".join(repr(name) for name in FORMATS[:-1]) + f" or {FORMATS[-1]!r}"
 
 
 class SparsifyConfig:
@@ -623,10 +651,13 @@ class NMConfig(SparsifyConfig):
 
 
 @dataclass(frozen=True)
-class CSRConfig(SparsifyConfig):
-    """Unstructured sparsity (:class:`CSRLinear`): the ``sparsity`` fraction of weights pruned by ``method``
-    (the smallest |w| over the matrix; Wanda's smallest |w| * ||x|| in each row; or SparseGPT)."""
+class _UnstructuredConfig(SparsifyConfig):
+    """What the unstructured configs share (:class:`CSRConfig`, :class:`BitmapConfig`): the ``sparsity`` fraction
+    of weights pruned by ``method`` (the smallest |w| over the matrix; Wanda's smallest |w| * ||x|| in each row; or
+    SparseGPT) into the format of :attr:`MODULE`, which the report names :attr:`PATTERN`."""
 
+    MODULE: ClassVar[type[_UnstructuredLinear]]
+    PATTERN: ClassVar[str]
     sparsity: float
     method: str = "magnitude"
     damping: float | None = None
@@ -640,19 +671,42 @@ class CSRConfig(SparsifyConfig):
     def fits(self, weight: torch.Tensor) -> None:
         check_weight_matrix(weight, 1, 1, 1)
 
-    def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> CSRWeight:
+    def prune(self, weight: torch.Tensor, input_norm: torch.Tensor | None = None) -> CSRWeight | BitmapWeight:
         if input_norm is None:
-            return prune_csr(weight, self.sparsity)
-        return CSRWeight.from_dense(weight, wanda_csr_mask(weight, input_norm, self.sparsity))
+            return self.MODULE.PRUNE(weight, self.sparsity)
+        return self.MODULE.FORMAT.from_dense(weight, wanda_csr_mask(weight, input_norm, self.sparsity))
 
-    def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> CSRWeight:
-        return sparsegpt_csr(weight, gram, self.sparsity, **_sparsegpt_settings(self))
+    def reconstruct(self, weight: torch.Tensor, gram: torch.Tensor) -> CSRWeight | BitmapWeight:
+        pruned = sparsegpt_csr(weight, gram, self.sparsity, **_sparsegpt_settings(self))
+        if isinstance(pruned, self.MODULE.FORMAT):
+            return pruned
+        # SparseGPT's unstructured pass gives a CSRWeight: the same entries, in this config's format.
+        return self.MODULE.FORMAT.from_dense(pruned.to_dense(), pruned.mask())
 
     def module(self, weight: SparseWeightBase, linear: nn.Linear) -> nn.Module:
-        return CSRLinear.of(weight, linear)
+        return self.MODULE.of(weight, linear)
 
     def describe(self) -> dict[str, Any]:
-        return {"pattern": "csr", "vector": 1, "method": self.method, "sparsity": self.sparsity}
+        return {"pattern": self.PATTERN, "vector": 1, "method": self.method, "sparsity": self.sparsity}
+
+
+@dataclass(frozen=True)
+class CSRConfig(_UnstructuredConfig):
+    """Unstructured sparsity (:class:`CSRLinear`): the ``sparsity`` fraction of weights pruned by ``method``
+    (the smallest |w| over the matrix; Wanda's smallest |w| * ||x|| in each row; or SparseGPT)."""
+
+    MODULE: ClassVar[type[_UnstructuredLinear]] = CSRLinear
+    PATTERN: ClassVar[str] = "csr"
+
+
+@dataclass(frozen=True)
+class BitmapConfig(_UnstructuredConfig):
+    """Unstructured sparsity stored as a bitmap (:class:`BitmapLinear`): the entries :class:`CSRConfig` keeps
+    (the ``sparsity`` fraction of weights pruned by ``method``: the smallest |w| over the matrix; Wanda's smallest
+    |w| * ||x|| in each row; or SparseGPT), in the layout of the tensor-core kernel."""
+
+    MODULE: ClassVar[type[_UnstructuredLinear]] = BitmapLinear
+    PATTERN: ClassVar[str] = "bitmap"
 
 
 @dataclass(frozen=True)
@@ -694,7 +748,7 @@ class BlockConfig(SparsifyConfig):
         return {"pattern": "block", "vector": 1, "method": self.method, "sparsity": self.sparsity}
 
 
-CONFIGS = (NMConfig, CSRConfig, BlockConfig)
+CONFIGS = (NMConfig, CSRConfig, BitmapConfig, BlockConfig)
 
 
 def sparsify(
@@ -712,11 +766,12 @@ def sparsify(
 ) -> SparsifyReport:
     """Replace, in place, every ``nn.Linear`` of ``model`` that fits by a sparse module, and report.
 
-    ``pattern`` is a config (:class:`NMConfig`, :class:`CSRConfig`, :class:`BlockConfig`), or its short form: an
-    ``"n:m"`` pattern (:class:`SparseLinear`, vector-wise with V=``vector``, pruned with ``method``: "magnitude",
-    or "wanda" with ``calibration`` batches), ``"csr"`` (:class:`CSRLinear`, unstructured magnitude pruning to
-    ``sparsity``) or ``"block"`` (:class:`BlockShuffledLinear`: whole ``block`` tiles after a searched row
-    permutation, to ``sparsity``). ``weight_dtype`` (``torch.float8_e4m3fn`` or ``torch.int8``, n:m patterns only)
+    ``pattern`` is a config (:class:`NMConfig`, :class:`CSRConfig`, :class:`BitmapConfig`, :class:`BlockConfig`), or
+    its short form: an ``"n:m"`` pattern (:class:`SparseLinear`, vector-wise with V=``vector``, pruned with
+    ``method``: "magnitude", or "wanda" with ``calibration`` batches), ``"csr"`` (:class:`CSRLinear`, unstructured
+    magnitude pruning to ``sparsity``), ``"bitmap"`` (:class:`BitmapLinear`: the same entries as a bitmap) or
+    ``"block"`` (:class:`BlockShuffledLinear`: whole ``block`` tiles after a searched row permutation, to
+    ``sparsity``). ``weight_dtype`` (``torch.float8_e4m3fn`` or ``torch.int8``, n:m patterns only)
     quantizes the kept values of each pruned layer (:class:`QuantizedSparseLinear`, weight-only, for inference).
 
     A layer is skipped, with its reason in the report, when ``skip(name, module)`` is true, its shape or dtype
@@ -727,9 +782,9 @@ def sparsify(
     A model on the meta device (built under ``torch.device("meta")``, as transformers and accelerate build large
     models) becomes a shape-only skeleton: no mask can be chosen from weights without values, so each layer gets
     its format's placeholder structure (:meth:`SparseWeightBase.placeholder_indices`: N:M keeps the first n of
-    every m; CSR the first ``round((1 - sparsity) * N * K)`` entries in row-major order; block as many blocks as
-    ``sparsity`` keeps, the first in row-major block order, under the identity row permutation), whose tensors
-    have the shapes of the really pruned model's. Load the real sparse weights into it
+    every m; CSR and bitmap the first ``round((1 - sparsity) * N * K)`` entries in row-major order; block as many
+    blocks as ``sparsity`` keeps, the first in row-major block order, under the identity row permutation), whose
+    tensors have the shapes of the really pruned model's. Load the real sparse weights into it
     (``load_state_dict(state, assign=True)``, or ``to_empty(device=...)`` then ``load_state_dict``); ``to_empty``
     alone gives the placeholder structure with uninitialised values.
     """
@@ -751,9 +806,7 @@ def config_of(
 ) -> SparsifyConfig:
     """The config that :func:`sparsify`'s short form names, with the checks across its arguments."""
     if not isinstance(pattern, str):
-        raise TypeError(
-            f"pattern: expected an 'n:m', 'csr' or 'block' string or a config, got {type(pattern).__name__}"
-        )
+        raise TypeError(f"pattern: expected an 'n:m', {_FORMAT_NAMES} string or a config, got {type(pattern).__name__}")
     _check_method(method)
     if pattern.lower() in FORMATS and pattern not in FORMATS:
         raise ValueError(f"pattern: expected {pattern.lower()!r} (lower case), got {pattern!r}")
@@ -761,7 +814,7 @@ def config_of(
         try:
             parse_pattern(pattern)
         except ValueError as error:
-            raise ValueError(f"{error}; or 'csr' or 'block' for the other formats") from None
+            raise ValueError(f"{error}; or {_FORMAT_NAMES} for the other formats") from None
         check_vector(vector)
         if sparsity is not None:
             raise ValueError(f"sparsity: an n:m pattern fixes the sparsity ({pattern}); got sparsity={sparsity}")
@@ -773,7 +826,9 @@ def config_of(
         raise ValueError(f"sparsity: pattern {pattern!r} needs the fraction of weights to prune, got None")
     if vector != 1:
         raise ValueError(f"vector: applies to n:m patterns only; pattern {pattern!r} needs vector=1, got {vector}")
-    return CSRConfig(sparsity, method) if pattern == "csr" else BlockConfig(sparsity, block, method=method)
+    if pattern == "block":
+        return BlockConfig(sparsity, block, method=method)
+    return CSRConfig(sparsity, method) if pattern == "csr" else BitmapConfig(sparsity, method)
 
 
 def swap_linears(

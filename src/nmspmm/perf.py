@@ -169,6 +169,22 @@ def model_csr_case(
     )
 
 
+def model_bitmap_case(
+    tokens: int, rows: int, cols: int, nnz: int, dtype: torch.dtype, precision: str, ceilings: DeviceCeilings
+) -> CaseModel:
+    """:func:`model_case` for a bitmap weight with ``nnz`` kept entries (values, one bit per weight, an int32 block
+    offset per 128 inputs and row): as element-wise N:M, each tile is expanded to dense and multiplied whole, so
+    the dense FLOPs on tensor cores, x read as stored (no transpose) once per tile of 128 output features, and the
+    weight's bytes as stored."""
+    size = torch.finfo(dtype).bits // 8
+    weight_bytes = nnz * size + rows * triton.cdiv(cols, 32) * 4 + rows * triton.cdiv(cols, 128) * 4
+    return _linear_model(
+        tokens, rows, cols, size, 2.0 * tokens * rows * cols, weight_bytes,
+        tokens * cols * size * triton.cdiv(rows, 128), 256, ceilings.matmul_tflops[precision],
+        tensor_core_tflops(precision, ceilings), ceilings, transposes_x=False,
+    )
+
+
 def _columns_per_sm(rows: int, cols: int, nnz: int, ceilings: DeviceCeilings) -> float:
     """Expected distinct columns among the rows of one SM, with the rows spread evenly over the SMs and the
     ``nnz`` kept entries placed at random: the fewest x (or b) rows its loads must bring in from L2."""

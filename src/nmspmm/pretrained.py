@@ -9,7 +9,8 @@ metadata entry); the model's other tensors sit beside them, and one more entry, 
 object::
 
     {"format": "nmspmm-model", "version": 1,
-     "modules": {"<module name>": "SparseLinear" | "CSRLinear" | "BlockShuffledLinear", ...},
+     "modules": {"<module name>": "SparseLinear" | "QuantizedSparseLinear" | "CSRLinear" | "BitmapLinear"
+                                  | "BlockShuffledLinear", ...},
      "aliases": {"<state key>": "<state key stored in its place>", ...},
      "checksums": {"<state key>": <CRC-32 of its bytes>, ...}}
 
@@ -189,8 +190,9 @@ def _sparse_layer(
 
 def densify(model: nn.Module) -> list[str]:
     """Replace, in place, every sparse layer of ``model`` (:class:`SparseLinear`, :class:`QuantizedSparseLinear`
-    (dequantized), :class:`CSRLinear`, :class:`BlockShuffledLinear`) by an ``nn.Linear`` holding its dense
-    weight (zeros where pruned) and bias, on the same device and dtype; returns the names replaced."""
+    (dequantized), :class:`CSRLinear`, :class:`BitmapLinear`, :class:`BlockShuffledLinear`) by an ``nn.Linear``
+    holding its dense weight (zeros where pruned) and bias, on the same device and dtype; returns the names
+    replaced."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if type(model) in SPARSE_MODULES:

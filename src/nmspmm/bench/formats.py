@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..formats import BlockShuffledWeight, CSRWeight
+from ..formats import BitmapWeight, BlockShuffledWeight, CSRWeight
 from ..formats.pattern import NM_OF_SPARSITY
 from ..ops import linear, sddmm
-from ..perf import DeviceCeilings, model_block_case, model_csr_case, model_sddmm_case
+from ..perf import DeviceCeilings, model_bitmap_case, model_block_case, model_csr_case, model_sddmm_case
 from ..prune import kept_magnitude, prune, prune_block_shuffled, prune_csr
 from .cases import DTYPES, load_suite
 from ..progress import progress
@@ -24,7 +24,7 @@ from .runner import (
     rotation_sets,
 )
 
-KINDS = ("csr", "sddmm", "block")
+KINDS = ("csr", "sddmm", "block", "bitmap")
 KEY = ("kind", "M", "N", "K", "sparsity", "dtype", "block")
 CSR_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 CSR_TOKENS = (1, 16, 256, 1024, 4096)
@@ -38,7 +38,8 @@ DEVICE = "cuda"  # the benchmark's device; tests run the case logic on "cpu" wit
 @dataclass(frozen=True)
 class FormatCase:
     """One product: ``kind`` "csr" (``X[M, K] @ W.T``, W unstructured), "sddmm" (``dY.T @ X`` sampled at W's
-    kept positions, the weight gradient: depth M) or "block" (W block-sparse after a row permutation)."""
+    kept positions, the weight gradient: depth M), "block" (W block-sparse after a row permutation) or "bitmap"
+    (W unstructured as a bitmap, the same entries as "csr")."""
 
     kind: str
     tokens: int
@@ -92,6 +93,7 @@ def quick_format_cases() -> list[FormatCase]:
     cases = format_cases(["csr"], [1, 16, 1024, 4096], layers, [0.7, 0.9, 0.98], ["bfloat16", "float32"])
     cases += format_cases(["sddmm"], [256, 4096], layers, [0.7, 0.9, 0.98], ["float32"])
     cases += format_cases(["block"], [16, 1024, 4096], layers, list(BLOCK_SPARSITIES), ["bfloat16"])
+    cases += format_cases(["bitmap"], [1, 16, 1024, 4096], layers, [0.5, 0.7, 0.9], ["bfloat16"])
     return cases
 
 
@@ -103,6 +105,12 @@ class _WeightCache:
         self._weights: dict[tuple, tuple] = {}
 
     def get(self, case: FormatCase, dtype: torch.dtype) -> tuple:
+        if case.kind == "bitmap":  # the CSR weight's entries (the same rule keeps the same ones), beside it
+            bitmap_key = ("bitmap", case.rows, case.cols, case.sparsity, case.dtype)
+            if bitmap_key not in self._weights:
+                dense, csr = self.get(FormatCase("csr", 1, case.rows, case.cols, case.sparsity, case.dtype), dtype)
+                self._weights[bitmap_key] = (dense, (BitmapWeight.from_dense(dense, csr.mask()), csr))
+            return self._weights[bitmap_key]
         key = (case.kind == "block", case.rows, case.cols, case.sparsity, case.dtype, case.block)
         if key not in self._weights:
             generator = torch.Generator(device=DEVICE).manual_seed(hash(key) % 2**31)
@@ -120,7 +128,7 @@ def run_format_case(case: FormatCase, ceilings: DeviceCeilings, stamp: dict[str,
     with matmul_precision(case.dtype):
         dtype = torch.float32 if case.dtype in ("float32", "tf32") else getattr(torch, case.dtype)
         dense, weight = cache.get(case, dtype)
-        runner = {"csr": _run_csr, "sddmm": _run_sddmm, "block": _run_block}[case.kind]
+        runner = {"csr": _run_csr, "sddmm": _run_sddmm, "block": _run_block, "bitmap": _run_bitmap}[case.kind]
         measured = runner(case, dense, weight, dtype, ceilings)
     return {
         **stamp, "kind": case.kind, "M": case.tokens, "N": case.rows, "K": case.cols, "sparsity": case.sparsity,
@@ -187,6 +195,33 @@ def _run_csr(case: FormatCase, dense: torch.Tensor, weight: CSRWeight, dtype: to
     return {
         **_timings(ms, dense_ms, peer_ms, model, rel_error, correct),
         **_graphed(case.tokens, correct, calls, dense_calls),
+    }
+
+
+def _run_bitmap(
+    case: FormatCase, dense: torch.Tensor, weights: tuple[BitmapWeight, CSRWeight], dtype: torch.dtype, ceilings
+) -> dict:
+    """nmspmm.linear on the bitmap weight (row-major x in and y out) against x @ W.T (cuBLAS, dense W) and, as the
+    peer, nmspmm's CSR product of the same entries; few tokens are also replayed from CUDA graphs on all three."""
+    weight, csr = weights
+    element = torch.finfo(dtype).bits // 8
+    sets = _sets(case, element, weight.nbytes)
+    xs = [torch.randn(case.tokens, case.cols, device=DEVICE, dtype=dtype) for _ in range(sets)]
+    bitmaps = [weight] + [weight._with_values(weight.values.clone()) for _ in range(sets - 1)]
+    csrs = [csr] + [csr._with_values(csr.values.clone()) for _ in range(sets - 1)]
+    reference = xs[0].double() @ weight.to_dense().double().t()
+    rel_error = relative_error(linear(xs[0], weight), reference)
+    correct = rel_error < TOLERANCE[case.dtype]
+    dense_calls = [lambda x=x, w=w: x @ w.t() for x, w in zip(xs, rotated_dense(dense, sets))]
+    dense_ms = median_ms(dense_calls)
+    peer_calls = [lambda x=x, w=w: linear(x, w) for x, w in zip(xs, csrs)]
+    peer_ms = median_ms(peer_calls)
+    calls = [lambda x=x, w=w: linear(x, w) for x, w in zip(xs, bitmaps)]
+    ms = median_ms(calls) if correct else math.nan
+    model = model_bitmap_case(case.tokens, case.rows, case.cols, weight.nnz, dtype, case.dtype, ceilings)
+    return {
+        **_timings(ms, dense_ms, peer_ms, model, rel_error, correct),
+        **_graphed(case.tokens, correct, calls, dense_calls, peer_calls),
     }
 
 

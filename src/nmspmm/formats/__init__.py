@@ -1,7 +1,9 @@
 """Sparse weight layouts: compress from dense + mask, back to dense, validate, move and save. Vector-wise N:M
-(NMSparseWeight, and QuantizedNMWeight with 8-bit values), unstructured CSR (CSRWeight) and block-sparse after a
-row permutation (BlockShuffledWeight)."""
+(NMSparseWeight, and QuantizedNMWeight with 8-bit values), unstructured CSR (CSRWeight), unstructured as a bitmap
+with block offsets for tensor-core kernels (BitmapWeight) and block-sparse after a row permutation
+(BlockShuffledWeight)."""
 
+from .bitmap import BitmapWeight
 from .block_shuffled import SUPPORTED_BLOCK_SIDES, BlockShuffledWeight
 from .csr import CSRWeight
 from .nm import NMSparseWeight
@@ -15,6 +17,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "SUPPORTED_M",
     "SUPPORTED_VECTORS",
+    "BitmapWeight",
     "BlockShuffledWeight",
     "CSRWeight",
     "NMSparseWeight",

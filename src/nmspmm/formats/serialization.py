@@ -1,8 +1,9 @@
 """Save and load sparse weights (any nmspmm format) as safetensors files.
 
 A file holds, per weight ``<name>`` of any format (:class:`NMSparseWeight`, :class:`QuantizedNMWeight`,
-:class:`CSRWeight`, :class:`BlockShuffledWeight`), its tensors as ``<name>.<field>`` (for N:M: ``values`` and
-``offsets``, and ``scales`` when quantized), and one metadata entry, ``"nmspmm"``, a JSON object::
+:class:`CSRWeight`, :class:`BlockShuffledWeight`, :class:`BitmapWeight`), its tensors as ``<name>.<field>`` (for
+N:M: ``values`` and ``offsets``, and ``scales`` when quantized), and one metadata entry, ``"nmspmm"``, a JSON
+object::
 
     {"format": "nmspmm", "version": 4,
      "weights": {"<name>": {"format": "NMSparseWeight", "pattern": "8:32", "vector": 16, "shape": [N, K],
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .base import checksum, fields_checksum, verify_checksums, verify_fields
+from .bitmap import BitmapWeight
 from .block_shuffled import BlockShuffledWeight
 from .csr import CSRWeight
 from .nm import NMSparseWeight
@@ -39,9 +41,9 @@ FORMAT_VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)
 METADATA_KEY = "nmspmm"
 DEFAULT_NAME = "weight"
-SparseWeight = NMSparseWeight | QuantizedNMWeight | CSRWeight | BlockShuffledWeight
+SparseWeight = NMSparseWeight | QuantizedNMWeight | CSRWeight | BlockShuffledWeight | BitmapWeight
 WEIGHT_CLASSES: dict[str, type] = {
-    cls.__name__: cls for cls in (NMSparseWeight, QuantizedNMWeight, CSRWeight, BlockShuffledWeight)
+    cls.__name__: cls for cls in (NMSparseWeight, QuantizedNMWeight, CSRWeight, BlockShuffledWeight, BitmapWeight)
 }
 _CLASS_NAMES = ", ".join(WEIGHT_CLASSES)
 

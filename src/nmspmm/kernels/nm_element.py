@@ -27,21 +27,27 @@ WORD_BITS = 32
 
 
 @triton.jit
+def _kept_bits_tile(bits_ptr, offs_n, n_valid, k0, WORDS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The bitmap's ``[BLOCK_N, BLOCK_K // 32, 32]`` bits from input ``k0`` on: 1 where a row keeps an input."""
+    word = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(
+        bits_ptr + offs_n[:, None] * WORDS + word[None, :], mask=n_valid[:, None] & (word < WORDS)[None, :], other=0
+    )
+    return (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+
+
+@triton.jit
 def _expanded_tile(
     values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS,
     N_KEEP: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
     GATHER: tl.constexpr,
 ):
-    """The dense ``[BLOCK_N, BLOCK_K]`` tile of the weight from input ``k0`` on, in ``DTYPE``: kept values where the
-    bitmap keeps an input, zeros elsewhere. A row's kept values lie in input order, so a kept input's slot is its
+    """The dense ``[BLOCK_N, BLOCK_K]`` tile of an N:M weight from input ``k0`` on, in ``DTYPE``: kept values where
+    the bitmap keeps an input, zeros elsewhere. A row's kept values lie in input order, so a kept input's slot is its
     group's first slot plus the number of inputs the group keeps before it. ``GATHER`` loads the tile's kept values
     as one contiguous block and places them with a register gather; otherwise each kept input loads its own value
     (masked). 8-bit values (DTYPE differs from theirs) are exact in DTYPE."""
-    word = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    words = tl.load(
-        bits_ptr + offs_n[:, None] * WORDS + word[None, :], mask=n_valid[:, None] & (word < WORDS)[None, :], other=0
-    )
-    kept = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    kept = _kept_bits_tile(bits_ptr, offs_n, n_valid, k0, WORDS, BLOCK_N, BLOCK_K)
     kept = tl.reshape(kept, (BLOCK_N, BLOCK_K // GROUP, GROUP))
     before = tl.cumsum(kept, axis=2) - kept
     cast: tl.constexpr = values_ptr.dtype.element_ty != DTYPE
@@ -69,15 +75,44 @@ def _expanded_tile(
 
 
 @triton.jit
+def _expanded_bitmap_tile(
+    values_ptr, bits_ptr, offs_n, n_valid, k0, first, WORDS,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
+):
+    """The dense ``[BLOCK_N, BLOCK_K]`` tile of an unstructured (bitmap) weight from input ``k0`` on, and how many
+    inputs each row keeps in it. ``first`` [BLOCK_N] is the slot in ``values`` (all rows' kept values, row-major, in
+    input order) of each row's first kept value at or after ``k0``; a kept input's slot adds the number its row
+    keeps before it in the tile. ``GATHER`` loads ``BLOCK_K`` values from ``first`` on (a row keeps at most that
+    many here) and places them with a register gather; otherwise each kept input loads its own value (masked)."""
+    kept = tl.reshape(_kept_bits_tile(bits_ptr, offs_n, n_valid, k0, WORDS, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K))
+    before = tl.cumsum(kept, axis=1) - kept
+    count = tl.sum(kept, axis=1)
+    if GATHER:
+        cols = tl.arange(0, BLOCK_K)
+        packed = tl.load(
+            values_ptr + first[:, None] + cols[None, :], mask=n_valid[:, None] & (cols[None, :] < count[:, None]),
+            other=0.0,
+        )
+        w = tl.gather(packed, before, axis=1)
+        w = tl.where(kept != 0, w, 0.0)
+    else:
+        w = tl.load(values_ptr + first[:, None] + before, mask=kept != 0, other=0.0)
+    return w, count
+
+
+@triton.jit
 def _nm_element_kernel(
-    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, bits_ptr, bias_ptr, scales_ptr,
-    M, N, K, KEPT, WORDS,
+    xt_ptr, y_ptr, partial_ptr, counter_ptr, values_ptr, bits_ptr, bias_ptr, scales_ptr, firsts_ptr,
+    M, N, K, KEPT, WORDS, BLOCKS,
     stride_xk, stride_xm, stride_ym, stride_yn, stride_ps,
     SPLIT_K: tl.constexpr, N_KEEP: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE_M: tl.constexpr,
     SCALED: tl.constexpr, GATHER: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, UNSTRUCTURED: tl.constexpr, BLOCK_INPUTS: tl.constexpr,
 ):
+    # UNSTRUCTURED: an unstructured (bitmap) weight, whose ``values`` hold every row's kept values one after
+    # another and ``firsts_ptr`` [N, BLOCKS] the slot of each row's first kept value in each block of BLOCK_INPUTS
+    # inputs; each program's share of K starts at such a block, and later steps count on from it.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -91,7 +126,8 @@ def _nm_element_kernel(
 
     # Split-K: program pid_k sums its own share of the inputs; the tile's last program adds the shares.
     pid_k = tl.program_id(1)
-    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    share_unit: tl.constexpr = BLOCK_INPUTS if UNSTRUCTURED else BLOCK_K
+    k_share = tl.cdiv(tl.cdiv(K, share_unit), SPLIT_K) * share_unit
     k_begin = pid_k * k_share
     k_end = min(K, k_begin + k_share)
 
@@ -104,16 +140,27 @@ def _nm_element_kernel(
     n_valid = offs_n < N
     # The tile is computed transposed, W @ X.T (output features on the MMA's M side).
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    first = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    count = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_valid = kk < k_end
         if WIDE:
             kk = kk.to(tl.int64)
-        # 8-bit values (SCALED) are expanded in the activations' dtype; their scales apply to the sum.
-        w = _expanded_tile(
-            values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS, N_KEEP, GROUP, BLOCK_N, BLOCK_K,
-            (tl.float32 if UPCAST else xt_ptr.dtype.element_ty) if SCALED else values_ptr.dtype.element_ty, GATHER,
-        )
+        if UNSTRUCTURED:
+            at_block = k0 % BLOCK_INPUTS == 0
+            stored = tl.load(firsts_ptr + offs_n * BLOCKS + k0 // BLOCK_INPUTS, mask=n_valid & at_block, other=0)
+            first = tl.where(at_block, stored, first + count)
+            w, count = _expanded_bitmap_tile(
+                values_ptr, bits_ptr, offs_n, n_valid, k0, first, WORDS, BLOCK_N, BLOCK_K, GATHER
+            )
+        else:
+            # 8-bit values (SCALED) are expanded in the activations' dtype; their scales apply to the sum.
+            w = _expanded_tile(
+                values_ptr, bits_ptr, offs_n, n_valid, k0, KEPT, WORDS, N_KEEP, GROUP, BLOCK_N, BLOCK_K,
+                (tl.float32 if UPCAST else xt_ptr.dtype.element_ty) if SCALED else values_ptr.dtype.element_ty,
+                GATHER,
+            )
         x = tl.load(
             xt_ptr + kk[:, None] * stride_xk + offs_m[None, :] * stride_xm,
             mask=k_valid[:, None] & m_valid[None, :], other=0.0,
@@ -127,16 +174,19 @@ def _nm_element_kernel(
     finite = (acc == acc) & (tl.abs(acc) < float("inf"))
     if tl.min(tl.min(finite.to(tl.int32), axis=1), axis=0) == 0:
         acc = tl.zeros_like(acc)
-        before = tl.zeros((BLOCK_N,), dtype=tl.int32) + (k_begin // GROUP) * N_KEEP
+        if UNSTRUCTURED:
+            slot = tl.load(firsts_ptr + offs_n * BLOCKS + k_begin // BLOCK_INPUTS, mask=n_valid, other=0)
+        else:
+            slot = offs_n * KEPT + (k_begin // GROUP) * N_KEEP
         for k in range(k_begin, k_end):
             bit = (tl.load(bits_ptr + offs_n * WORDS + k // 32, mask=n_valid, other=0) >> (k % 32)) & 1
-            w = tl.where(bit != 0, tl.load(values_ptr + offs_n * KEPT + before, mask=bit != 0).to(tl.float32), 0.0)
+            w = tl.where(bit != 0, tl.load(values_ptr + slot, mask=bit != 0).to(tl.float32), 0.0)
             k_row = k
             if WIDE:
                 k_row = k.to(tl.int64)
             x = tl.load(xt_ptr + k_row * stride_xk + offs_m * stride_xm, mask=m_valid, other=0.0).to(tl.float32)
             acc += tl.where(bit[:, None] != 0, w[:, None] * x[None, :], 0.0)
-            before += bit
+            slot += bit
     if SCALED:
         acc = acc * tl.load(scales_ptr + offs_n, mask=n_valid, other=0.0)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -235,6 +285,52 @@ def gathers_tile(n: int, m: int, block_k: int) -> bool:
     return 2 * n >= m and width & (width - 1) == 0
 
 
+# Inputs per stored block of an unstructured weight's first-slot table (its block_offsets).
+BLOCK_INPUTS = 128
+
+
+def _element_launch(
+    xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int], values: torch.Tensor,
+    bits: torch.Tensor, firsts: torch.Tensor | None, rows: int, kept: int, n: int, m: int, config: VectorConfig,
+    bias: torch.Tensor | None, input_precision: str, scales: torch.Tensor | None, dtype: torch.dtype | None,
+    gather: bool,
+) -> SplitKLaunch:
+    """The prepared launch of the element-wise kernel for an N:M weight (``firsts`` None) or an unstructured one
+    (``firsts``: its [N, ceil(K / BLOCK_INPUTS)] first slots)."""
+    cols, tokens = xt_shape
+    block_k = config.block_k
+    if block_k % WORD_BITS or block_k % m:
+        raise ValueError(f"config: block_k={block_k} must be a multiple of {WORD_BITS} and of m={m}")
+    if firsts is not None and BLOCK_INPUTS % block_k:
+        raise ValueError(f"config: block_k={block_k} must divide {BLOCK_INPUTS} for an unstructured weight")
+    if not config.weight_first:
+        raise ValueError("config: the element-wise kernel computes weight-first tiles only (weight_first=True)")
+    upcast = upcasts_bf16(values.dtype if dtype is None else dtype)
+    split_unit = block_k if firsts is None else BLOCK_INPUTS
+    split_k = max(1, min(config.split_k, cdiv(cols, split_unit)))
+    tiles = cdiv(tokens, config.block_m) * cdiv(rows, config.block_n)
+    weight = (
+        values, bits, values if bias is None else bias, values if scales is None else scales,
+        values if firsts is None else firsts, tokens, rows, cols, kept, bits.shape[1],
+        1 if firsts is None else firsts.shape[1], *xt_strides, *out_strides, tokens * rows,
+    )
+    constexprs = dict(
+        SPLIT_K=split_k, N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_SIZE_M=config.group_size_m,
+        SCALED=scales is not None, GATHER=gather,
+        INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
+        WIDE=wide_offsets(
+            (xt_shape, xt_strides), ((tokens, rows), out_strides),
+            extents=(values.numel(), split_k * tokens * rows),
+        ),
+        UNSTRUCTURED=firsts is not None, BLOCK_INPUTS=BLOCK_INPUTS,
+    )
+    return SplitKLaunch(
+        _nm_element_kernel, (tiles, split_k, 1), weight, constexprs, config.num_warps, config.num_stages, split_k,
+        tokens, rows, tiles,
+    )
+
+
 class ElementProduct:
     """The element-wise kernel's launch for one weight and one layout of ``xt`` [K, M] and ``out`` [M, N],
     prepared once: a call writes ``xt.T @ W.T (+ bias)`` into ``out`` (tensors of the prepared shapes and strides;
@@ -260,37 +356,71 @@ class ElementProduct:
         dtype: torch.dtype | None = None,
         bits: torch.Tensor | None = None,
     ) -> None:
-        cols, tokens = xt_shape
         rows, kept = values.shape
-        block_k = config.block_k
-        if block_k % WORD_BITS or block_k % m:
-            raise ValueError(f"config: block_k={block_k} must be a multiple of {WORD_BITS} and of m={m}")
-        if not config.weight_first:
-            raise ValueError("config: the element-wise kernel computes weight-first tiles only (weight_first=True)")
-        self.bits = cached_kept_bits(kept_offsets, n, m, cols) if bits is None else bits.contiguous()
-        upcast = upcasts_bf16(values.dtype if dtype is None else dtype)
-        split_k = max(1, min(config.split_k, cdiv(cols, block_k)))
-        tiles = cdiv(tokens, config.block_m) * cdiv(rows, config.block_n)
-        weight = (
-            values, self.bits, values if bias is None else bias, values if scales is None else scales,
-            tokens, rows, cols, kept, self.bits.shape[1], *xt_strides, *out_strides, tokens * rows,
-        )
-        constexprs = dict(
-            SPLIT_K=split_k, N_KEEP=n, GROUP=m, HAS_BIAS=bias is not None,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, GROUP_SIZE_M=config.group_size_m,
-            SCALED=scales is not None, GATHER=gathers_tile(n, m, block_k),
-            INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST=upcast,
-            WIDE=wide_offsets(
-                (xt_shape, xt_strides), ((tokens, rows), out_strides), extents=(rows * kept, split_k * tokens * rows)
-            ),
-        )
-        self._launch = SplitKLaunch(
-            _nm_element_kernel, (tiles, split_k, 1), weight, constexprs, config.num_warps, config.num_stages, split_k,
-            tokens, rows, tiles,
+        self.bits = cached_kept_bits(kept_offsets, n, m, xt_shape[0]) if bits is None else bits.contiguous()
+        self._launch = _element_launch(
+            xt_shape, xt_strides, out_strides, values, self.bits, None, rows, kept, n, m, config, bias,
+            input_precision, scales, dtype, gathers_tile(n, m, config.block_k),
         )
 
     def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
         self._launch(xt, out)
+
+
+class BitmapProduct:
+    """The element-wise kernel's launch for an unstructured weight stored as a bitmap: ``values`` (every row's kept
+    values one after another, in input order), int32 ``bitmap`` [N, ceil(K / 32)] and int32 ``block_offsets``
+    [N, ceil(K / BLOCK_INPUTS)] (the slot of each row's first kept value in each block of inputs). Prepared once
+    for one layout of ``xt`` [K, M] and ``out`` [M, N], as :class:`ElementProduct`. The tile is expanded by a
+    register gather where at least half the weight is kept (see :func:`gathers_tile`), else by masked loads."""
+
+    __slots__ = ("_launch",)
+
+    def __init__(
+        self,
+        xt_shape: tuple[int, int],
+        xt_strides: tuple[int, int],
+        out_strides: tuple[int, int],
+        values: torch.Tensor,
+        bitmap: torch.Tensor,
+        block_offsets: torch.Tensor,
+        config: VectorConfig,
+        bias: torch.Tensor | None = None,
+        input_precision: str = "ieee",
+    ) -> None:
+        rows = bitmap.shape[0]
+        gather = 2 * values.numel() >= rows * xt_shape[0]
+        # The kernel indexes every weight tensor and the bias as contiguous.
+        self._launch = _element_launch(
+            xt_shape, xt_strides, out_strides, values.contiguous(), bitmap.contiguous(), block_offsets.contiguous(),
+            rows, 0, 1, 1, config, None if bias is None else bias.contiguous(), input_precision, None, None, gather,
+        )
+
+    def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
+        self._launch(xt, out)
+
+
+def bitmap_matmul(
+    xt: torch.Tensor,
+    values: torch.Tensor,
+    bitmap: torch.Tensor,
+    block_offsets: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: VectorConfig | None = None,
+    input_precision: str = "ieee",
+) -> torch.Tensor:
+    """Write ``xt.T @ W.T (+ bias)`` into ``out`` ([M, N], any strides) for an unstructured ``W`` stored as a bitmap
+    (:class:`BitmapProduct`); ``xt`` is [K, M] (any strides). ``config`` defaults to :func:`choose_element_config`'s
+    (its K steps divide :data:`BLOCK_INPUTS`). Repeated products of one weight keep a :class:`BitmapProduct`."""
+    if config is None:
+        rows, cols, tokens = bitmap.shape[0], xt.shape[0], xt.shape[1]
+        config = choose_element_config(tokens, rows, cols, WORD_BITS, values.dtype, values.device)
+    product = BitmapProduct(
+        tuple(xt.shape), xt.stride(), out.stride(), values, bitmap, block_offsets, config, bias, input_precision
+    )
+    product(xt, out)
+    return out
 
 
 def nm_element_matmul(

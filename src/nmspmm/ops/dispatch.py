@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight, SparseWeight
-from . import block_shuffled, csr, nm
+from ..formats import BitmapWeight, BlockShuffledWeight, CSRWeight, NMSparseWeight, QuantizedNMWeight, SparseWeight
+from . import bitmap, block_shuffled, csr, nm
 
-_FORMATS = "an nmspmm.NMSparseWeight, QuantizedNMWeight, CSRWeight or BlockShuffledWeight"
+_FORMATS = "an nmspmm.NMSparseWeight, QuantizedNMWeight, CSRWeight, BitmapWeight or BlockShuffledWeight"
+_FEATURE_MAJOR_FORMATS = "NMSparseWeight, CSRWeight or BitmapWeight"
 
 
 def linear(
@@ -22,23 +23,31 @@ def linear(
         return nm.nm_linear(x, weight, bias, backend=backend)
     if isinstance(weight, CSRWeight):
         return csr.csr_linear(x, weight, bias, backend=backend)
+    if isinstance(weight, BitmapWeight):
+        return bitmap.bitmap_linear(x, weight, bias, backend=backend)
     if isinstance(weight, BlockShuffledWeight):
         return block_shuffled.block_shuffled_linear(x, weight, bias, backend=backend)
     raise TypeError(f"weight: expected {_FORMATS}, got {type(weight).__name__}")
 
 
 def linear_feature_major(
-    x_t: torch.Tensor, weight: NMSparseWeight | CSRWeight, bias: torch.Tensor | None = None, *, backend: str = "auto"
+    x_t: torch.Tensor,
+    weight: NMSparseWeight | CSRWeight | BitmapWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The product on feature-major activations: ``x_t`` is ``[K, M]`` (``X.T``), the result ``[N, M]``, so a
-    chain of sparse layers needs no transposes. N:M and CSR weights (block-sparse reads x row-major)."""
+    chain of sparse layers needs no transposes. N:M, CSR and bitmap weights (block-sparse reads x row-major)."""
     if isinstance(weight, NMSparseWeight):
         return nm.nm_linear_feature_major(x_t, weight, bias, backend=backend)
     if isinstance(weight, CSRWeight):
         return csr.csr_linear_feature_major(x_t, weight, bias, backend=backend)
+    if isinstance(weight, BitmapWeight):
+        return bitmap.bitmap_linear_feature_major(x_t, weight, bias, backend=backend)
     if isinstance(weight, BlockShuffledWeight):
         raise TypeError(
-            "weight: linear_feature_major takes an NMSparseWeight or CSRWeight; a BlockShuffledWeight reads x "
+            f"weight: linear_feature_major takes an {_FEATURE_MAJOR_FORMATS}; a BlockShuffledWeight reads x "
             "row-major, so call nmspmm.linear(x, weight)"
         )
-    raise TypeError(f"weight: expected an nmspmm.NMSparseWeight or CSRWeight, got {type(weight).__name__}")
+    raise TypeError(f"weight: expected an nmspmm.{_FEATURE_MAJOR_FORMATS}, got {type(weight).__name__}")

@@ -1,6 +1,7 @@
 """Pruning: choose which weights a vector-wise N:M pattern keeps (by magnitude, or by Wanda's activation-aware
 score, optionally after an input-channel permutation), unstructured masks, and block masks after a searched row
-permutation; and compress them: :func:`prune` (N:M), :func:`prune_csr`, :func:`prune_block_shuffled`. SparseGPT
+permutation; and compress them: :func:`prune` (N:M), :func:`prune_csr`, :func:`prune_bitmap` (the entries
+:func:`prune_csr` keeps, as a bitmap), :func:`prune_block_shuffled`. SparseGPT
 (:func:`sparsegpt` for N:M, :func:`sparsegpt_csr` unstructured, :func:`sparsegpt_block_shuffled`) also updates
 the kept weights to keep the layer's outputs on calibration inputs; :func:`prune_sequentially` runs it through a
 model layer by layer.
@@ -20,7 +21,7 @@ from .calibration import collect_input_grams, collect_input_norms, prune_sequent
 from .magnitude import magnitude_mask, prune
 from .permutation import kept_magnitude, search_permutation
 from .sparsegpt import sparsegpt, sparsegpt_block_shuffled, sparsegpt_csr
-from .unstructured import prune_csr, unstructured_mask
+from .unstructured import prune_bitmap, prune_csr, unstructured_mask
 from .wanda import wanda_csr_mask, wanda_mask, wanda_scores
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "kept_magnitude",
     "magnitude_mask",
     "prune",
+    "prune_bitmap",
     "prune_block_shuffled",
     "prune_csr",
     "prune_sequentially",

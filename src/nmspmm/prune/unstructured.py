@@ -1,5 +1,5 @@
 """Unstructured magnitude pruning: keep the largest |w| over the whole matrix, in any positions, and compress
-into a :class:`CSRWeight`."""
+into a :class:`CSRWeight` or a :class:`BitmapWeight` (both keep the same entries)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..formats.base import register_pruner
+from ..formats.bitmap import BitmapWeight
 from ..formats.csr import CSRWeight
 from ..formats.pattern import check_weight_matrix, holds_values
 from .magnitude import check_finite, largest_mask
@@ -49,11 +50,28 @@ def prune_csr(weight: torch.Tensor, sparsity: float) -> CSRWeight:
     kept values. A weight without values (on the meta device or fake: :func:`holds_values`), where no entries can
     be ranked, gives a shape-only weight of as many entries in the placeholder structure, the first ones in
     row-major order (:meth:`CSRWeight.placeholder_indices`)."""
+    return _prune_unstructured(CSRWeight, weight, sparsity)
+
+
+def prune_bitmap(weight: torch.Tensor, sparsity: float) -> BitmapWeight:
+    """Magnitude-prune ``weight`` [N, K] to ``sparsity`` into a :class:`BitmapWeight` holding a detached copy of
+    the kept values: the entries :func:`prune_csr` keeps (:func:`unstructured_mask`). A weight without values (on
+    the meta device or fake: :func:`holds_values`) gives a shape-only weight of as many entries in the placeholder
+    structure, the first ones in row-major order (:meth:`BitmapWeight.placeholder_indices`)."""
+    return _prune_unstructured(BitmapWeight, weight, sparsity)
+
+
+def _prune_unstructured(
+    format_type: type[CSRWeight] | type[BitmapWeight], weight: torch.Tensor, sparsity: float
+) -> CSRWeight | BitmapWeight:
+    """``format_type.from_dense`` of the detached ``weight`` under :func:`unstructured_mask`, or its placeholder of
+    as many entries where ``weight`` holds no values."""
     mask = unstructured_mask(weight, sparsity)
     if not holds_values(weight):
         values = weight.new_empty(kept_entry_count(weight, sparsity))
-        return CSRWeight.placeholder(values, {"shape": list(weight.shape)})
-    return CSRWeight.from_dense(weight.detach(), mask)
+        return format_type.placeholder(values, {"shape": list(weight.shape)})
+    return format_type.from_dense(weight.detach(), mask)
 
 
 register_pruner(CSRWeight, "prune_csr", prune_csr)
+register_pruner(BitmapWeight, "prune_bitmap", prune_bitmap)
