@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .base import SparseWeightBase, deprecated_prune
-from .csr import _MAX_NNZ, INDEX_DTYPE, _check_index_tensor
-from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask, holds_values
+from .base import deprecated_prune
+from .pattern import check_shape
+from .unstructured import INDEX_DTYPE, UnstructuredWeight
 
 WORD_BITS = 32
 """Inputs per bitmap word (an int32)."""
@@ -24,7 +24,7 @@ _BIT_VALUES = [1 << j for j in range(WORD_BITS - 1)] + [-(1 << (WORD_BITS - 1))]
 _CHUNK_ELEMENTS = 1 << 24
 
 
-class BitmapWeight(SparseWeightBase):
+class BitmapWeight(UnstructuredWeight):
     """A pruned ``[N, K]`` weight as a bitmap: rows are output features, columns input features.
 
     Storage: ``values`` [nnz] (the kept entries in row-major order, as :attr:`CSRWeight.values`), int32 ``bitmap``
@@ -35,7 +35,9 @@ class BitmapWeight(SparseWeightBase):
     """
 
     STATE_TENSORS = ("values", "bitmap", "block_offsets")
-    STATE_FIELDS = ("shape", "dtype")
+    PRUNER = "prune_bitmap"
+    bitmap: torch.Tensor
+    block_offsets: torch.Tensor
 
     @classmethod
     def placeholder_indices(cls, values: torch.Tensor, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -60,82 +62,17 @@ class BitmapWeight(SparseWeightBase):
         *,
         allow_nonfinite: bool = False,
     ) -> None:
-        self._assign(values, bitmap, block_offsets, shape)
-        self.validate()
-        self.check_storage(allow_nonfinite)
+        self._construct(values, bitmap, block_offsets, shape, allow_nonfinite)
 
-    @classmethod
-    def _trusted(
-        cls,
-        values: torch.Tensor,
-        bitmap: torch.Tensor,
-        block_offsets: torch.Tensor,
-        shape: tuple[int, int] | torch.Size,
-        derived: dict[str, Any] | None = None,
-    ) -> "BitmapWeight":
-        """Wrap tensors that were already validated together, skipping :meth:`validate` (which synchronizes a
-        GPU). ``derived``, if given, is the cache of a weight with this very structure (the same index tensors),
-        then shared with it. For ops and modules only."""
-        weight = cls.__new__(cls)
-        weight._assign(values, bitmap, block_offsets, shape, derived)
-        return weight
-
-    def _with_values(self, values: torch.Tensor) -> "BitmapWeight":
-        """A trusted weight of this structure (sharing its index tensors and derived caches) holding ``values``
-        ([nnz], on this device); for ops that compute values at the kept positions."""
-        return BitmapWeight._trusted(values, self.bitmap, self.block_offsets, self.shape, self._derived)
-
-    def _assign(
-        self,
-        values: torch.Tensor,
-        bitmap: torch.Tensor,
-        block_offsets: torch.Tensor,
-        shape: tuple[int, int] | torch.Size,
-        derived: dict[str, Any] | None = None,
-    ) -> None:
-        """Set the fields; the shape is converted (a TypeError if it is not ints), nothing else is checked."""
-        self.shape = torch.Size(check_shape(shape))
-        self.values = values
-        self.bitmap = bitmap
-        self.block_offsets = block_offsets
-        self._derived = {} if derived is None else derived
-
-    @property
-    def nnz(self) -> int:
-        """Number of kept weights."""
-        return self.values.shape[0]
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the ``N * K`` weights pruned."""
-        return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: values + bitmap + block offsets + metadata (the shape as two int64)."""
-        tensors = (self.values, self.bitmap, self.block_offsets)
-        return sum(t.numel() * t.element_size() for t in tensors) + 2 * 8
-
-    def validate(self) -> None:
-        """Check types, shapes and devices of the tensors and that they form a bitmap structure within ``shape``
-        (no bits at inputs >= K; as many values as bits set, fewer than 2**31; block offsets those the bitmap
-        gives; not for tensors without values, :attr:`shape_only`); raise TypeError or ValueError naming the
-        field if not."""
-        if len(self.shape) != 2 or self.shape[0] <= 0 or self.shape[1] <= 0:
-            raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
+    def index_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``bitmap`` ``[N, ceil(K / 32)]`` and ``block_offsets`` ``[N, ceil(K / 128)]``."""
         rows, cols = self.shape
-        values = self.values
-        check_values(values)
-        if values.dim() != 1:
-            raise ValueError(f"values: expected a 1-D [nnz] tensor, got shape {tuple(values.shape)}")
-        nnz = values.shape[0]
-        if nnz > _MAX_NNZ:
-            raise ValueError(f"values: holds {nnz} entries, more than int32 indices address (at most {_MAX_NNZ})")
-        words, blocks = -(-cols // WORD_BITS), -(-cols // BLOCK_INPUTS)
-        _check_index_tensor(self.bitmap, "bitmap", (rows, words), values.device)
-        _check_index_tensor(self.block_offsets, "block_offsets", (rows, blocks), values.device)
-        if self.shape_only:
-            return
+        return (rows, -(-cols // WORD_BITS)), (rows, -(-cols // BLOCK_INPUTS))
+
+    def validate_structure(self) -> None:
+        """No bits at inputs >= K; as many values as bits set; block offsets those the bitmap gives."""
+        cols, nnz = self.shape[1], self.nnz
+        words = self.bitmap.shape[1]
         tail = cols - (words - 1) * WORD_BITS  # inputs in the last word of each row
         if tail < WORD_BITS:
             beyond = (self.bitmap[:, -1].long() & 0xFFFFFFFF) >> tail  # as uint32: bit 31 is not a sign
@@ -162,30 +99,9 @@ class BitmapWeight(SparseWeightBase):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "BitmapWeight":
-        """Compress ``weight`` [N, K] keeping the entries where ``mask`` (bool, or 0/1 integers) is True; the
-        kept entries must be finite. A mask without values (on the meta device or fake) is refused: how many
-        entries it keeps is unknown (:func:`nmspmm.prune.prune_bitmap` builds a shape-only weight of a
-        sparsity)."""
-        # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
-        check_weight_matrix(weight, 1, 1, 1)
-        mask = checked_mask(mask, weight)
-        if not (holds_values(weight) and holds_values(mask)):
-            raise ValueError(
-                "mask: holds no values (on the meta device or fake), so how many entries it keeps is unknown; "
-                "nmspmm.prune.prune_bitmap(weight, sparsity) builds a shape-only BitmapWeight of that sparsity"
-            )
-        kept = int(mask.sum())
-        if kept > _MAX_NNZ:
-            raise ValueError(f"mask: keeps {kept} entries, more than int32 indices address")
-        values = weight[mask]
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            rows, cols = mask.nonzero(as_tuple=True)
-            j = int((~finite).nonzero()[0])
-            raise ValueError(
-                f"weight: kept entries must be finite, got {values[j].item()} at row {int(rows[j])}, "
-                f"column {int(cols[j])}"
-            )
+        """Compress ``weight`` [N, K] keeping the entries where ``mask`` (bool, or 0/1 integers) is True
+        (:meth:`UnstructuredWeight.kept_entries` says what is refused)."""
+        values, mask = cls.kept_entries(weight, mask)
         bitmap = bitmap_of(mask)
         block_offsets = block_offsets_of(kept_per_block(bitmap)).to(INDEX_DTYPE)
         return cls(values, bitmap, block_offsets, weight.shape)
@@ -225,32 +141,10 @@ class BitmapWeight(SparseWeightBase):
             self._derived["transposed"] = (bitmap_t, offsets_t, order.t()[mask_t])
         return self._derived["transposed"]
 
-    def state_fields(self) -> dict[str, Any]:
-        """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""
-        return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
-
-    @classmethod
-    def from_state(
-        cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any], *, allow_nonfinite: bool = False
-    ) -> "BitmapWeight":
-        """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
-        check_state_dtype(tensors["values"], fields["dtype"])
-        return cls(
-            tensors["values"], tensors["bitmap"], tensors["block_offsets"], fields["shape"],
-            allow_nonfinite=allow_nonfinite,
-        )
-
     def __reduce__(self) -> tuple[Callable[..., BitmapWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
         mode) always goes through :meth:`validate`."""
-        args = (self.values, self.bitmap, self.block_offsets, tuple(self.shape), self.state_checksums())
-        return _rebuild_bitmap_weight, args
-
-    def __repr__(self) -> str:
-        return (
-            f"BitmapWeight(shape={tuple(self.shape)}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
-            f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
-        )
+        return _rebuild_bitmap_weight, self._reduce_args()
 
 
 def bitmap_of(mask: torch.Tensor) -> torch.Tensor:

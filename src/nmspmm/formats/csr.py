@@ -8,11 +8,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .base import SparseWeightBase, deprecated_prune
-from .pattern import check_shape, check_state_dtype, check_values, check_weight_matrix, checked_mask, holds_values
-
-INDEX_DTYPE = torch.int32
-_MAX_NNZ = torch.iinfo(INDEX_DTYPE).max
+from .base import deprecated_prune
+from .pattern import check_shape
+from .unstructured import INDEX_DTYPE, UnstructuredWeight
 
 
 class TransposedStructure(NamedTuple):
@@ -29,7 +27,7 @@ class TransposedStructure(NamedTuple):
     """[K]: input features by descending nonzero count (the launch order of the transposed product)."""
 
 
-class CSRWeight(SparseWeightBase):
+class CSRWeight(UnstructuredWeight):
     """A pruned ``[N, K]`` weight in CSR form: rows are output features, columns input features.
 
     Storage: ``values`` [nnz], int32 ``col_indices`` [nnz] (strictly ascending within each row) and int32
@@ -39,7 +37,9 @@ class CSRWeight(SparseWeightBase):
     """
 
     STATE_TENSORS = ("values", "col_indices", "row_offsets")
-    STATE_FIELDS = ("shape", "dtype")
+    PRUNER = "prune_csr"
+    col_indices: torch.Tensor
+    row_offsets: torch.Tensor
 
     @classmethod
     def placeholder_indices(cls, values: torch.Tensor, fields: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -60,78 +60,15 @@ class CSRWeight(SparseWeightBase):
         *,
         allow_nonfinite: bool = False,
     ) -> None:
-        self._assign(values, col_indices, row_offsets, shape)
-        self.validate()
-        self.check_storage(allow_nonfinite)
+        self._construct(values, col_indices, row_offsets, shape, allow_nonfinite)
 
-    @classmethod
-    def _trusted(
-        cls,
-        values: torch.Tensor,
-        col_indices: torch.Tensor,
-        row_offsets: torch.Tensor,
-        shape: tuple[int, int] | torch.Size,
-        derived: dict[str, Any] | None = None,
-    ) -> "CSRWeight":
-        """Wrap tensors that were already validated together, skipping :meth:`validate` (which synchronizes a
-        GPU). ``derived``, if given, is the cache of a weight with this very structure (the same index tensors),
-        then shared with it. For ops and modules only."""
-        weight = cls.__new__(cls)
-        weight._assign(values, col_indices, row_offsets, shape, derived)
-        return weight
+    def index_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``col_indices`` [nnz] and ``row_offsets`` [N + 1]."""
+        return (self.nnz,), (self.shape[0] + 1,)
 
-    def _with_values(self, values: torch.Tensor) -> "CSRWeight":
-        """A trusted weight of this structure (sharing its index tensors and derived caches) holding ``values``
-        ([nnz], on this device); for ops that compute values at the kept positions."""
-        return CSRWeight._trusted(values, self.col_indices, self.row_offsets, self.shape, self._derived)
-
-    def _assign(
-        self,
-        values: torch.Tensor,
-        col_indices: torch.Tensor,
-        row_offsets: torch.Tensor,
-        shape: tuple[int, int] | torch.Size,
-        derived: dict[str, Any] | None = None,
-    ) -> None:
-        """Set the fields; the shape is converted (a TypeError if it is not ints), nothing else is checked."""
-        self.shape = torch.Size(check_shape(shape))
-        self.values = values
-        self.col_indices = col_indices
-        self.row_offsets = row_offsets
-        self._derived = {} if derived is None else derived
-
-    @property
-    def nnz(self) -> int:
-        """Number of kept weights."""
-        return self.values.shape[0]
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the ``N * K`` weights pruned."""
-        return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: values + column indices + row offsets + metadata (the shape as two int64)."""
-        tensors = (self.values, self.col_indices, self.row_offsets)
-        return sum(t.numel() * t.element_size() for t in tensors) + 2 * 8
-
-    def validate(self) -> None:
-        """Check types, shapes and devices of the tensors and that they form a CSR structure within ``shape``
-        (offsets from 0 to nnz, non-decreasing; columns in [0, K), strictly ascending within each row; not for
-        tensors without values, :attr:`shape_only`); raise TypeError or ValueError naming the field if not."""
-        if len(self.shape) != 2 or self.shape[0] <= 0 or self.shape[1] <= 0:
-            raise ValueError(f"shape: expected (N, K) with N, K > 0, got {tuple(self.shape)}")
-        rows, cols = self.shape
-        values = self.values
-        check_values(values)
-        if values.dim() != 1:
-            raise ValueError(f"values: expected a 1-D [nnz] tensor, got shape {tuple(values.shape)}")
-        nnz = values.shape[0]
-        _check_index_tensor(self.col_indices, "col_indices", (nnz,), values.device)
-        _check_index_tensor(self.row_offsets, "row_offsets", (rows + 1,), values.device)
-        if self.shape_only:
-            return
+    def validate_structure(self) -> None:
+        """Offsets from 0 to nnz, non-decreasing; columns in [0, K), strictly ascending within each row."""
+        cols, nnz = self.shape[1], self.nnz
         offsets, columns = self.row_offsets, self.col_indices
         first, last = offsets[[0, -1]].tolist()
         if first != 0 or last != nnz:
@@ -161,29 +98,10 @@ class CSRWeight(SparseWeightBase):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor) -> "CSRWeight":
-        """Compress ``weight`` [N, K] keeping the entries where ``mask`` (bool, or 0/1 integers) is True; the
-        kept entries must be finite. A mask without values (on the meta device or fake) is refused: how many
-        entries it keeps is unknown (:func:`nmspmm.prune.prune_csr` builds a shape-only weight of a sparsity)."""
-        # Pattern 1:1 with V = 1 constrains nothing: this checks type, dtype and a non-empty 2-D shape.
-        check_weight_matrix(weight, 1, 1, 1)
-        mask = checked_mask(mask, weight)
-        if not (holds_values(weight) and holds_values(mask)):
-            raise ValueError(
-                "mask: holds no values (on the meta device or fake), so how many entries it keeps is unknown; "
-                "nmspmm.prune.prune_csr(weight, sparsity) builds a shape-only CSRWeight of that sparsity"
-            )
+        """Compress ``weight`` [N, K] keeping the entries where ``mask`` (bool, or 0/1 integers) is True
+        (:meth:`UnstructuredWeight.kept_entries` says what is refused)."""
+        values, mask = cls.kept_entries(weight, mask)
         per_row = mask.sum(1)
-        if int(per_row.sum()) > _MAX_NNZ:
-            raise ValueError(f"mask: keeps {int(per_row.sum())} entries, more than int32 indices address")
-        values = weight[mask]
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            rows, cols = mask.nonzero(as_tuple=True)
-            j = int((~finite).nonzero()[0])
-            raise ValueError(
-                f"weight: kept entries must be finite, got {values[j].item()} at row {int(rows[j])}, "
-                f"column {int(cols[j])}"
-            )
         columns = mask.nonzero(as_tuple=True)[1].to(INDEX_DTYPE)
         row_offsets = torch.nn.functional.pad(per_row.cumsum(0), (1, 0)).to(INDEX_DTYPE)
         return cls(values, columns, row_offsets, weight.shape)
@@ -232,32 +150,10 @@ class CSRWeight(SparseWeightBase):
         """The dense ``[N, K]`` weight, zeros where pruned."""
         return dense_from_csr(self.values, self.row_indices(), self.col_indices, self.shape)
 
-    def state_fields(self) -> dict[str, Any]:
-        """The JSON-able fields that, with :meth:`state_tensors`, rebuild this weight."""
-        return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
-
-    @classmethod
-    def from_state(
-        cls, tensors: dict[str, torch.Tensor], fields: dict[str, Any], *, allow_nonfinite: bool = False
-    ) -> "CSRWeight":
-        """Rebuild (and so validate) a weight from :meth:`state_tensors` and :meth:`state_fields`."""
-        check_state_dtype(tensors["values"], fields["dtype"])
-        return cls(
-            tensors["values"], tensors["col_indices"], tensors["row_offsets"], fields["shape"],
-            allow_nonfinite=allow_nonfinite,
-        )
-
     def __reduce__(self) -> tuple[Callable[..., CSRWeight], tuple[Any, ...]]:
         """Pickle as a call to the constructor's arguments, so unpickling (also torch.load's weights-only
         mode) always goes through :meth:`validate`."""
-        args = (self.values, self.col_indices, self.row_offsets, tuple(self.shape), self.state_checksums())
-        return _rebuild_csr_weight, args
-
-    def __repr__(self) -> str:
-        return (
-            f"CSRWeight(shape={tuple(self.shape)}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
-            f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
-        )
+        return _rebuild_csr_weight, self._reduce_args()
 
 
 def row_indices_of(row_offsets: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -302,17 +198,6 @@ def dense_from_csr(
     unchecked, differentiable in ``values``."""
     out = values.new_zeros(tuple(shape))
     return out.index_put((row_indices.long(), col_indices.long()), values)
-
-
-def _check_index_tensor(tensor: torch.Tensor, name: str, shape: tuple[int], device: torch.device) -> None:
-    """Check that an index field is an int32 tensor of ``shape`` on ``device``."""
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != INDEX_DTYPE:
-        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise TypeError(f"{name}: expected an int32 tensor, got {got}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name}: on {tensor.device}, but values are on {device}")
 
 
 def _rebuild_csr_weight(
