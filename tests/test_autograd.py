@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import nmspmm
+from nmspmm.formats.bitmap import BitmapWeight
 from nmspmm.formats.block_shuffled import BlockShuffledWeight
+from nmspmm.formats.csr import CSRWeight
 from nmspmm.ops import nm_linear_op
 from nmspmm.ops.block_shuffled import block_shuffled_linear, block_shuffled_linear_op
-from nmspmm.ops.csr import csr_linear, csr_linear_feature_major, csr_linear_op
+from nmspmm.ops.csr import csr_linear, csr_linear_op
 from nmspmm.prune.unstructured import prune_csr
 from conftest import DEVICE, TOLERANCE, block_op_args, block_weight, csr_op_args, csr_weight, relative_error
 
@@ -117,9 +119,8 @@ def test_csr_gradcheck_reference_float64():
     assert torch.autograd.gradcheck(product, (x, values, bias))
 
 
-@pytest.mark.usefixtures("seeded")
-@pytest.mark.parametrize(
-    "backend,dtype,feature_major,tokens",
+# CSR's kernels are slow under the interpreter, so the CPU takes a few of its cases and every bitmap case.
+_CSR_GRADIENT_CASES = (
     [
         ("reference", torch.float32, False, 9),
         ("reference", torch.float16, True, 9),
@@ -128,11 +129,30 @@ def test_csr_gradcheck_reference_float64():
         ("triton", torch.float16, False, 1),
     ]
     if DEVICE == "cpu"
-    else [("auto", dtype, fm, tokens) for dtype in DTYPES for fm in (False, True) for tokens in (1, 9)],
+    else [("auto", dtype, fm, tokens) for dtype in DTYPES for fm in (False, True) for tokens in (1, 9)]
 )
-def test_csr_gradients_match_dense_masked(backend, dtype, feature_major, tokens):
+_BITMAP_GRADIENT_CASES = [
+    (backend, dtype, fm, tokens)
+    for backend in BACKENDS for dtype in DTYPES for fm in (False, True) for tokens in (1, 9)
+]
+
+
+def _unstructured_weight(kind: str, rows: int, cols: int, dtype: torch.dtype) -> CSRWeight | BitmapWeight:
+    if kind == "csr":
+        return csr_weight(rows, cols, dtype)
+    dense = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    return BitmapWeight.from_dense(dense, torch.rand(rows, cols, device=DEVICE) < 0.5)
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize(
+    "kind,backend,dtype,feature_major,tokens",
+    [("csr", *case) for case in _CSR_GRADIENT_CASES] + [("bitmap", *case) for case in _BITMAP_GRADIENT_CASES],
+)
+def test_unstructured_gradients_match_dense_masked(kind, backend, dtype, feature_major, tokens):
+    # CSR and bitmap weights through nmspmm.linear: dX, the values' gradient at the kept positions, and the bias's.
     rows, cols = 21, 70
-    weight = csr_weight(rows, cols, dtype)
+    weight = _unstructured_weight(kind, rows, cols, dtype)
     mask = weight.mask()
     x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
     bias = torch.randn(rows, device=DEVICE).to(dtype)
@@ -142,10 +162,10 @@ def test_csr_gradients_match_dense_masked(backend, dtype, feature_major, tokens)
     bias_in = bias.clone().requires_grad_()
     sparse = weight._with_values(weight.values.clone().requires_grad_())
     if feature_major:
-        csr_linear_feature_major(x_in, sparse, bias_in, backend=backend).backward(grad_y.t())
+        nmspmm.linear_feature_major(x_in, sparse, bias_in, backend=backend).backward(grad_y.t())
         grad_x = x_in.grad.t()
     else:
-        csr_linear(x_in, sparse, bias_in, backend=backend).backward(grad_y)
+        nmspmm.linear(x_in, sparse, bias_in, backend=backend).backward(grad_y)
         grad_x = x_in.grad
 
     dense_w = weight.to_dense().double().requires_grad_()

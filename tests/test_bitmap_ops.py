@@ -46,37 +46,6 @@ def test_bitmap_linear_matches_float64(backend, dtype, shape, density):
 
 @pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("feature_major", [False, True])
-@pytest.mark.parametrize("tokens", [1, 9])
-def test_bitmap_gradients_match_dense_masked(backend, dtype, feature_major, tokens):
-    rows, cols = 21, 70
-    weight = _weight(rows, cols, 0.5, dtype)
-    mask = weight.mask()
-    x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
-    bias = torch.randn(rows, device=DEVICE).to(dtype)
-    grad_y = torch.randn(tokens, rows, device=DEVICE).to(dtype)
-
-    x_in = (x.t().contiguous() if feature_major else x.clone()).requires_grad_()
-    bias_in = bias.clone().requires_grad_()
-    sparse = weight._with_values(weight.values.clone().requires_grad_())
-    if feature_major:
-        bitmap_linear_feature_major(x_in, sparse, bias_in, backend=backend).backward(grad_y.t())
-        grad_x = x_in.grad.t()
-    else:
-        bitmap_linear(x_in, sparse, bias_in, backend=backend).backward(grad_y)
-        grad_x = x_in.grad
-
-    dense_w = weight.to_dense().double().requires_grad_()
-    x_ref = x.double().requires_grad_()
-    (x_ref @ dense_w.t()).backward(grad_y.double())
-    assert relative_error(grad_x, x_ref.grad) < TOLERANCE[dtype]
-    assert relative_error(sparse.values.grad, dense_w.grad[mask]) < TOLERANCE[dtype]
-    assert relative_error(bias_in.grad, grad_y.double().sum(0)) < TOLERANCE[dtype]
-
-
-@pytest.mark.usefixtures("seeded")
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bitmap_backward_derives_missing_structures(backend):
     # The op called without the backward's structures (as a user of the raw op would) derives them itself.
     weight = _weight(21, 70)
