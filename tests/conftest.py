@@ -51,6 +51,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ---- shared helpers of the CSR and block-shuffled tests ------------------------------------------------------
 
 from nmspmm.formats.block_shuffled import BlockShuffledWeight  # noqa: E402
+from nmspmm.formats.bitmap import BitmapWeight  # noqa: E402
 from nmspmm.formats.csr import CSRWeight  # noqa: E402
 from nmspmm.kernels.sddmm import CELL  # noqa: E402
 
@@ -77,6 +78,12 @@ def csr_mask(rows: int, cols: int, density: float = 0.2) -> torch.Tensor:
 
 def csr_weight(rows: int, cols: int, dtype: torch.dtype = torch.float32, density: float = 0.2) -> CSRWeight:
     return CSRWeight.from_dense(torch.randn(rows, cols, device=DEVICE).to(dtype), csr_mask(rows, cols, density))
+
+
+def bitmap_weight(rows: int, cols: int, dtype: torch.dtype = torch.float32, density: float = 0.4) -> BitmapWeight:
+    """An unstructured bitmap weight of a uniform random mask of ``density``."""
+    dense = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    return BitmapWeight.from_dense(dense, torch.rand(rows, cols, device=DEVICE) < density)
 
 
 def csr_op_args(weight: CSRWeight, x: torch.Tensor, bias: torch.Tensor | None, backend: str) -> tuple:

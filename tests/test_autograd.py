@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import nmspmm
-from nmspmm.formats.bitmap import BitmapWeight
 from nmspmm.formats.block_shuffled import BlockShuffledWeight
-from nmspmm.formats.csr import CSRWeight
 from nmspmm.ops import nm_linear_op
 from nmspmm.ops.block_shuffled import block_shuffled_linear, block_shuffled_linear_op
 from nmspmm.ops.csr import csr_linear, csr_linear_op
 from nmspmm.prune.unstructured import prune_csr
-from conftest import DEVICE, TOLERANCE, block_op_args, block_weight, csr_op_args, csr_weight, relative_error
+from conftest import (
+    DEVICE, TOLERANCE, bitmap_weight, block_op_args, block_weight, csr_op_args, csr_weight, relative_error,
+)
 
 BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -137,13 +137,6 @@ _BITMAP_GRADIENT_CASES = [
 ]
 
 
-def _unstructured_weight(kind: str, rows: int, cols: int, dtype: torch.dtype) -> CSRWeight | BitmapWeight:
-    if kind == "csr":
-        return csr_weight(rows, cols, dtype)
-    dense = torch.randn(rows, cols, device=DEVICE).to(dtype)
-    return BitmapWeight.from_dense(dense, torch.rand(rows, cols, device=DEVICE) < 0.5)
-
-
 @pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize(
     "kind,backend,dtype,feature_major,tokens",
@@ -152,7 +145,7 @@ def _unstructured_weight(kind: str, rows: int, cols: int, dtype: torch.dtype) ->
 def test_unstructured_gradients_match_dense_masked(kind, backend, dtype, feature_major, tokens):
     # CSR and bitmap weights through nmspmm.linear: dX, the values' gradient at the kept positions, and the bias's.
     rows, cols = 21, 70
-    weight = _unstructured_weight(kind, rows, cols, dtype)
+    weight = csr_weight(rows, cols, dtype) if kind == "csr" else bitmap_weight(rows, cols, dtype, density=0.5)
     mask = weight.mask()
     x = torch.randn(tokens, cols, device=DEVICE).to(dtype)
     bias = torch.randn(rows, device=DEVICE).to(dtype)

@@ -13,15 +13,10 @@ from nmspmm.ops.bitmap import (
     bitmap_linear, bitmap_linear_feature_major, bitmap_linear_feature_major_op, bitmap_linear_grad_input_op,
     bitmap_linear_op,
 )
-from conftest import DEVICE, TOLERANCE, relative_error
+from conftest import DEVICE, TOLERANCE, bitmap_weight, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
-
-
-def _weight(rows: int, cols: int, density: float = 0.4, dtype: torch.dtype = torch.float32) -> BitmapWeight:
-    dense = torch.randn(rows, cols, device=DEVICE).to(dtype)
-    return BitmapWeight.from_dense(dense, torch.rand(rows, cols, device=DEVICE) < density)
 
 
 @pytest.mark.usefixtures("seeded")
@@ -30,7 +25,7 @@ def _weight(rows: int, cols: int, density: float = 0.4, dtype: torch.dtype = tor
 @pytest.mark.parametrize("shape", [(0, 70), (1, 70), (7, 70), (2, 3, 70), (33, 70)])
 @pytest.mark.parametrize("density", [0.1, 0.7])
 def test_bitmap_linear_matches_float64(backend, dtype, shape, density):
-    weight = _weight(21, 70, density, dtype)
+    weight = bitmap_weight(21, 70, dtype, density)
     x = torch.randn(shape, device=DEVICE).to(dtype)
     bias = torch.randn(21, device=DEVICE).to(dtype)
     expected = x.double() @ weight.to_dense().double().t() + bias.double()
@@ -48,7 +43,7 @@ def test_bitmap_linear_matches_float64(backend, dtype, shape, density):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bitmap_backward_derives_missing_structures(backend):
     # The op called without the backward's structures (as a user of the raw op would) derives them itself.
-    weight = _weight(21, 70)
+    weight = bitmap_weight(21, 70)
     values = weight.values.clone().requires_grad_()
     x = torch.randn(5, 70, device=DEVICE, requires_grad=True)
     grad_y = torch.randn(5, 21, device=DEVICE)
@@ -62,7 +57,7 @@ def test_bitmap_backward_derives_missing_structures(backend):
 
 
 def test_bitmap_transposed_structure_is_the_transposed_weight():
-    weight = _weight(37, 70, 0.3)
+    weight = bitmap_weight(37, 70, density=0.3)
     transposed_bitmap, transposed_offsets, permutation = weight.transposed_structure()
     transposed = BitmapWeight(weight.values[permutation], transposed_bitmap, transposed_offsets, (70, 37))
     assert torch.equal(transposed.to_dense(), weight.to_dense().t())
@@ -72,7 +67,7 @@ def test_bitmap_transposed_structure_is_the_transposed_weight():
 
 @pytest.mark.usefixtures("seeded")
 def test_bitmap_inference_derives_no_backward_structures():
-    weight = _weight(21, 70)
+    weight = bitmap_weight(21, 70)
     with torch.no_grad():
         bitmap_linear(torch.randn(4, 70, device=DEVICE), weight)
     assert not weight._derived
@@ -83,7 +78,7 @@ def test_bitmap_inference_derives_no_backward_structures():
 def test_bitmap_linear_keeps_its_plan(backend):
     if backend == "reference":
         pytest.skip("the reference path keeps no launch plan")
-    weight = _weight(21, 70)
+    weight = bitmap_weight(21, 70)
     x = torch.randn(6, 70, device=DEVICE)
     first = bitmap_linear(x, weight, backend=backend)
     assert len(weight.launch_plans) == 1
@@ -92,7 +87,7 @@ def test_bitmap_linear_keeps_its_plan(backend):
 
 
 def test_bitmap_linear_refuses_bad_operands():
-    weight = _weight(21, 70)
+    weight = bitmap_weight(21, 70)
     with pytest.raises(ValueError, match=r"x: expected last dimension K=70 \(in_features\), got shape \(3, 71\)"):
         bitmap_linear(torch.randn(3, 71, device=DEVICE), weight)
     with pytest.raises(TypeError, match="x: dtype torch.float16 does not match weight dtype torch.float32"):
@@ -106,23 +101,8 @@ def test_bitmap_linear_refuses_bad_operands():
 
 
 @pytest.mark.usefixtures("seeded")
-@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
-def test_bitmap_compile_fullgraph(compile_backend):
-    weight = _weight(21, 70)
-    bias = torch.randn(21, device=DEVICE)
-
-    def layer(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(bitmap_linear(x, weight, bias))
-
-    compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
-    for shape in [(5, 70), (2, 7, 70)]:
-        x = torch.randn(shape, device=DEVICE)
-        assert relative_error(compiled(x), layer(x)) < TOLERANCE[torch.float32]
-
-
-@pytest.mark.usefixtures("seeded")
 def test_bitmap_compile_training_step():
-    weight = _weight(21, 70)
+    weight = bitmap_weight(21, 70)
     values = weight.values.clone().requires_grad_()
     x = torch.randn(6, 70, device=DEVICE, requires_grad=True)
 
@@ -140,7 +120,7 @@ def test_bitmap_compile_training_step():
 def _op_samples() -> list[object]:
     samples = []
     for backend in BACKENDS:
-        weight = _weight(8, 40, 0.4)
+        weight = bitmap_weight(8, 40)
         x = torch.randn(3, 40, device=DEVICE)
         bias = torch.randn(8, device=DEVICE)
         structures = (*weight.coordinates(), *weight.transposed_structure())

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import nmspmm
-from conftest import DEVICE, TOLERANCE, block_op_args, block_weight, csr_op_args, csr_weight, relative_error
+from conftest import (
+    DEVICE, TOLERANCE, bitmap_weight, block_op_args, block_weight, csr_op_args, csr_weight, relative_error,
+)
 from nmspmm.kernels.sddmm import CELL
 from nmspmm.ops import nm_linear_feature_major_op, nm_linear_op
 from nmspmm.ops.block_shuffled import block_shuffled_linear, block_shuffled_linear_op
@@ -199,12 +201,13 @@ def test_bitmap_cuda_graph_capture_and_replay(tokens, sparsity):
 
 @pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
-def test_csr_compile_fullgraph(compile_backend):
-    weight = csr_weight(21, 70)  # nothing derived yet: the compiled function derives and caches it
+@pytest.mark.parametrize("make_weight", [csr_weight, bitmap_weight], ids=["csr", "bitmap"])
+def test_unstructured_compile_fullgraph(compile_backend, make_weight):
+    weight = make_weight(21, 70)  # nothing derived yet: the compiled function derives and caches it
     bias = torch.randn(21, device=DEVICE)
 
     def layer(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(csr_linear(x, weight, bias))
+        return torch.relu(nmspmm.linear(x, weight, bias))
 
     compiled = torch.compile(layer, fullgraph=True, backend=compile_backend)
     for shape in [(5, 70), (2, 7, 70)]:
