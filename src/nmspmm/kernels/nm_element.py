@@ -399,7 +399,9 @@ class _ExpandedLaunch:
     [M, N] of the prepared shapes and strides (cuBLAS writes a row-major ``out`` or its transpose in place, others
     through a copy)."""
 
-    __slots__ = ("_dense_shape", "_values", "_bias", "_layout", "_densify", "_check_x", "_check", "_repair", "_flags")
+    __slots__ = (
+        "_dense_shape", "_values", "_bias", "_layout", "_views", "_densify", "_check_x", "_check", "_repair", "_flags",
+    )
 
     def __init__(
         self, xt_shape: tuple[int, int], xt_strides: tuple[int, int], out_strides: tuple[int, int],
@@ -409,6 +411,8 @@ class _ExpandedLaunch:
         cols, tokens = xt_shape
         self._dense_shape, self._values, self._bias = (rows, cols), values, bias
         self._layout = "rows" if out_strides == (rows, 1) else "features" if out_strides == (1, tokens) else "other"
+        # The plans pass x and out as they hold them (the launches read only data pointers); cuBLAS takes views.
+        self._views = ((xt_shape, xt_strides), ((tokens, rows), out_strides))
         unstructured = firsts is not None
         block_k = BLOCK_INPUTS if unstructured else element_block_k(m, 128)
         if block_k % WORD_BITS or block_k % m:
@@ -447,6 +451,8 @@ class _ExpandedLaunch:
         )
 
     def __call__(self, xt: torch.Tensor, out: torch.Tensor) -> None:
+        (xt_shape, xt_strides), (out_shape, out_strides) = self._views
+        xt, out = xt.as_strided(xt_shape, xt_strides), out.as_strided(out_shape, out_strides)
         dense = torch.empty(self._dense_shape, dtype=self._values.dtype, device=self._values.device)
         self._densify(dense)
         bias = self._bias
