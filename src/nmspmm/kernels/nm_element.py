@@ -386,8 +386,9 @@ def expands_to_dense(tokens: int, dtype: torch.dtype, scaled: bool) -> bool:
     expanding each tile in the kernel: bf16 and fp16 beyond :data:`DIRECT_TOKENS` tokens (not 8-bit values). There
     the product costs the dense FLOPs either way and cuBLAS runs them at the dense rate, while the expansion costs
     one pass over the weight (its compressed bytes read, its dense bytes written). On the H200 (bf16, four suite
-    layers, unstructured 50-90% and element-wise 2:4, 8:32, 16:32) the expansion was faster from 128 tokens on
-    (0.25-0.41x of cuBLAS against 0.05-0.22x) and the kernel at 1-64 (``docs/perf-notes.md``, session 13)."""
+    layers, unstructured 50-90% and element-wise 2:4, 8:32, 16:32; geomeans per kind) the expansion ran at
+    0.25-0.41x of cuBLAS at 128-512 tokens against the kernel's 0.07-0.20x, at 0.63-0.69x at 1024-4096 against
+    0.11-0.23x, and the kernel was as fast or faster at 1-64 (``docs/perf-notes.md``, session 13)."""
     return tokens > DIRECT_TOKENS and dtype in (torch.bfloat16, torch.float16) and not scaled
 
 
