@@ -106,20 +106,22 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
             return [("forward", relative_error(y, expected))]
         return run
 
-    def bitmap_nonfinite(sparsity: float, dtype: torch.dtype) -> Callable:
-        # NaN and Inf inputs at features some outputs prune: the tiles they reach are recomputed over kept inputs.
+    def bitmap_nonfinite(sparsity: float, tokens: int, dtype: torch.dtype) -> Callable:
+        # NaN and Inf inputs at features some outputs prune: the tiles they reach are recomputed over kept inputs
+        # (by the kernel itself, or after a product on the dense expansion by the repair launch).
         def run() -> list[tuple[str, float]]:
             weight = nmspmm.prune.prune_bitmap(torch.randn(45, 333, device=DEVICE, dtype=dtype), sparsity)
             mask = weight.mask()
             kept_by = mask.sum(0)
             features = ((kept_by > 0) & (kept_by < mask.shape[0])).nonzero()[:2, 0]
-            x = torch.randn(5, 333, device=DEVICE, dtype=dtype)
+            x = torch.randn(tokens, 333, device=DEVICE, dtype=dtype)
             x[1, features[0]], x[3, features[1]] = float("nan"), float("inf")
             y = nmspmm.linear(x, weight)
             clean = x.clone()
             clean[1, features[0]] = clean[3, features[1]] = 0.0
             expected = clean.double() @ weight.to_dense().double().t()
-            reached = torch.zeros(5, 45, dtype=torch.bool, device=DEVICE)  # the outputs each poisoned input reaches
+            # The outputs each poisoned input reaches.
+            reached = torch.zeros(tokens, 45, dtype=torch.bool, device=DEVICE)
             reached[1], reached[3] = mask[:, features[0]], mask[:, features[1]]
             return [("outputs that prune the feature", relative_error(y[~reached], expected[~reached])),
                     ("outputs that keep it non-finite", float(bool(torch.isfinite(y[reached]).any())))]
@@ -157,6 +159,8 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
          BF16_TOLERANCE),
         ("N:M 6:8 V=16, 3 tokens (row-major x), fp32", nm("6:8", 16, 48, 200, 3, fp32), FP32_TOLERANCE),
         ("N:M 2:4 V=1, 333 tokens (element-wise kernel), fp32", nm("2:4", 1, 40, 104, 333, fp32), FP32_TOLERANCE),
+        ("N:M 2:4 V=1, 300 tokens (dense expansion + cuBLAS), bf16", nm("2:4", 1, 40, 104, 300, bf16),
+         BF16_TOLERANCE),
         ("N:M 8:32 V=32, 333 tokens, bf16", nm("8:32", 32, 96, 224, 333, bf16), BF16_TOLERANCE),
         ("N:M 8:32 V=64 float8_e4m3fn values, 5 tokens (split-K), bf16",
          quantized("8:32", 64, 128, 4128, 5, torch.float8_e4m3fn), BF16_TOLERANCE),
@@ -173,7 +177,11 @@ def cases() -> list[tuple[str, Callable[[], list[tuple[str, float]]], float]]:
         ("bitmap split-K config (split_k=3, block_k=64), 45x333, 5 tokens, fp32",
          bitmap_split(3, 64, 45, 333, 5, fp32), FP32_TOLERANCE),
         ("bitmap 25% kept, NaN and Inf inputs (kept-only recompute), 5 tokens, bf16",
-         bitmap_nonfinite(0.75, bf16), BF16_TOLERANCE),
+         bitmap_nonfinite(0.75, 5, bf16), BF16_TOLERANCE),
+        ("bitmap 25% kept, NaN and Inf inputs (dense expansion, then the repair), 333 tokens, bf16",
+         bitmap_nonfinite(0.75, 333, bf16), BF16_TOLERANCE),
+        ("bitmap 40% kept, 45x333, 333 tokens (dense expansion + cuBLAS), bf16", bitmap(0.6, 45, 333, 333, bf16),
+         BF16_TOLERANCE),
         ("block 32x32 50%, 5 tokens (split-K), bf16", block(5, bf16), BF16_TOLERANCE),
         ("block 32x32 50%, 333 tokens, fp32", block(333, fp32), FP32_TOLERANCE),
         ("SDDMM depth 13 (per nonzero), fp32", sddmm(13, fp32), FP32_TOLERANCE),

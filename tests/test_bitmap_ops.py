@@ -22,7 +22,7 @@ BACKENDS = ["reference", "triton"] if DEVICE == "cpu" else ["auto"]
 @pytest.mark.usefixtures("seeded")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(0, 70), (1, 70), (7, 70), (2, 3, 70), (33, 70)])
+@pytest.mark.parametrize("shape", [(0, 70), (1, 70), (7, 70), (2, 3, 70), (33, 70), (3, 37, 70)])
 @pytest.mark.parametrize("density", [0.1, 0.7])
 def test_bitmap_linear_matches_float64(backend, dtype, shape, density):
     weight = bitmap_weight(21, 70, dtype, density)

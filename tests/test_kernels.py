@@ -16,7 +16,7 @@ from nmspmm.kernels import VectorConfig, nm_element_matmul, nm_vector_matmul, tr
 from nmspmm.kernels import choose_vector_config
 from nmspmm.kernels.block_sparse import BlockSparseConfig, block_sparse_matmul
 from nmspmm.formats.bitmap import BitmapWeight
-from nmspmm.kernels.nm_element import bitmap_matmul, cached_kept_bits, kept_bits
+from nmspmm.kernels.nm_element import bitmap_matmul, cached_kept_bits, expands_to_dense, kept_bits
 from nmspmm.kernels.nm_vector import gathers_ahead
 from nmspmm.kernels.csr_spmm import csr_spmm
 from nmspmm.kernels.sddmm import sddmm as sddmm_kernel
@@ -194,6 +194,63 @@ def test_bitmap_kernel_sums_only_the_kept_inputs_of_a_non_finite_row(poison, den
         assert torch.equal(out[3, keeps], signs * float("inf"))
     others = [0, 1, 2, 4, 5]
     assert relative_error(out[others], expected[others]) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tokens,rows,cols,kind", [(256, 33, 200, "2:8"), (333, 70, 64, "60:64"), (256, 45, 333, 0.6), (300, 7, 129, 0.2)]
+)
+@pytest.mark.parametrize("layout", ["rows", "feature_major", "out_transposed"])
+def test_products_on_the_dense_expansion(tokens, rows, cols, kind, dtype, layout):
+    # Beyond DIRECT_TOKENS tokens a bf16/fp16 product expands the weight into a dense buffer and runs cuBLAS:
+    # odd N and K (not whole words, blocks or tiles), both tile expansions, every output layout, with bias.
+    assert expands_to_dense(tokens, dtype, False) and not expands_to_dense(tokens, torch.float32, False)
+    if isinstance(kind, str):
+        weight, x, bias, expected = _case(tokens, rows, cols, kind, 1, dtype)
+    else:
+        weight, x, bias, expected = _bitmap_case(tokens, rows, cols, kind, dtype)
+    out = _poisoned(tokens, rows, dtype, layout == "out_transposed")
+    xt = x.t().contiguous() if layout == "feature_major" else x.t()
+    if isinstance(kind, str):
+        nm_element_matmul(xt, weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias)
+    else:
+        bitmap_matmul(xt, weight.values, weight.bitmap, weight.block_offsets, out, bias)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind,rows,cols", [("2:4", 40, 128), ("2:4", 150, 64), (0.5, 40, 200), (0.3, 150, 100)])
+def test_dense_expansion_sums_only_the_kept_inputs_of_a_non_finite_row(poison, kind, rows, cols):
+    # The expansion's zeros times a non-finite input at a pruned position give NaN: the repair recomputes the
+    # token tiles (of 16) whose product is not finite (checked on the result where it is the smaller, else on x),
+    # so the poison reaches exactly the outputs whose rows keep that input; other tiles keep cuBLAS's result.
+    tokens, dtype = 272, torch.bfloat16
+    if isinstance(kind, str):
+        weight, x, bias, _ = _case(tokens, rows, cols, kind, 1, dtype)
+    else:
+        weight, x, bias, _ = _bitmap_case(tokens, rows, cols, kind, dtype)
+    mask = weight.mask()
+    feature = int(((mask.sum(0) > 0) & (mask.sum(0) < mask.shape[0])).nonzero()[0])
+    x[3, feature] = poison
+    x[270, feature] = poison
+    out = _poisoned(tokens, rows, dtype, False)
+    if isinstance(kind, str):
+        nm_element_matmul(x.t(), weight.values, weight.kept_offsets(), weight.n, weight.m, out, bias)
+    else:
+        bitmap_matmul(x.t(), weight.values, weight.bitmap, weight.block_offsets, out, bias)
+    clean = x.clone()
+    clean[3, feature] = clean[270, feature] = 0.0
+    expected = clean.double() @ weight.to_dense().double().t() + bias.double()
+    keeps = mask[:, feature]
+    signs = torch.sign(weight.to_dense()[keeps, feature]) * (1 if poison > 0 else -1)
+    for token in (3, 270):
+        assert relative_error(out[token, ~keeps], expected[token, ~keeps]) < TOLERANCE[dtype]
+        if poison != poison:
+            assert torch.isnan(out[token, keeps]).all()
+        else:
+            assert torch.equal(out[token, keeps], (signs * float("inf")).to(dtype))
+    others = [t for t in range(tokens) if t not in (3, 270)]
+    assert relative_error(out[others], expected[others]) < TOLERANCE[dtype]
 
 
 def test_bitmap_kernel_refuses_steps_across_blocks():

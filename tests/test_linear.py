@@ -37,6 +37,7 @@ def _weight(rows: int, cols: int, pattern: str, vector: int, dtype: torch.dtype)
         ((2, 3, 5), 128, 64, "1:4", 64),
         ((11,), 128, 128, "4:64", 128),
         ((3, 3), 20, 32, "3:8", 1),
+        ((3, 37), 20, 64, "2:8", 1),  # beyond DIRECT_TOKENS: bf16 and fp16 run on the dense expansion
     ],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -64,12 +65,13 @@ def test_linear_strided_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_feature_major(dtype, backend):
-    weight = _weight(64, 128, "4:32", 64, dtype)
-    x = torch.randn(13, 128, device=DEVICE).to(dtype)
+@pytest.mark.parametrize("vector,tokens", [(64, 13), (1, 13), (1, 100)])
+def test_linear_feature_major(dtype, backend, vector, tokens):
+    weight = _weight(64, 128, "4:32", vector, dtype)
+    x = torch.randn(tokens, 128, device=DEVICE).to(dtype)
     bias = torch.randn(64, device=DEVICE).to(dtype)
     y_t = nmspmm.linear_feature_major(x.t().contiguous(), weight, bias, backend=backend)
-    assert y_t.shape == (64, 13) and y_t.is_contiguous()
+    assert y_t.shape == (64, tokens) and y_t.is_contiguous()
     assert relative_error(y_t.t(), dense_reference(x, weight, bias)) < TOLERANCE[dtype]
 
 
