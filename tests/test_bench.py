@@ -278,3 +278,18 @@ def test_demo_says_when_it_caps_the_tokens(capsys):
     main(["demo", "--shape", "64", "64", "--tokens", "300"])
     out = capsys.readouterr().out
     assert "tokens: 300 capped at 256 on the CPU" in out and "256 tokens" in out
+
+
+def test_result_rows_name_the_route_that_ran():
+    from nmspmm.bench.runner import _route
+    from nmspmm.kernels import VectorConfig
+
+    config = VectorConfig(16, 64, 128, 4, 3, 8, 1, True)
+
+    def route(tokens: int, vector: int, dtype: torch.dtype) -> str:
+        return _route(Case(tokens, 4096, 4096, "2:4", vector, "bfloat16"), config, dtype)
+
+    assert route(256, 64, torch.bfloat16) == "bm16 bn64 bk128 w4 s3 sk1 wf"
+    assert route(64, 1, torch.bfloat16) == "element-wise bm16 bn64 bk128 w4 s3 sk1 wf"
+    assert route(65, 1, torch.bfloat16) == "dense expansion + cuBLAS"
+    assert route(4096, 1, torch.float32) == "element-wise bm16 bn64 bk128 w4 s3 sk1 wf"

@@ -251,27 +251,61 @@ def test_eager_measurement_on_a_tiny_model():
     prefill = [torch.randint(256, (1, 32), generator=generator) for _ in range(3)]
     decode = {2: torch.randint(256, (2, 8), generator=generator)}
     labels = []
-    for model in (_tiny(), _tiny("2:4")):
-        times = models.measure_model(
-            model, ("eager",), ("prefill", "decode"), prefill, decode, 4, labels.append, prefill_runs=2, decode_runs=1
-        )
-        assert set(times) == {("eager", "prefill", 1), ("eager", "decode", 2)}
-        step = times[("eager", "decode", 2)]
+    times = models.measure_models(
+        {"dense": _tiny(), "2:4": _tiny("2:4")}, ("eager",), ("prefill", "decode"), prefill, decode, 4,
+        labels.append, prefill_runs=2, decode_runs=1,
+    )
+    for name in ("dense", "2:4"):
+        assert set(times[name]) == {("eager", "prefill", 1), ("eager", "decode", 2)}
+        step = times[name][("eager", "decode", 2)]
         measures = ("ms", "tokens_per_s", "step_ms", "forward_ms", "loop_ms", "first_ms")
         assert all(step[m] is not None and math.isfinite(step[m]) for m in measures)
         assert step["tokens_per_s"] == pytest.approx(1e3 * 2 * 4 / (step["ms"] * 4))
         assert step["loop_ms"] == pytest.approx(step["step_ms"] - step["forward_ms"])
-    assert labels == ["eager prefill", "eager decode batch 2"] * 2
+    assert labels == [
+        "dense eager prefill", "2:4 eager prefill", "dense eager decode batch 2", "2:4 eager decode batch 2",
+    ]
+
+
+def test_models_are_timed_in_interleaved_rounds(monkeypatch):
+    """Each round times every model once, in an order that rotates, after all of them are made ready."""
+    events = []
+
+    class Recorder:
+        def __init__(self, model, prompts, mode, reference):
+            self.name = model.name
+            events.append(("ready", self.name))
+
+        def round(self, index):
+            events.append((index, self.name))
+
+        def result(self):
+            return {"ms": 1.0}
+
+    monkeypatch.setattr(models, "_PrefillTimer", Recorder)
+    monkeypatch.setattr(models, "check_model", lambda model, prompt: None)
+    named = {name: torch.nn.Module() for name in ("dense", "2:4", "8:32")}
+    for name, module in named.items():
+        module.name = name
+    prompts = [torch.zeros(1, 4, dtype=torch.long)]
+    times = models.measure_models(named, ("eager",), ("prefill",), prompts, {}, 4, prefill_runs=4)
+    assert events[:3] == [("ready", "dense"), ("ready", "2:4"), ("ready", "8:32")]
+    rounds = [events[3 + 3 * i: 6 + 3 * i] for i in range(4)]
+    assert [[name for _, name in r] for r in rounds] == [
+        ["dense", "2:4", "8:32"], ["2:4", "8:32", "dense"], ["8:32", "dense", "2:4"], ["dense", "2:4", "8:32"],
+    ]
+    assert all(index == i for i, r in enumerate(rounds) for index, _ in r)
+    assert all(times[name][("eager", "prefill", 1)] == {"ms": 1.0} for name in named)
 
 
 def test_a_failed_measurement_is_reported_and_the_others_go_on(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("Detected 2 tensor(s) in the cudagraph pool not tracked as outputs.\nDebugging: ...")
 
-    monkeypatch.setattr(models, "time_decode", broken)
+    monkeypatch.setattr(models, "_DecodeTimer", broken)
     prompts = [torch.randint(256, (1, 16)) for _ in range(3)]
-    times = models.measure_model(_tiny(), ("eager",), ("prefill", "decode"), prompts, {2: prompts[0]}, 4,
-                                 prefill_runs=1)
+    times = models.measure_models({"2:4": _tiny("2:4")}, ("eager",), ("prefill", "decode"), prompts,
+                                  {2: prompts[0]}, 4, prefill_runs=1)["2:4"]
     assert times[("eager", "decode", 2)] == {
         "error": "RuntimeError: Detected 2 tensor(s) in the cudagraph pool not tracked as outputs."
     }
@@ -283,14 +317,37 @@ def test_a_failed_measurement_is_reported_and_the_others_go_on(monkeypatch):
     assert "failed: sparse RuntimeError: Detected" in models.format_models_rows([row])
 
 
+def test_a_round_that_fails_drops_only_its_model(monkeypatch):
+    class Flaky:
+        def __init__(self, model, prompts, mode, reference):
+            self.name = model.name
+
+        def round(self, index):
+            if self.name == "2:4" and index == 1:
+                raise RuntimeError("CUDA error: out of memory")
+
+        def result(self):
+            return {"ms": 2.0}
+
+    monkeypatch.setattr(models, "_PrefillTimer", Flaky)
+    monkeypatch.setattr(models, "check_model", lambda model, prompt: None)
+    named = {name: torch.nn.Module() for name in ("dense", "2:4")}
+    for name, module in named.items():
+        module.name = name
+    times = models.measure_models(named, ("eager",), ("prefill",), [torch.zeros(1, 4, dtype=torch.long)], {}, 4,
+                                  prefill_runs=3)
+    assert times["dense"][("eager", "prefill", 1)] == {"ms": 2.0}
+    assert times["2:4"][("eager", "prefill", 1)] == {"error": "RuntimeError: CUDA error: out of memory"}
+
+
 def test_a_wrong_result_stops_the_run(monkeypatch):
     def wrong(*args, **kwargs):
         raise models.CheckError("check: compiled prefill logits differ")
 
-    monkeypatch.setattr(models, "time_prefill", wrong)
+    monkeypatch.setattr(models, "_PrefillTimer", wrong)
     prompts = [torch.randint(256, (1, 16)) for _ in range(3)]
     with pytest.raises(models.CheckError, match="compiled prefill logits differ"):
-        models.measure_model(_tiny(), ("eager",), ("prefill",), prompts, {}, 4)
+        models.measure_models({"dense": _tiny()}, ("eager",), ("prefill",), prompts, {}, 4)
 
 
 def test_check_model_catches_a_wrong_sparse_layer():

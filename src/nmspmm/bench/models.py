@@ -22,6 +22,10 @@ Two phases, each eager and compiled:
   ``loop_ms = step_ms - forward_ms`` is what the rest of ``generate``'s loop adds per token (near zero, or
   below, where the loop's host work hides behind the device's work in the uninstrumented calls).
 
+The models of one size are timed side by side: per measurement each is made ready (compiled, warmed up), then
+all run in interleaved rounds (each once a round, the order rotating), so that the host's drift over minutes
+falls on dense and sparse alike, and each keeps its median.
+
 Before anything is timed, every model is checked: its prefill logits are finite, every sparse projection of
 the first decoder layer matches ``F.linear`` with its densified weight, and the compiled prefill matches the
 eager one. A model that fails raises CheckError, and nothing of the run is written. A measurement that fails
@@ -226,33 +230,41 @@ def wall_ms(function: Callable[[], object], device: torch.device) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-@torch.no_grad()
-def time_prefill(
-    model: torch.nn.Module, prompts: list[torch.Tensor], mode: str, reference: torch.Tensor | None = None,
-    runs: int = PREFILL_RUNS,
-) -> dict:
-    """Median ms of one forward over ``prompts`` (rotated; batch and length from their shape), eager or
-    compiled (``torch.compile(model)``, two warm-ups first). ``reference``, the eager logits of
-    ``prompts[0]``, is compared with the compiled ones (CheckError above COMPILED_TOLERANCE)."""
-    device = prompts[0].device
-    forward = torch.compile(model) if mode == "compiled" else model
-    first = forward(input_ids=prompts[0], use_cache=False).logits
-    error = None
-    if mode == "compiled" and reference is not None:
-        error = relative_error(first, reference)
-        if not error < COMPILED_TOLERANCE:
-            raise CheckError(
-                f"check: compiled prefill logits differ from eager by {error:.2e} "
-                f"(relative; allowed {COMPILED_TOLERANCE})"
-            )
-    del first
-    forward(input_ids=prompts[1 % len(prompts)], use_cache=False)
-    times = [
-        wall_ms(lambda p=prompts[i % len(prompts)]: forward(input_ids=p, use_cache=False), device) for i in range(runs)
-    ]
-    ms = statistics.median(times)
-    batch, tokens = prompts[0].shape
-    return {"ms": ms, "tokens_per_s": 1e3 * batch * tokens / ms, "logits_error": error}
+class _PrefillTimer:
+    """One model's prefill measurement: made ready on construction (compiled with ``torch.compile(model)`` and
+    two warm-ups first where ``mode`` is "compiled", its logits then compared with ``reference``, the eager
+    logits of ``prompts[0]``: CheckError above COMPILED_TOLERANCE), then one timed forward per round over the
+    prompts in turn."""
+
+    def __init__(
+        self, model: torch.nn.Module, prompts: list[torch.Tensor], mode: str, reference: torch.Tensor | None
+    ) -> None:
+        self.prompts = prompts
+        self.forward = torch.compile(model) if mode == "compiled" else model
+        self.times: list[float] = []
+        with torch.no_grad():
+            first = self.forward(input_ids=prompts[0], use_cache=False).logits
+            self.error = None
+            if mode == "compiled" and reference is not None:
+                self.error = relative_error(first, reference)
+                if not self.error < COMPILED_TOLERANCE:
+                    raise CheckError(
+                        f"check: compiled prefill logits differ from eager by {self.error:.2e} "
+                        f"(relative; allowed {COMPILED_TOLERANCE})"
+                    )
+            del first
+            self.forward(input_ids=prompts[1 % len(prompts)], use_cache=False)
+
+    @torch.no_grad()
+    def round(self, index: int) -> None:
+        prompt = self.prompts[index % len(self.prompts)]
+        self.times.append(wall_ms(lambda: self.forward(input_ids=prompt, use_cache=False), prompt.device))
+
+    def result(self) -> dict:
+        """Median ms of a forward, tokens/s, and the compiled logits' error against the eager ones."""
+        ms = statistics.median(self.times)
+        batch, tokens = self.prompts[0].shape
+        return {"ms": ms, "tokens_per_s": 1e3 * batch * tokens / ms, "logits_error": self.error}
 
 
 class _StepClock:
@@ -334,57 +346,73 @@ def _timed_steps(model: torch.nn.Module, mode: str, clock: _StepClock) -> Iterat
         model._compiled_call = compiled
 
 
-@torch.no_grad()
-def time_decode(
-    model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, mode: str, runs: int = DECODE_RUNS
-) -> dict:
-    """Time ``model.generate`` of exactly ``new_tokens`` greedy tokens after ``prompt`` ([batch, length]),
-    eager (dynamic cache) or compiled (transformers' static-cache recipe, which compiles the forward in the
-    warm-up call). Returns ms per generated token over the whole call, tokens/s, the per-step ms without the
-    prompt, the forward's ms per step, the rest of the loop's ms per step and the one-token call's ms."""
-    device = prompt.device
-    batch = prompt.shape[0]
-    pad = getattr(model.config, "pad_token_id", None)
-    options = {
-        "attention_mask": torch.ones_like(prompt), "do_sample": False,
-        "pad_token_id": model.config.eos_token_id if pad is None else pad,
-    }
-    if mode == "compiled":
-        options["cache_implementation"] = "static"
+class _DecodeTimer:
+    """One model's decode measurement: ``model.generate`` of exactly ``new_tokens`` greedy tokens after
+    ``prompt`` ([batch, length]), eager (dynamic cache) or compiled (transformers' static-cache recipe, which
+    compiles the forward in the warm-up call made on construction). Each round times a whole ``generate`` and a
+    one-token one."""
 
-    def generate(tokens: int) -> torch.Tensor:
-        return model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+    def __init__(self, model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, mode: str) -> None:
+        self.model, self.prompt, self.new_tokens, self.mode = model, prompt, new_tokens, mode
+        pad = getattr(model.config, "pad_token_id", None)
+        self.options = {
+            "attention_mask": torch.ones_like(prompt), "do_sample": False,
+            "pad_token_id": model.config.eos_token_id if pad is None else pad,
+        }
+        if mode == "compiled":
+            self.options["cache_implementation"] = "static"
+        self.totals: list[float] = []
+        self.firsts: list[float] = []
+        out = self._generate(new_tokens)
+        expected = (prompt.shape[0], prompt.shape[1] + new_tokens)
+        if out.shape != expected:
+            raise CheckError(f"generate returned shape {tuple(out.shape)}, expected {expected}")
+        self._generate(1)
 
-    out = generate(new_tokens)  # warm-up: compiles in compiled mode
-    if out.shape != (batch, prompt.shape[1] + new_tokens):
-        expected = (batch, prompt.shape[1] + new_tokens)
-        raise CheckError(f"generate returned shape {tuple(out.shape)}, expected {expected}")
-    total_ms = statistics.median(wall_ms(lambda: generate(new_tokens), device) for _ in range(runs))
-    generate(1)
-    first_ms = statistics.median(wall_ms(lambda: generate(1), device) for _ in range(runs))
-    step_ms = (total_ms - first_ms) / (new_tokens - 1)
-    clock = _StepClock(device)
-    with _timed_steps(model, mode, clock) as hooked:
-        generate(new_tokens)
-    steps = clock.ms() if hooked else []
-    forward_ms = statistics.median(steps) if steps else None
-    if forward_ms is None:
-        sys.stderr.write(
-            f"\nwarning: no single-token forward of generate ({mode}) could be timed; forward_ms left empty\n"
-        )
-    return {
-        "ms": total_ms / new_tokens, "tokens_per_s": 1e3 * batch * new_tokens / total_ms, "step_ms": step_ms,
-        "forward_ms": forward_ms, "loop_ms": None if forward_ms is None else step_ms - forward_ms,
-        "first_ms": first_ms,
-    }
+    @torch.no_grad()
+    def _generate(self, tokens: int) -> torch.Tensor:
+        return self.model.generate(self.prompt, max_new_tokens=tokens, min_new_tokens=tokens, **self.options)
+
+    def round(self, index: int) -> None:
+        self.totals.append(wall_ms(lambda: self._generate(self.new_tokens), self.prompt.device))
+        self.firsts.append(wall_ms(lambda: self._generate(1), self.prompt.device))
+
+    def result(self) -> dict:
+        """ms per generated token over the whole call, tokens/s, the per-step ms without the prompt, the
+        forward's ms per step (from one more, instrumented, ``generate``), the rest of the loop's ms per step and
+        the one-token call's ms (medians over the rounds)."""
+        total_ms, first_ms = statistics.median(self.totals), statistics.median(self.firsts)
+        step_ms = (total_ms - first_ms) / (self.new_tokens - 1)
+        clock = _StepClock(self.prompt.device)
+        with _timed_steps(self.model, self.mode, clock) as hooked:
+            self._generate(self.new_tokens)
+        steps = clock.ms() if hooked else []
+        forward_ms = statistics.median(steps) if steps else None
+        if forward_ms is None:
+            sys.stderr.write(
+                f"\nwarning: no single-token forward of generate ({self.mode}) could be timed; forward_ms left empty\n"
+            )
+        batch = self.prompt.shape[0]
+        return {
+            "ms": total_ms / self.new_tokens, "tokens_per_s": 1e3 * batch * self.new_tokens / total_ms,
+            "step_ms": step_ms, "forward_ms": forward_ms,
+            "loop_ms": None if forward_ms is None else step_ms - forward_ms, "first_ms": first_ms,
+        }
 
 
 def _reset_compiler() -> None:
     torch._dynamo.reset()
 
 
-def measure_model(
-    model: torch.nn.Module,
+def _failure_of(error: Exception, label: str) -> dict:
+    """A measurement's record of why it failed (its first line), the whole message on stderr."""
+    text = str(error).strip()
+    sys.stderr.write(f"\nwarning: {label} failed, no times for it: {type(error).__name__}: {text[:4000]}\n")
+    return {"error": f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"}
+
+
+def measure_models(
+    models: dict[str, torch.nn.Module],
     modes: tuple[str, ...],
     phases: tuple[str, ...],
     prefill_prompts: list[torch.Tensor],
@@ -393,41 +421,62 @@ def measure_model(
     tick: Callable[[str], None] = lambda label: None,
     prefill_runs: int = PREFILL_RUNS,
     decode_runs: int = DECODE_RUNS,
-) -> dict[tuple[str, str, int], dict]:
-    """Check ``model`` (:func:`check_model`), then time it in every mode and phase: measurements keyed by
-    ``(mode, phase, batch)``. ``tick(label)`` is called after each measurement (the progress bar). The
-    compiler's caches are reset before each compiled measurement, so each compiles for its own shapes.
+) -> dict[str, dict[tuple[str, str, int], dict]]:
+    """Check every model (:func:`check_model`), then time them side by side in every mode and phase:
+    measurements keyed by model name, then ``(mode, phase, batch)``. Per measurement every model is made ready
+    (compiled, warmed up), then timed in interleaved rounds, each model once a round in an order that rotates, so
+    that the host's drift over minutes (timings on the H200's host moved by up to 50% between runs) falls on
+    all of them alike; each keeps its median. ``tick(label)`` is called after each model's measurement (the
+    progress bar). The compiler's caches are reset before each compiled measurement.
 
     A measurement that fails for another reason than a wrong result (a compile or CUDA-graph error, say) is
     kept as ``{"error": "..."}`` and reported, and the others go on; a CheckError (a wrong result) raises."""
-    reference = check_model(model, prefill_prompts[0])
-    plan: list[tuple[str, str, int, Callable[[], dict]]] = []
+    references = {name: check_model(model, prefill_prompts[0]) for name, model in models.items()}
+    plan: list[tuple[str, str, int]] = []
     for mode in modes:
         if "prefill" in phases:
-            plan.append((mode, "prefill", prefill_prompts[0].shape[0], lambda mode=mode: time_prefill(
-                model, prefill_prompts, mode, reference, prefill_runs
-            )))
+            plan.append((mode, "prefill", prefill_prompts[0].shape[0]))
         if "decode" in phases:
-            for batch, prompt in decode_prompts.items():
-                plan.append((mode, "decode", batch, lambda mode=mode, prompt=prompt: time_decode(
-                    model, prompt, new_tokens, mode, decode_runs
-                )))
-    times: dict[tuple[str, str, int], dict] = {}
-    for mode, phase, batch, measure in plan:
+            plan += [(mode, "decode", batch) for batch in decode_prompts]
+    times: dict[str, dict[tuple[str, str, int], dict]] = {name: {} for name in models}
+    for mode, phase, batch in plan:
+        key = (mode, phase, batch)
         label = f"{mode} {phase}" + (f" batch {batch}" if phase == "decode" else "")
         if mode == "compiled":
             _reset_compiler()
-        try:
-            times[(mode, phase, batch)] = measure()
-        except CheckError:
-            raise
-        except Exception as error:  # noqa: BLE001 - reported in the row, the other measurements go on
-            text = str(error).strip()
-            message = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-            sys.stderr.write(f"\nwarning: {label} failed, no times for it: {type(error).__name__}: {text[:4000]}\n")
-            times[(mode, phase, batch)] = {"error": message}
+        timers: dict[str, _PrefillTimer | _DecodeTimer] = {}
+        # Every model's compiled forward stays cached for the rounds: one entry per model and input shape.
+        with torch._dynamo.config.patch(recompile_limit=max(8, 4 * len(models))):
+            for name, model in models.items():
+                try:
+                    if phase == "prefill":
+                        timers[name] = _PrefillTimer(model, prefill_prompts, mode, references[name])
+                    else:
+                        timers[name] = _DecodeTimer(model, decode_prompts[batch], new_tokens, mode)
+                except CheckError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - reported in the row, the other measurements go on
+                    times[name][key] = _failure_of(error, f"{name} {label}")
+            names = list(timers)
+            for index in range(prefill_runs if phase == "prefill" else decode_runs):
+                turn = index % max(1, len(names))
+                for name in names[turn:] + names[:turn]:
+                    if name not in timers:
+                        continue
+                    try:
+                        timers[name].round(index)
+                    except Exception as error:  # noqa: BLE001 - as above
+                        times[name][key] = _failure_of(error, f"{name} {label}")
+                        del timers[name]
+            for name, timer in timers.items():
+                try:
+                    times[name][key] = timer.result()
+                except Exception as error:  # noqa: BLE001 - as above
+                    times[name][key] = _failure_of(error, f"{name} {label}")
+        if mode == "compiled":
             _reset_compiler()
-        tick(label)
+        for name in models:
+            tick(f"{name} {label}")
     return times
 
 
@@ -550,15 +599,15 @@ def run_models(
     weight_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """Time the dense LLaMA-layout model and its sparse versions (module docstring) for every intermediate
-    size, merge the rows into ``<out_dir>/<device>-models.csv`` as each sparse model is measured, print the
-    table; return this run's rows.
+    size, merge the rows into ``<out_dir>/<device>-models.csv`` after each size, print the table; return this
+    run's rows.
 
-    Per intermediate size every model (the dense one, then one fresh model per pattern) is built and sparsified
-    before anything is compiled; the dense one is measured first, and each is freed (and the compiler reset)
-    once measured. Raises ValueError for a bad argument, RuntimeError without CUDA or transformers, and
-    CheckError where a model computes a wrong result (nothing is written then); a measurement that fails
-    otherwise is reported in its rows (``dense_error``/``sparse_error``) and the run goes on. ``weight_dtype``
-    (``torch.float8_e4m3fn`` or ``torch.int8``) gives the sparse models 8-bit values."""
+    Per intermediate size every model (the dense one and one fresh model per pattern) is built and sparsified
+    before anything is compiled, and all are timed side by side (:func:`measure_models`), then freed. Raises
+    ValueError for a bad argument, RuntimeError without CUDA or transformers, and CheckError where a model
+    computes a wrong result (nothing is written then); a measurement that fails otherwise is reported in its rows
+    (``dense_error``/``sparse_error``) and the run goes on. ``weight_dtype`` (``torch.float8_e4m3fn`` or
+    ``torch.int8``) gives the sparse models 8-bit values."""
     # Repeats dropped, order kept: each model, size and batch is measured once.
     patterns, intermediates, batches = (tuple(dict.fromkeys(v)) for v in (patterns, intermediates, batches))
     modes, phases = tuple(dict.fromkeys(modes)), tuple(dict.fromkeys(phases))
@@ -599,30 +648,26 @@ def run_models(
         for pattern in patterns:
             models[pattern] = build_llama(intermediate, layers, **build)
             counts[pattern] = sparsified(models[pattern], pattern, vector, weight_dtype)
-        measured: dict[str, dict] = {}
-        for name in ["dense", *patterns]:
-            label = f"i{intermediate} {name if name == 'dense' else f'{name} V={vector}'}"
+        names = list(models)
 
-            def tick(what: str, label: str = label) -> None:
-                nonlocal done
-                done += 1
-                progress(done, total, f"{label} {what}")
+        def tick(what: str, size: int = intermediate) -> None:
+            nonlocal done
+            done += 1
+            progress(done, total, f"i{size} {what}")
 
-            progress(done, total, f"{label} check")
-            model = models.pop(name)
-            measured[name] = measure_model(
-                model, modes, phases, prefill_prompts, decode_prompts, new_tokens, tick, prefill_runs, decode_runs
+        progress(done, total, f"i{intermediate} check")
+        measured = measure_models(
+            models, modes, phases, prefill_prompts, decode_prompts, new_tokens, tick, prefill_runs, decode_runs
+        )
+        del models
+        _free_memory()
+        for name in names[1:]:
+            rows += model_rows(
+                stamp, measured["dense"], measured[name], name, vector, intermediate, layers, hidden,
+                prefill_tokens, new_tokens, prompt, counts[name],
+                "" if weight_dtype is None else dtype_name(weight_dtype),
             )
-            del model
-            _free_memory()
-            if name != "dense":
-                rows += model_rows(
-                    stamp, measured["dense"], measured[name], name, vector, intermediate, layers, hidden,
-                    prefill_tokens, new_tokens, prompt, counts[name],
-                    "" if weight_dtype is None else dtype_name(weight_dtype),
-                )
-                out = write_models_csv(rows, out_dir, stamp["device"])  # after each model: a cut run keeps them
-        torch.cuda.empty_cache()
+        out = write_models_csv(rows, out_dir, stamp["device"])  # after each size: a cut run keeps them
     print(format_models_rows(rows))
     if out is not None:
         print(f"\nresults: {out}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..formats import NMSparseWeight
 from ..kernels import VectorConfig, choose_element_config, choose_vector_config, nm_vector_matmul
 from ..kernels.launch import FEW_TOKENS
+from ..kernels.nm_element import expands_to_dense
 from ..ops import linear, linear_feature_major
 from ..ops.backend import input_precision
 from ..perf import DeviceCeilings, model_case
@@ -152,7 +153,7 @@ def _run_case(
             "eager_ms": eager_ms, "dense_eager_ms": dense["dense_eager_ms"], "tflops": model.dense_flops / ms / 1e9,
             "bound_ms": bound_ms, "dense_bound_ms": model.dense_ms, "semi_structured_ms": semi_structured_ms,
             "dense_tf32_ms": dense["dense_tf32_ms"],
-            "config": _describe(config) if case.vector > 1 else f"element-wise {_describe(config)}",
+            "config": _route(case, config, dtype),
         })
     if check_configs and case.vector > 1 and rows[-1]["correct"]:
         rows[-1].update(_config_check(case, config, weights, x_ts, reference))
@@ -234,6 +235,16 @@ def rotated_dense(dense: torch.Tensor, sets: int) -> list[torch.Tensor]:
     """``dense`` and ``sets - 1`` fresh weights of its shape and scale (``K ** -0.5``) for the dense baseline."""
     scale = dense.shape[1] ** -0.5
     return [dense] + [torch.randn_like(dense) * scale for _ in range(sets - 1)]
+
+
+def _route(case: Case, config: VectorConfig, dtype: torch.dtype) -> str:
+    """What ran the case: the vector-wise kernel's config, the element-wise kernel's, or (V = 1 beyond the
+    kernel's token range) cuBLAS on the weight's dense expansion."""
+    if case.vector > 1:
+        return _describe(config)
+    if expands_to_dense(case.tokens, dtype, scaled=False):
+        return "dense expansion + cuBLAS"
+    return f"element-wise {_describe(config)}"
 
 
 def _describe(config) -> str:
