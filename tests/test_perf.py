@@ -226,13 +226,41 @@ def test_element_wise_nm_multiplies_the_expanded_tile_and_reads_the_stored_bytes
     # V=1 expands each tile to dense: the dense FLOPs on tensor cores, x read without a transpose, and per group
     # of m the kept values plus min(n, m - n) stored offsets.
     n, m = (int(part) for part in pattern.split(":"))
-    model = model_case(4096, 4096, 4096, n, m, 1, torch.bfloat16, "bfloat16", CEILINGS)
+    model = model_case(64, 4096, 4096, n, m, 1, torch.bfloat16, "bfloat16", CEILINGS)
     assert model.sparse_flops == model.dense_flops
     assert model.op_bytes == model.kernel_bytes
     groups = 4096 * 4096 // m
     assert model.kernel_bytes - model.dense_bytes + 4096 * 4096 * 2 == groups * (2 * n + stored)
     decode = model_case(1, 4096, 4096, n, m, 1, torch.bfloat16, "bfloat16", CEILINGS)
     assert decode.ideal_speedup == pytest.approx(decode.dense_bytes / decode.kernel_bytes, rel=0.02)
+
+
+@pytest.mark.parametrize("tokens,rows", [(65, 4096), (4096, 4096), (256, 11008)])
+def test_products_beyond_the_kernels_range_count_the_dense_expansion(tokens, rows):
+    # bf16 V=1 and bitmaps beyond 64 tokens: a pass reads the stored weight and writes it dense, the dense product
+    # follows at its bound, then a check reads x or y, whichever is smaller (made-up launch cost: 2 us each of 4).
+    launched = dataclasses.replace(CEILINGS, launch_us=2.0)
+    cols, size, copy = 4096, 2, launched.copy_tbps * 1e9
+    stored = rows * cols // 4 * (2 * 2 + 2)
+    nnz = rows * cols // 2
+    bitmap_stored = nnz * size + rows * cols // 32 * 4 + rows * cols // 128 * 4
+    for model, weight in (
+        (model_case(tokens, rows, cols, 2, 4, 1, torch.bfloat16, "bfloat16", launched), stored),
+        (model_bitmap_case(tokens, rows, cols, nnz, torch.bfloat16, "bfloat16", launched), bitmap_stored),
+    ):
+        dense = model_case(tokens, rows, cols, 2, 4, 64, torch.bfloat16, "bfloat16", launched).dense_ms
+        expected = dense + 3 * 0.002 + (weight + rows * cols * size + tokens * min(rows, cols) * size) / copy
+        assert model.kernel_ms == pytest.approx(expected) and model.op_ms == model.kernel_ms
+        assert model.dense_ms == pytest.approx(dense) and model.ideal_speedup < 1
+        assert model.kernel_bytes == weight + rows * cols * size + model.dense_bytes + tokens * min(rows, cols) * size
+
+
+def test_fp32_and_8_bit_products_keep_the_kernels_model_beyond_64_tokens():
+    fp32 = model_case(4096, 4096, 4096, 2, 4, 1, torch.float32, "float32", CEILINGS)
+    eight_bit = model_case(4096, 4096, 4096, 2, 4, 1, torch.bfloat16, "bfloat16", CEILINGS, torch.int8)
+    for model in (fp32, eight_bit):
+        assert model.kernel_bytes < model.dense_bytes  # the stored weight only, no dense copy
+    assert eight_bit.kernel_ms == pytest.approx(eight_bit.dense_ms)  # both arithmetic-bound, dense FLOPs
 
 
 def test_bitmap_counts_its_bytes_and_the_dense_flops():

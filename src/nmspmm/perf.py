@@ -13,6 +13,7 @@ import torch
 import triton
 
 from .kernels.launch import multiprocessors
+from .kernels.nm_element import expands_to_dense
 
 PRECISIONS = ("bfloat16", "float16", "float32", "tf32")
 
@@ -117,14 +118,19 @@ def model_case(
     kept x rows for all tokens, and the kept weights are read once per band of 256 tokens (the widest tile).
     Element-wise N:M (V = 1) expands each weight tile to dense and multiplies it whole: the dense FLOPs on tensor
     cores, x read as stored (no transpose) once per tile of 128 output features, and the weight's bytes as stored
-    (values and offsets). ``values_dtype`` (8-bit, :class:`~nmspmm.formats.QuantizedNMWeight`) counts the kept
-    values in its bytes plus one fp32 scale per output feature; the arithmetic stays in ``dtype``."""
+    (values and offsets); where that product runs on the weight's dense expansion instead
+    (:func:`~nmspmm.kernels.nm_element.expands_to_dense`), :func:`_expansion_model` counts that route.
+    ``values_dtype`` (8-bit, :class:`~nmspmm.formats.QuantizedNMWeight`) counts the kept values in its bytes plus
+    one fp32 scale per output feature; the arithmetic stays in ``dtype``."""
     size = torch.finfo(dtype).bits // 8
     kept = cols // m * n
     tensor_rate = tensor_core_tflops(precision, ceilings)
     value_size, scales = (size, 0) if values_dtype is None else (_element_bytes(values_dtype), 4 * rows)
     if vector == 1:
         weight_bytes = rows * kept * value_size + rows * (cols // m) * min(n, m - n) + scales
+        if expands_to_dense(tokens, dtype, scaled=values_dtype is not None):
+            return _expansion_model(tokens, rows, cols, size, weight_bytes, ceilings.matmul_tflops[precision],
+                                    ceilings)
         return _linear_model(
             tokens, rows, cols, size, 2.0 * tokens * rows * cols, weight_bytes,
             tokens * cols * size * triton.cdiv(rows, 128), 256, ceilings.matmul_tflops[precision], tensor_rate,
@@ -175,9 +181,12 @@ def model_bitmap_case(
     """:func:`model_case` for a bitmap weight with ``nnz`` kept entries (values, one bit per weight, an int32 block
     offset per 128 inputs and row): as element-wise N:M, each tile is expanded to dense and multiplied whole, so
     the dense FLOPs on tensor cores, x read as stored (no transpose) once per tile of 128 output features, and the
-    weight's bytes as stored."""
+    weight's bytes as stored; beyond the kernel's token range, the dense expansion's route
+    (:func:`_expansion_model`)."""
     size = torch.finfo(dtype).bits // 8
     weight_bytes = nnz * size + rows * triton.cdiv(cols, 32) * 4 + rows * triton.cdiv(cols, 128) * 4
+    if expands_to_dense(tokens, dtype, scaled=False):
+        return _expansion_model(tokens, rows, cols, size, weight_bytes, ceilings.matmul_tflops[precision], ceilings)
     return _linear_model(
         tokens, rows, cols, size, 2.0 * tokens * rows * cols, weight_bytes,
         tokens * cols * size * triton.cdiv(rows, 128), 256, ceilings.matmul_tflops[precision],
@@ -259,6 +268,26 @@ def _linear_model(
         _bound(sparse_flops, kernel_bytes, sparse_tflops, ceilings, l2_bytes),
         _bound(sparse_flops, op_bytes, sparse_tflops, ceilings, l2_bytes + transpose_bytes),
     )
+
+
+def _expansion_model(
+    tokens: int, rows: int, cols: int, size: int, weight_bytes: float, dense_tflops: float, ceilings: DeviceCeilings
+) -> CaseModel:
+    """Counts and bounds of a product on the weight's dense expansion (``kernels.nm_element._ExpandedLaunch``): one
+    launch reads the ``weight_bytes`` stored and writes the dense weight, the dense product follows at its own
+    bound, then a check reads x or y (whichever is smaller) and a repair launch recomputes nothing for finite
+    inputs. Four launches, each at the device's fixed cost; x is read as stored (the op level equals the kernel's)."""
+    dense_flops = 2.0 * tokens * rows * cols
+    activations = tokens * cols * size + tokens * rows * size
+    dense_weight = rows * cols * size
+    dense_bytes = activations + dense_weight
+    checked = tokens * min(rows, cols) * size
+    dense_ms = _bound(dense_flops, dense_bytes, dense_tflops, ceilings)
+    densify_ms = _bound(0.0, weight_bytes + dense_weight, dense_tflops, ceilings)
+    check_ms = _bound(0.0, checked, dense_tflops, ceilings)
+    route_ms = densify_ms + dense_ms + check_ms + ceilings.launch_us / 1e3
+    route_bytes = weight_bytes + dense_weight + dense_bytes + checked
+    return CaseModel(dense_flops, dense_flops, dense_bytes, route_bytes, route_bytes, dense_ms, route_ms, route_ms)
 
 
 def _bound(flops: float, moved: float, tflops: float, ceilings: DeviceCeilings, l2_moved: float = 0.0) -> float:
